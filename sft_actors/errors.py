@@ -1,0 +1,91 @@
+"""One exception hierarchy for the whole project.
+
+Every error a user or a peer can cause is an :class:`SftError`. Pure layers raise these;
+the actor boundary turns them into ERROR frames (see ``wire``), and the caller raises
+:class:`RemoteError` carrying the remote type name and message.
+"""
+
+from __future__ import annotations
+
+
+class SftError(Exception):
+    """Base of every error raised on purpose by sft_actors."""
+
+
+# --- wire / protocol -------------------------------------------------------------------
+class ProtocolError(SftError):
+    """A frame or message that does not follow the wire protocol."""
+
+
+class MalformedFrame(ProtocolError):
+    """Bytes that cannot be decoded: not msgpack, truncated, wrong types, inconsistent lengths."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame (or the sum of a message's frames) exceeds the configured limit."""
+
+
+class UnknownMessageKind(ProtocolError):
+    """A header names a message kind this build does not know."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another major protocol version."""
+
+
+class SchemaMismatch(ProtocolError):
+    """The peer was configured differently (model, split plan, LoRA, dtype or codec set)."""
+
+
+# --- codec -----------------------------------------------------------------------------
+class CodecError(SftError):
+    """A tensor cannot be encoded (e.g. NaN/inf) or a payload cannot be decoded."""
+
+
+# --- runtime ---------------------------------------------------------------------------
+class RuntimeFault(SftError):
+    """Base for failures of the actor runtime."""
+
+
+class PeerTimeout(RuntimeFault):
+    """A call got no reply in time, or a peer stopped sending heartbeats."""
+
+
+class UnknownPeer(RuntimeFault):
+    """A message was addressed to, or came from, a peer that is not known."""
+
+
+class RemoteError(RuntimeFault):
+    """The peer answered with an ERROR frame; ``remote_type`` names its exception class."""
+
+    def __init__(self, remote_type: str, message: str, *, peer: str = "") -> None:
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.peer = peer
+        where = f" from {peer}" if peer else ""
+        super().__init__(f"{remote_type}{where}: {message}")
+
+
+class ActorFailed(RuntimeFault):
+    """An actor failed during start-up or while running."""
+
+
+# --- configuration, models, data -------------------------------------------------------
+class ConfigError(SftError):
+    """A configuration value is invalid."""
+
+
+class TopologyError(ConfigError):
+    """A topology file is invalid. The message names the file, the table, the key and the fix."""
+
+
+class ModelSpecError(ConfigError):
+    """A model spec cannot be resolved (say what to install or where to put the files)."""
+
+
+class DatasetNotFound(ConfigError):
+    """A dataset's files are missing (the message says where to put them)."""
+
+
+class PlanInfeasible(ConfigError):
+    """The planner cannot satisfy a constraint (the message names the device and the limit)."""

@@ -1,0 +1,51 @@
+"""structlog set-up: JSON lines for machines, key=value console output for people.
+
+Event names are snake_case facts (``activations_sent``) with numbers as fields; context
+such as actor, role, node, round and step is bound once with :func:`bind` and carried.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, TextIO
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+
+
+def configure(fmt: LogFormat = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog process-wide. Safe to call more than once (last call wins)."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    elif fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        raise ValueError(f"unknown log format {fmt!r}; use console or json")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**context: Any) -> Any:
+    """A bound logger carrying ``context`` (e.g. ``actor="dev0", role="device"``)."""
+    return structlog.get_logger().bind(**context)
+
+
+def bind(**context: Any) -> None:
+    """Bind context for the current task (contextvars), e.g. ``round=3``."""
+    structlog.contextvars.bind_contextvars(**context)
