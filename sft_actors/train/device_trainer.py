@@ -1,0 +1,89 @@
+"""The device side of one split-learning step, as a pure state machine (no sockets).
+
+``forward`` runs the device's blocks on a micro-batch and returns the cut activations to send;
+``backward`` takes the gradient the server returned for that micro-batch, finishes the backward
+pass and steps the optimizer. Up to ``max_inflight`` micro-batches may be between the two.
+
+Why snapshots: with ``max_inflight > 1`` the next forward runs before the previous
+micro-batch's gradient has come back. Stepping the optimizer in place would invalidate the
+saved tensors of the graphs still in flight (autograd refuses), and using the new weights would
+compute the gradient at weights the forward never saw. So each forward runs on a private copy of
+the (small) LoRA tensors via ``torch.func.functional_call``; its gradient — exact for the weights
+it used, at most ``max_inflight - 1`` updates stale — is applied to the live parameters. With
+``max_inflight = 1`` the copy equals the live weights and this is exact split learning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from sft_actors.errors import ConfigError, SftError
+
+
+class StepOrderError(SftError):
+    """A gradient arrived for a micro-batch that is not in flight (duplicate, unknown or late)."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    hidden: torch.Tensor
+    snapshot: dict[str, torch.Tensor]
+
+
+class DeviceTrainer:
+    """Forward/backward bookkeeping and the optimizer for one device part."""
+
+    def __init__(self, part: nn.Module, *, lr: float, max_inflight: int = 1, weight_decay: float = 0.0) -> None:
+        if max_inflight < 1:
+            raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
+        self.part = part
+        self.max_inflight = max_inflight
+        self.params = {n: p for n, p in part.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ConfigError("the device part has no trainable parameters (is LoRA applied?)")
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=weight_decay)
+        self._inflight: dict[int, _InFlight] = {}
+        self.steps_done = 0
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def forward(self, step: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Run the device blocks; returns the detached cut activations ``(B, T, C)`` to send."""
+        if len(self._inflight) >= self.max_inflight:
+            raise StepOrderError(f"{len(self._inflight)} micro-batches already in flight (max_inflight)")
+        if step in self._inflight:
+            raise StepOrderError(f"micro-batch {step} is already in flight")
+        snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
+        hidden = functional_call(self.part, snapshot, (inputs,))
+        self._inflight[step] = _InFlight(hidden=hidden, snapshot=snapshot)
+        return hidden.detach()
+
+    @torch.no_grad()
+    def forward_eval(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.part(inputs)  # type: ignore[no-any-return]
+
+    def backward(self, step: int, grad: torch.Tensor) -> None:
+        """Finish micro-batch ``step`` with the server's gradient and step the optimizer."""
+        entry = self._inflight.pop(step, None)
+        if entry is None:
+            raise StepOrderError(f"gradient for micro-batch {step}, which is not in flight")
+        if grad.shape != entry.hidden.shape:
+            raise StepOrderError(
+                f"gradient shape {tuple(grad.shape)} != activation shape {tuple(entry.hidden.shape)}"
+            )
+        entry.hidden.backward(grad.to(entry.hidden.dtype))
+        for name, p in self.params.items():
+            p.grad = entry.snapshot[name].grad
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+
+    def abandon(self, step: int) -> None:
+        """Drop a micro-batch whose gradient will never come (e.g. the server refused it)."""
+        self._inflight.pop(step, None)

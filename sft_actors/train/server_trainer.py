@@ -1,0 +1,84 @@
+"""The server side of split learning, as a pure state machine (no sockets).
+
+One shared server part serves every device: it enters each micro-batch at that device's cut,
+computes the loss, and returns the gradient w.r.t. the cut activations. Its LoRA is updated
+either after every micro-batch (``per_batch``) or once per round over the gradients of all
+devices' micro-batches (``per_round``, the mean of the accumulated gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sft_actors.errors import ConfigError
+
+ServerUpdate = Literal["per_batch", "per_round"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerResult:
+    grad: torch.Tensor | None  # (B, T, C) w.r.t. the cut activations; None for evaluation
+    loss: float  # mean loss over the micro-batch's target tokens (or samples)
+    n_targets: int  # tokens (LM) or samples (classification) behind ``loss``
+    correct: int  # correct predictions (classification); 0 for LMs
+
+
+class ServerTrainer:
+    def __init__(self, part: nn.Module, *, lr: float, update: ServerUpdate = "per_batch") -> None:
+        if update not in ("per_batch", "per_round"):
+            raise ConfigError(f"server_update must be 'per_batch' or 'per_round', got {update!r}")
+        self.part = part
+        self.update = update
+        params = [p for p in part.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
+        self._accumulated = 0
+        self.batches_done = 0
+
+    def train_step(self, hidden: torch.Tensor, labels: torch.Tensor, cut: int) -> ServerResult:
+        x = hidden.detach().to(torch.float32).requires_grad_(True)  # the cut: a fresh leaf
+        out = self.part(x, cut)
+        loss = self.part.loss(out, labels)  # type: ignore[operator]
+        loss.backward()
+        if self.optimizer is not None:
+            if self.update == "per_batch":
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self._accumulated += 1
+        self.batches_done += 1
+        n, correct = _targets(out, labels)
+        assert x.grad is not None
+        return ServerResult(grad=x.grad, loss=float(loss.detach()), n_targets=n, correct=correct)
+
+    @torch.no_grad()
+    def eval_step(self, hidden: torch.Tensor, labels: torch.Tensor, cut: int) -> ServerResult:
+        out = self.part(hidden.to(torch.float32), cut)
+        loss = self.part.loss(out, labels)  # type: ignore[operator]
+        n, correct = _targets(out, labels)
+        return ServerResult(grad=None, loss=float(loss), n_targets=n, correct=correct)
+
+    def end_round(self) -> int:
+        """Apply the round's accumulated gradient (``per_round``); returns batches applied."""
+        if self.optimizer is None or self.update != "per_round" or self._accumulated == 0:
+            return 0
+        n = self._accumulated
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad /= n
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
+        return n
+
+
+def _targets(out: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Count loss targets: next-token labels (LM, -100 = ignore) or class labels."""
+    if out.dim() == 3:  # (B, T, V) language model: labels shift by one inside the loss
+        return int((labels[:, 1:] != -100).sum()), 0
+    pred = out.argmax(dim=-1)
+    return int(labels.numel()), int((pred == labels).sum())

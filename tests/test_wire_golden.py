@@ -1,0 +1,176 @@
+"""Golden bytes: one fixed message of each kind, encoded, compared with checked-in files.
+
+A failure here means the bytes on the wire changed. If that is intended, bump
+``PROTOCOL_VERSION`` (minor for an added optional field, major for anything else) and regenerate:
+
+    .venv/bin/python -m tests.test_wire_golden --regen
+
+Each file ``tests/golden/wire/<kind>.msgpack`` is a msgpack array of the message's frames (bin).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+from sft_actors.wire import (
+    Ack,
+    Activations,
+    AdaptersDown,
+    AdaptersUp,
+    Bye,
+    Error,
+    EvalRequest,
+    EvalResult,
+    Gradients,
+    Heartbeat,
+    Hello,
+    Message,
+    Metrics,
+    MsgKind,
+    Plan,
+    RoundDone,
+    RoundStart,
+    Shutdown,
+    Welcome,
+    WireLimits,
+    WireTensor,
+    decode,
+    encode,
+)
+
+GOLDEN_DIR = Path(__file__).parent / "golden" / "wire"
+SENDER = "dev0"
+MSG_ID = 42
+REPLY_TO = 7
+
+
+def _t(tensor: torch.Tensor) -> WireTensor:
+    return WireTensor.from_torch(tensor)
+
+
+def sample_messages() -> dict[MsgKind, Message]:
+    """One deterministic message per kind.
+
+    Tensor values are small dyadic rationals, exact in every dtype used, so the bytes do not
+    depend on how a CPU's vectorised kernels round.
+    """
+    acts = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 8 - 1  # (B, T, C)
+    labels = torch.tensor([[1, 2, -100], [3, 4, 5]], dtype=torch.int64)  # (B, T)
+    lora_a = torch.arange(8, dtype=torch.float32).reshape(2, 4) / 4 - 1  # (r, d_in)
+    lora_b = (torch.arange(8, dtype=torch.float32).reshape(4, 2) / 2 - 2).to(torch.bfloat16)  # (d_out, r)
+    samples: list[Message] = [
+        Hello(node="dev0", role="device", schema_hash="ab" * 32, capabilities=["topk", "quant8", "zstd"]),
+        Welcome(node="server", schema_hash="ab" * 32, heartbeat_interval_s=0.5, credits=4),
+        Activations(
+            device="dev0",
+            round=3,
+            step=17,
+            cut=4,
+            activations=_t(acts.to(torch.bfloat16)),
+            labels=_t(labels),
+            n_samples=2,
+            sent_at_ns=1_700_000_000_123_456_789,
+            attention_mask=_t(torch.tensor([[True, True, False], [True, True, True]])),
+        ),
+        Gradients(
+            device="dev0",
+            round=3,
+            step=17,
+            grad=WireTensor.coded(
+                {"chain": ["topk", "zstd"], "k": 3}, b"\x00\x01\x02\x03", dtype="float32", shape=(2, 3, 4)
+            ),
+            loss=2.25,
+            n_tokens=5,
+        ),
+        AdaptersUp(
+            device="dev0",
+            round=3,
+            n_samples=128,
+            tensors={"blocks.0.attn.q.lora_a": _t(lora_a), "blocks.0.attn.q.lora_b": _t(lora_b)},
+        ),
+        AdaptersDown(
+            round=3, tensors={"blocks.0.attn.q.lora_a": _t(lora_a * 2), "scalar": _t(torch.tensor(0.5))}
+        ),
+        Heartbeat(node="dev0", seq=9, sent_at_ns=123_456_789),
+        Metrics(node="dev0", round=3, values={"loss": 2.5, "steps": 10, "codec": "topk+q8"}),
+        Error(code="CodecError", message="NaN in activations", detail={"module": "sft_actors.errors"}),
+        Shutdown(reason="training finished"),
+        Bye(node="dev0", reason="shutdown"),
+        Plan(
+            device="dev0",
+            cut=4,
+            shard=0,
+            steps_per_round=8,
+            rounds=5,
+            aggregate_every=1,
+            codec={"up": {"chain": ["topk", "quant", "zstd"], "keep": 0.1, "bits": 8}, "down": None},
+            extra={"seed": 1},
+        ),
+        RoundStart(round=3),
+        RoundDone(device="dev0", round=3, n_samples=256, loss=1.75, metrics={"tokens": 4096}),
+        EvalRequest(round=3, split="val"),
+        EvalResult(node="server", round=3, values={"ppl": 12.5, "accuracy": 0.25}),
+        Ack(of_msg_id=41, credits=1),
+    ]
+    return {msg.KIND: msg for msg in samples}
+
+
+def golden_path(kind: MsgKind) -> Path:
+    return GOLDEN_DIR / f"{kind.name.lower()}.msgpack"
+
+
+def encode_sample(msg: Message) -> bytes:
+    frames = encode(msg, sender=SENDER, msg_id=MSG_ID, reply_to=REPLY_TO)
+    packed: bytes = msgpack.packb([bytes(f) for f in frames], use_bin_type=True)
+    return packed
+
+
+def regenerate() -> list[Path]:
+    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, msg in sample_messages().items():
+        path = golden_path(kind)
+        path.write_bytes(encode_sample(msg))
+        written.append(path)
+    return written
+
+
+def test_every_kind_has_a_sample() -> None:
+    assert set(sample_messages()) == set(MsgKind)
+
+
+@pytest.mark.parametrize("kind", list(MsgKind), ids=lambda k: k.name)
+def test_encoding_matches_golden_bytes(kind: MsgKind) -> None:
+    path = golden_path(kind)
+    assert path.exists(), f"{path} is missing; run: python -m tests.test_wire_golden --regen"
+    assert encode_sample(sample_messages()[kind]) == path.read_bytes(), (
+        f"the wire encoding of {kind.name} changed. If intended, bump PROTOCOL_VERSION and run: "
+        "python -m tests.test_wire_golden --regen"
+    )
+
+
+@pytest.mark.parametrize("kind", list(MsgKind), ids=lambda k: k.name)
+def test_golden_bytes_decode_to_the_sample(kind: MsgKind) -> None:
+    frames = msgpack.unpackb(golden_path(kind).read_bytes(), raw=False)
+    env = decode(frames, WireLimits())
+    assert (env.kind, env.sender, env.msg_id, env.reply_to) == (kind, SENDER, MSG_ID, REPLY_TO)
+    assert env.msg == sample_messages()[kind]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Golden wire bytes (tests/golden/wire).")
+    parser.add_argument("--regen", action="store_true", help="rewrite every golden file from the samples")
+    args = parser.parse_args()
+    if not args.regen:
+        parser.error("nothing to do; pass --regen to rewrite the golden files")
+    for path in regenerate():
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
