@@ -89,3 +89,11 @@ class DatasetNotFound(ConfigError):
 
 class PlanInfeasible(ConfigError):
     """The planner cannot satisfy a constraint (the message names the device and the limit)."""
+
+
+class DatasetCorrupt(SftError):
+    """A dataset file exists but is not in the expected format (the message names the file)."""
+
+
+class UnsafePickle(DatasetCorrupt):
+    """A pickle-format dataset file references a class or function outside the allow-list."""

@@ -42,8 +42,11 @@ def configure(fmt: LogFormat = "console", level: str = "info", stream: TextIO | 
 
 
 def get_logger(**context: Any) -> Any:
-    """A bound logger carrying ``context`` (e.g. ``actor="dev0", role="device"``)."""
-    return structlog.get_logger().bind(**context)
+    """A logger carrying ``context`` (e.g. ``actor="dev0", role="device"``).
+
+    It is a lazy proxy: safe to create at import time, it follows a later :func:`configure`.
+    """
+    return structlog.get_logger(**context)
 
 
 def bind(**context: Any) -> None:

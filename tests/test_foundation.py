@@ -40,3 +40,14 @@ def test_bad_log_settings_are_clear() -> None:
         log.configure("xml")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="log level"):
         log.configure("json", level="loud")
+
+
+def test_a_logger_made_before_configure_follows_it() -> None:
+    early = log.get_logger(component="early")
+    buf = io.StringIO()
+    log.configure("json", stream=buf)
+    try:
+        early.info("late_event", n=1)
+        assert json.loads(buf.getvalue().strip())["component"] == "early"
+    finally:
+        log.configure("console", level="warning")

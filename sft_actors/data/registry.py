@@ -1,0 +1,159 @@
+"""One entry point for every dataset: ``load_dataset(name, root, split, **options)``.
+
+==================  ==========================================  =====================================
+name                root                                        options
+==================  ==========================================  =====================================
+``stdlib-docs``     stdlib folder (default: this Python's)      packages, min_chars, max_documents,
+                                                                max_chars_per_document,
+                                                                max_total_chars, heldout_fraction, seed
+``text:<path>``     unused (the path is in the name)            split_on_blank_lines, min_chars, caps,
+                                                                heldout_fraction, seed
+``jsonl:<path>``    unused                                      text_key, group_key, min_chars, caps,
+                                                                heldout_fraction, seed
+``cifar100``        folder holding ``cifar-100-python/``        label_mode ("fine" | "coarse")
+``tiny-imagenet``   folder holding ``tiny-imagenet-200/``       max_per_class, workers
+``fashion-mnist``   default /usr/share/datasets/fashion-mnist   —
+``digits``          unused (ships with scikit-learn)            heldout_fraction, seed
+==================  ==========================================  =====================================
+
+Text names return a :class:`~sft_actors.data.text.TextCorpus` (documents; call ``.pack(...)``
+with the model's tokenizer), image names an :class:`~sft_actors.data.images.ImageDataset`.
+Unknown names and options are :class:`~sft_actors.errors.ConfigError`\\ s with a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sft_actors.data.cifar import load_cifar100
+from sft_actors.data.digits import load_digits
+from sft_actors.data.idx import load_fashion_mnist
+from sft_actors.data.images import ImageDataset
+from sft_actors.data.text import (
+    TextCorpus,
+    jsonl_documents,
+    make_corpus,
+    stdlib_documents,
+    text_file_documents,
+)
+from sft_actors.data.tiny_imagenet import load_tiny_imagenet
+from sft_actors.errors import ConfigError, DatasetNotFound
+
+DATASET_NAMES = (
+    "stdlib-docs",
+    "text:<path>",
+    "jsonl:<path>",
+    "cifar100",
+    "tiny-imagenet",
+    "fashion-mnist",
+    "digits",
+)
+_CORPUS_OPTIONS = ("heldout_fraction", "seed")
+_IMAGE_NAMES = frozenset({"cifar100", "tiny-imagenet", "fashion-mnist", "digits"})
+
+Dataset = TextCorpus | ImageDataset
+
+
+def _check_options(
+    name: str, options: dict[str, Any], *targets: Callable[..., Any], extra: tuple[str, ...] = ()
+) -> None:
+    allowed = set(extra)
+    for target in targets:
+        allowed |= {p.name for p in inspect.signature(target).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"dataset {name!r} has no option {key!r}{hint} (options: {', '.join(sorted(allowed))})"
+            )
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    corpus = {k: options[k] for k in _CORPUS_OPTIONS if k in options}
+    source = {k: v for k, v in options.items() if k not in corpus}
+    return source, corpus
+
+
+def _text_path(name: str, prefix: str, root: str | Path | None) -> Path:
+    path = name[len(prefix) :] or (str(root) if root is not None else "")
+    if not path:
+        raise ConfigError(f"dataset {name!r} needs a path: write '{prefix}/path/to/files'")
+    return Path(path).expanduser()
+
+
+_WHERE = {
+    "cifar100": "extract cifar-100-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into a folder "
+    "so that <folder>/cifar-100-python/train, test and meta exist",
+    "tiny-imagenet": "unzip tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) into a "
+    "folder so that <folder>/tiny-imagenet-200/wnids.txt, words.txt, train/ and val/ exist",
+}
+
+
+def _require_root(name: str, root: str | Path | None) -> Path:
+    if root is None:
+        raise DatasetNotFound(
+            f"{name}: no root folder given. {_WHERE[name]}, then pass root=<folder> (CLI: --root <folder>)"
+        )
+    return Path(root)
+
+
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train", **options: Any) -> Dataset:
+    """Load ``split`` of dataset ``name`` from its native on-disk format (never downloads)."""
+    if name == "stdlib-docs":
+        if "stdlib_dir" in options:
+            raise ConfigError("stdlib-docs takes its folder as root, not as the stdlib_dir option")
+        _check_options(name, options, stdlib_documents, extra=_CORPUS_OPTIONS)
+        source, corpus = _split_options(options)
+        docs = stdlib_documents(stdlib_dir=root, **source)
+        return make_corpus(name, docs, split, **corpus)
+    if name.startswith("text:") or name.startswith("jsonl:"):
+        prefix = name.split(":", 1)[0] + ":"
+        builder = text_file_documents if prefix == "text:" else jsonl_documents
+        _check_options(name, options, builder, extra=_CORPUS_OPTIONS)
+        source, corpus = _split_options(options)
+        path = _text_path(name, prefix, root)
+        return make_corpus(f"{prefix}{path}", builder(path, **source), split, **corpus)
+    if name == "cifar100":
+        _check_options(name, options, load_cifar100)
+        return load_cifar100(_require_root(name, root), split, **options)
+    if name == "tiny-imagenet":
+        _check_options(name, options, load_tiny_imagenet)
+        return load_tiny_imagenet(_require_root(name, root), split, **options)
+    if name == "fashion-mnist":
+        _check_options(name, options, load_fashion_mnist)
+        return load_fashion_mnist(root, split)
+    if name == "digits":
+        _check_options(name, options, load_digits)
+        return load_digits(split, **options)
+    close = difflib.get_close_matches(name, [n.split(":")[0] for n in DATASET_NAMES], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASET_NAMES)})")
+
+
+def load_text_corpus(
+    name: str, root: str | Path | None = None, split: str = "train", **options: Any
+) -> TextCorpus:
+    """:func:`load_dataset` for text names, typed: an error if ``name`` is an image dataset."""
+    if name in _IMAGE_NAMES:  # refuse before loading tens of thousands of images
+        raise ConfigError(f"dataset {name!r} holds images, not text; use load_image_dataset")
+    dataset = load_dataset(name, root, split, **options)
+    if not isinstance(dataset, TextCorpus):
+        raise ConfigError(f"dataset {name!r} holds images, not text; use load_image_dataset")
+    return dataset
+
+
+def load_image_dataset(
+    name: str, root: str | Path | None = None, split: str = "train", **options: Any
+) -> ImageDataset:
+    """:func:`load_dataset` for image names, typed: an error if ``name`` is a text corpus."""
+    if name == "stdlib-docs" or name.startswith(("text:", "jsonl:")):  # refuse before reading text
+        raise ConfigError(f"dataset {name!r} holds text, not images; use load_text_corpus")
+    dataset = load_dataset(name, root, split, **options)
+    if not isinstance(dataset, ImageDataset):
+        raise ConfigError(f"dataset {name!r} holds text, not images; use load_text_corpus")
+    return dataset
