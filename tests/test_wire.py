@@ -125,7 +125,7 @@ def test_every_kind_round_trips(kind: MsgKind) -> None:
         "dev7",
         2**64 - 1,
         3,
-        (1, 0),
+        PROTOCOL_VERSION,
     )
 
 
@@ -235,7 +235,7 @@ def test_optional_tensor_field_and_tensor_dicts() -> None:
 # --- versions, kinds, limits -------------------------------------------------------------------
 def test_other_major_version_is_refused_naming_both() -> None:
     frames = mutated(lambda h: h.__setitem__("v", [2, 0]))
-    with pytest.raises(VersionMismatch, match=r"2\.0.*1\.0"):
+    with pytest.raises(VersionMismatch, match=r"2\.0.*1\.1"):
         decode(frames, LIMITS)
 
 

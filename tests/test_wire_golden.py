@@ -21,6 +21,7 @@ from sft_actors.wire import (
     Ack,
     Activations,
     AdaptersDown,
+    AdaptersRequest,
     AdaptersUp,
     Bye,
     Error,
@@ -116,6 +117,7 @@ def sample_messages() -> dict[MsgKind, Message]:
         EvalRequest(round=3, split="val"),
         EvalResult(node="server", round=3, values={"ppl": 12.5, "accuracy": 0.25}),
         Ack(of_msg_id=41, credits=1),
+        AdaptersRequest(round=3),
     ]
     return {msg.KIND: msg for msg in samples}
 

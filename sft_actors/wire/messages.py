@@ -69,6 +69,7 @@ class Activations(Message):
     n_samples: int
     sent_at_ns: int  # sender's time.time_ns(), for latency telemetry
     attention_mask: WireTensor | None = None  # (B, T) for padded batches; None = all valid
+    phase: str = "train"  # "train": backward and update; "eval": loss only, no update (since 1.1)
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -195,6 +196,14 @@ class Ack(Message):
     credits: int = 0  # flow-control credits granted back to the receiver; 0 = none
 
 
+@dataclass(kw_only=True, frozen=True, slots=True)
+class AdaptersRequest(Message):
+    """Ask a node for its current LoRA tensors; it answers ADAPTERS_UP."""
+
+    KIND = MsgKind.ADAPTERS_REQUEST
+    round: int
+
+
 ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     Hello,
     Welcome,
@@ -213,6 +222,7 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     EvalRequest,
     EvalResult,
     Ack,
+    AdaptersRequest,
 )
 
 
