@@ -83,6 +83,7 @@ class Gradients(Message):
     grad: WireTensor  # d loss / d activations, same shape as the activations; raw or coded
     loss: float
     n_tokens: int  # tokens (or samples) the loss was averaged over
+    metrics: dict[str, Scalar] = field(default_factory=dict)  # e.g. correct, server_ms (since 1.1)
 
 
 # --- adapter aggregation -------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""Results of an encode, telemetry, and the per-role policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sft_actors.codec.spec import ChainSpec
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class CodecReport:
+    """What one encode cost and achieved (for telemetry and benchmarks).
+
+    ``stage_bytes`` maps each chain stage to the bytes its output would take on the wire at that
+    point (``input`` first, raw in the input dtype); ``kept_fraction`` counts every element whose
+    value is transmitted (sparse kept values plus those sent densely in 16 bit).
+    ``rel_error`` is ‖x̂ - x‖ / ‖x‖, only with ``encode(..., measure_error=True)``.
+    """
+
+    raw_bytes: int
+    encoded_bytes: int
+    stage_bytes: dict[str, int]
+    encode_ms: float
+    kept_fraction: float
+    rel_error: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Raw bytes of the input ÷ payload bytes (∞ for an empty payload of a non-empty tensor)."""
+        if self.encoded_bytes == 0:
+            return 1.0 if self.raw_bytes == 0 else float("inf")
+        return self.raw_bytes / self.encoded_bytes
+
+    def as_fields(self) -> dict[str, Any]:
+        """Flat fields for a structlog event."""
+        out: dict[str, Any] = {
+            "raw_bytes": self.raw_bytes,
+            "encoded_bytes": self.encoded_bytes,
+            "ratio": round(self.ratio, 3),
+            "encode_ms": round(self.encode_ms, 3),
+            "kept_fraction": round(self.kept_fraction, 5),
+        }
+        if self.rel_error is not None:
+            out["rel_error"] = self.rel_error
+        return out
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class EncodedTensor:
+    """``meta`` (msgpack-able, everything decode needs) and one ``payload`` buffer."""
+
+    meta: dict[str, Any]
+    payload: bytes
+    report: CodecReport = field(compare=False)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class CodecPolicy:
+    """Chain per role: activations travel ``up`` (device → server), gradients ``down``."""
+
+    up: ChainSpec = field(default_factory=ChainSpec.identity)
+    down: ChainSpec = field(default_factory=ChainSpec.identity)
+
+    def for_role(self, role: str) -> ChainSpec:
+        if role in ("activations", "up"):
+            return self.up
+        if role in ("gradients", "down"):
+            return self.down
+        from sft_actors.errors import ConfigError
+
+        raise ConfigError(f"unknown codec role {role!r}: use 'activations' (up) or 'gradients' (down)")
+
+    @classmethod
+    def parse(cls, table: dict[str, Any]) -> CodecPolicy:
+        """From a TOML table ``{up = {...}, down = {...}}``; a missing role is the identity."""
+        from sft_actors.errors import ConfigError
+
+        unknown = set(table) - {"up", "down"}
+        if unknown:
+            raise ConfigError(f"unknown codec policy keys {sorted(unknown)}: use 'up' and 'down'")
+        return cls(
+            up=ChainSpec.parse(table.get("up", {})),
+            down=ChainSpec.parse(table.get("down", {})),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"up": self.up.to_dict(), "down": self.down.to_dict()}

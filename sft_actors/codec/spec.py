@@ -1,0 +1,266 @@
+"""Chain specification: which stages run, with which parameters.
+
+A chain is a fixed-order pipeline of optional stages::
+
+    outliers -> project -> sparsify -> quantize | cast -> lossless
+
+Any subset composes; the empty chain is the identity (raw bytes, bit-exact). A spec comes from a
+TOML table (``ChainSpec.parse``) or from a peer's metadata (``ChainSpec.from_dict``); both reject
+unknown keys and out-of-range values with :class:`ConfigError`, so a typo never silently turns
+compression off.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Final, Literal, TypeVar, cast, get_args
+
+from sft_actors.errors import ConfigError
+
+Scope = Literal["tensor", "token", "tokens", "channels"]
+ThresholdMethod = Literal["sample", "exact"]
+ScaleMode = Literal["token", "channel", "common"]
+CastDtype = Literal["float16", "bfloat16"]
+Positions = Literal["bitmap", "channel_bitmap", "delta"]
+EntropyCoder = Literal["none", "ans"]
+
+SUPPORTED_BITS: Final[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
+STAGE_ORDER: Final[tuple[str, ...]] = ("outliers", "project", "sparsify", "quantize", "cast", "lossless")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class OutlierSpec:
+    """Send "massive activations" densely in 16 bit so they do not blow up the scales of the rest.
+
+    ``first_tokens`` rows at the start of every sequence (attention sinks) always; channels whose
+    sampled absolute maximum exceeds ``channel_factor`` x the median channel maximum (at most
+    ``max_channels``); single elements above ``element_factor`` x the median token maximum (at
+    most ``max_elements_fraction`` of the elements), e.g. massive values of spike tokens.
+    """
+
+    first_tokens: int = 1
+    max_channels: int = 8
+    channel_factor: float = 8.0
+    element_factor: float = 8.0
+    max_elements_fraction: float = 0.001
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ProjectSpec:
+    """Project tokens onto a basis (PCA/KLT) fitted from calibration data and sent once per run.
+
+    ``basis`` is the key under which the caller registered the basis in a ``BasisRegistry`` on
+    both sides; ``rank`` keeps the leading components (``None``: all of the basis).
+    """
+
+    basis: str
+    rank: int | None = None
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class SparsifySpec:
+    """Top-K by magnitude. ``keep`` is the kept fraction κ of the elements (or rows/channels)."""
+
+    keep: float
+    scope: Scope = "tensor"
+    method: ThresholdMethod = "sample"
+    sample_size: int = 65536
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class QuantizeSpec:
+    """Unbiased stochastic rounding.
+
+    ``scale="token"|"channel"``: ``bits`` per value (sign + magnitude), one step per row/column.
+    ``scale="common"``: one uniform step for the whole tensor, ``step`` times the RMS of the
+    values; codes are unbounded integers meant for an entropy coder (``bits`` must be unset).
+    """
+
+    bits: int | None = None
+    scale: ScaleMode = "token"
+    step: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits is None and self.scale != "common":
+            object.__setattr__(self, "bits", 8)  # the documented default for token/channel scales
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class CastSpec:
+    """Round values to a 16-bit float type (a biased baseline; use ``quantize`` for unbiased)."""
+
+    dtype: CastDtype = "float16"
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class LosslessSpec:
+    """Entropy stage. ``zstd_level`` 0 disables zstd; ``entropy="ans"`` needs ``constriction``."""
+
+    positions: Positions = "bitmap"
+    zstd_level: int = 3
+    entropy: EntropyCoder = "none"
+
+
+_StageT = TypeVar("_StageT")
+_STAGE_TYPES: Final[dict[str, type[Any]]] = {
+    "outliers": OutlierSpec,
+    "project": ProjectSpec,
+    "sparsify": SparsifySpec,
+    "quantize": QuantizeSpec,
+    "cast": CastSpec,
+    "lossless": LosslessSpec,
+}
+_LITERALS: Final[dict[tuple[str, str], tuple[Any, ...]]] = {
+    ("sparsify", "scope"): get_args(Scope),
+    ("sparsify", "method"): get_args(ThresholdMethod),
+    ("quantize", "scale"): get_args(ScaleMode),
+    ("cast", "dtype"): get_args(CastDtype),
+    ("lossless", "positions"): get_args(Positions),
+    ("lossless", "entropy"): get_args(EntropyCoder),
+}
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(stage: str, key: str, value: Any, annotation: str) -> Any:
+    """Values arrive from TOML or msgpack: accept exactly the JSON-like types the field allows."""
+    where = f"codec.{stage}.{key}"
+    allows_none = "None" in annotation
+    if value is None:
+        if allows_none:
+            return None
+        raise ConfigError(f"{where} must be set")
+    if "int" in annotation and "float" not in annotation:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    allowed = _LITERALS.get((stage, key))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(
+            f"{where} = {value!r} is not one of {list(allowed)}{_suggest(value, list(allowed))}"
+        )
+    return value
+
+
+def _build_stage(stage: str, cls: type[_StageT], table: Any) -> _StageT:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"codec.{stage} must be a table of parameters, got {table!r}")
+    known = {f.name: str(f.type) for f in fields(cast(Any, cls))}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if not isinstance(key, str) or key not in known:
+            raise ConfigError(
+                f"unknown key codec.{stage}.{key}{_suggest(str(key), list(known))}; known: {sorted(known)}"
+            )
+        kwargs[key] = _check_type(stage, key, value, known[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"codec.{stage}: {exc}") from exc
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ChainSpec:
+    """The stages of one codec chain; ``None`` means the stage is off."""
+
+    outliers: OutlierSpec | None = None
+    project: ProjectSpec | None = None
+    sparsify: SparsifySpec | None = None
+    quantize: QuantizeSpec | None = None
+    cast: CastSpec | None = None
+    lossless: LosslessSpec | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def identity(cls) -> ChainSpec:
+        """Raw bytes in the input dtype: bit-exact round trip."""
+        return cls()
+
+    @property
+    def is_identity(self) -> bool:
+        return all(getattr(self, name) is None for name in STAGE_ORDER if name != "lossless")
+
+    @classmethod
+    def parse(cls, table: Mapping[str, Any]) -> ChainSpec:
+        """Build from a TOML table such as ``{"sparsify": {"keep": 0.1}, "quantize": {"bits": 8}}``."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"a codec chain must be a table of stages, got {table!r}")
+        stages: dict[str, Any] = {}
+        for name, params in table.items():
+            stage_type = _STAGE_TYPES.get(name) if isinstance(name, str) else None
+            if stage_type is None:
+                raise ConfigError(
+                    f"unknown codec stage {name!r}{_suggest(str(name), list(STAGE_ORDER))}; "
+                    f"stages are {list(STAGE_ORDER)}"
+                )
+            stages[name] = _build_stage(name, stage_type, params)
+        return cls(**stages)
+
+    from_dict = parse
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (msgpack/TOML-able) that :meth:`from_dict` turns back into an equal spec."""
+        out: dict[str, Any] = {}
+        for name in STAGE_ORDER:
+            stage = getattr(self, name)
+            if stage is not None:
+                out[name] = {f.name: getattr(stage, f.name) for f in fields(stage)}
+        return out
+
+
+def _validate(spec: ChainSpec) -> None:
+    """Cross-field checks; every message says what to change."""
+    o = spec.outliers
+    if o is not None:
+        if not 0 <= o.first_tokens <= 1024:
+            raise ConfigError(f"codec.outliers.first_tokens must be in [0, 1024], got {o.first_tokens}")
+        if not 0 <= o.max_channels <= 4096:
+            raise ConfigError(f"codec.outliers.max_channels must be in [0, 4096], got {o.max_channels}")
+        if not 0.0 <= o.max_elements_fraction <= 0.1:
+            raise ConfigError("codec.outliers.max_elements_fraction must be in [0, 0.1]")
+        if o.channel_factor <= 1.0 or o.element_factor <= 1.0:
+            raise ConfigError("codec.outliers.channel_factor and element_factor must be > 1")
+    p = spec.project
+    if p is not None:
+        if not p.basis:
+            raise ConfigError("codec.project.basis must name a registered basis")
+        if p.rank is not None and p.rank < 1:
+            raise ConfigError(f"codec.project.rank must be >= 1 (or unset for full rank), got {p.rank}")
+    s = spec.sparsify
+    if s is not None:
+        if not 0.0 < s.keep <= 1.0:
+            raise ConfigError(f"codec.sparsify.keep must be in (0, 1], got {s.keep}")
+        if not 256 <= s.sample_size <= 1 << 24:
+            raise ConfigError(f"codec.sparsify.sample_size must be in [256, 2^24], got {s.sample_size}")
+    q = spec.quantize
+    if q is not None:
+        if spec.cast is not None:
+            raise ConfigError("codec.quantize and codec.cast exclude each other: keep one")
+        if q.scale == "common":
+            if q.bits is not None:
+                raise ConfigError("codec.quantize.bits must be unset with scale = 'common' (set step)")
+            if q.step is None or not 0.0 < q.step <= 10.0:
+                raise ConfigError(
+                    "codec.quantize.step must be in (0, 10] (times the RMS) with scale = 'common'"
+                )
+        else:
+            if q.bits not in SUPPORTED_BITS:
+                raise ConfigError(f"codec.quantize.bits must be one of {list(SUPPORTED_BITS)}, got {q.bits}")
+            if q.step is not None:
+                raise ConfigError("codec.quantize.step is only used with scale = 'common'")
+    lo = spec.lossless
+    if lo is not None and not 0 <= lo.zstd_level <= 22:
+        raise ConfigError(f"codec.lossless.zstd_level must be in [0, 22], got {lo.zstd_level}")
