@@ -1,0 +1,250 @@
+"""The coordinator actor: plans the run, drives rounds, averages device LoRA, writes results.
+
+Run: wait for every device and server → PLAN to each device (cut, shard, codec policy) →
+held-out evaluation → rounds (parallel devices; ``sl`` runs them one at a time, relaying the
+device adapters from one to the next) → every ``aggregate_every`` rounds, per-block averaging
+of device adapters weighted by samples → final evaluation → adapters (safetensors) and a
+``summary.json`` in a fresh run directory. ``run()``'s return value (the summary) ends the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from sft_actors.actors.base import Actor
+from sft_actors.actors.env import ActorEnv
+from sft_actors.actors.handlers import MsgContext
+from sft_actors.errors import SftError
+from sft_actors.topology import ActorSpec
+from sft_actors.train import modes
+from sft_actors.train.aggregate import Contribution, average_per_block, block_of
+from sft_actors.train.summary import (
+    EvalRecord,
+    RoundRecord,
+    RunSummary,
+    eval_record,
+    new_run_dir,
+    write_adapters,
+    write_summary,
+)
+from sft_actors.train.tensors import unpack_tensor
+from sft_actors.wire import (
+    Ack,
+    AdaptersDown,
+    AdaptersRequest,
+    AdaptersUp,
+    EvalRequest,
+    EvalResult,
+    Message,
+    Metrics,
+    Plan,
+    RoundDone,
+    RoundStart,
+    WireTensor,
+)
+
+
+class CoordinatorActor(Actor):
+    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
+        super().__init__(spec, env)
+        run = self.topology.run
+        self.train = run.train
+        self.devices = [d.name for d in self.topology.devices]
+        self.servers = [s.name for s in self.topology.servers]
+        self.summary = RunSummary(
+            name=run.name,
+            mode=run.train.mode,
+            model=run.model,
+            devices={d.name: int(d.cut or 0) for d in self.topology.devices},
+        )
+        self._bar: tqdm[Any] | None = None
+        self._device_adapters: dict[str, Any] = {}
+
+    @property
+    def round_timeout_s(self) -> float:
+        return float(getattr(self.train, "round_timeout_s", 3600.0))
+
+    async def run(self) -> RunSummary:
+        t0 = time.perf_counter()
+        await self.wait_for_peers(self.devices + self.servers)
+        await self._send_plans()
+        self.summary.setup_s = time.perf_counter() - t0
+        self.log.info("run_started", mode=self.train.mode, devices=len(self.devices), rounds=self.train.rounds)
+        await self._evaluate(0)
+        for r in range(1, self.train.rounds + 1):
+            await self._round(r)
+            last = r == self.train.rounds
+            if not modes.sequential(self.train.mode) and (r % self.train.aggregate_every == 0 or last):
+                await self._aggregate(r)
+        if modes.sequential(self.train.mode):  # the adapters the relay ended with
+            last = await self._collect(self.devices[-1], self.train.rounds)
+            self._device_adapters = {k: unpack_tensor(v) for k, v in last.tensors.items()}
+        await self._evaluate(self.train.rounds)
+        self.summary.wall_s = time.perf_counter() - t0
+        await self._write_results()
+        return self.summary
+
+    # --- set-up --------------------------------------------------------------------------
+    async def _send_plans(self) -> None:
+        run = self.topology.run
+        table = modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down})
+        plans = []
+        for i, d in enumerate(self.topology.devices):
+            cut = int(d.cut if d.cut is not None else 0)
+            plans.append(
+                Plan(
+                    device=d.name,
+                    cut=cut,
+                    shard=int(d.shard if d.shard is not None else i),
+                    steps_per_round=run.train.steps_per_round,
+                    rounds=run.train.rounds,
+                    aggregate_every=run.train.aggregate_every,
+                    codec=table,
+                    extra={"mode": run.train.mode},
+                )
+            )
+        # Devices load the model and data now (in-process devices share one copy).
+        await asyncio.gather(*(self._call(p.device, p, self.round_timeout_s) for p in plans))
+
+    async def _call(self, peer: str, msg: Message, timeout_s: float) -> Message:
+        return await self.call(peer, msg, timeout_s=timeout_s)
+
+    # --- rounds --------------------------------------------------------------------------
+    async def _round(self, r: int) -> None:
+        total = self.train.steps_per_round * len(self.devices)
+        self._bar = tqdm(total=total, desc=f"round {r}/{self.train.rounds}", unit="step", leave=True, disable=None)
+        started = time.perf_counter()
+        try:
+            if modes.sequential(self.train.mode):
+                done = []
+                for i, dev in enumerate(self.devices):
+                    if i > 0 or r > 1:
+                        await self._relay(self.devices[i - 1], dev, r)
+                    done.append(await self._call(dev, RoundStart(round=r), self.round_timeout_s))
+            else:
+                done = list(
+                    await asyncio.gather(
+                        *(self._call(dev, RoundStart(round=r), self.round_timeout_s) for dev in self.devices)
+                    )
+                )
+        finally:
+            self._bar.close()
+            self._bar = None
+        results = [m for m in done if isinstance(m, RoundDone)]
+        if len(results) != len(self.devices):
+            raise SftError(f"round {r}: expected ROUND_DONE from {len(self.devices)} devices, got {len(results)}")
+        n = sum(m.n_samples for m in results)
+        # Close the round on every server (per_round updates apply now).
+        close = RoundDone(device=self.name, round=r, n_samples=n, loss=0.0)
+        await asyncio.gather(*(self._call(s, close, self.round_timeout_s) for s in self.servers))
+        record = RoundRecord(
+            round=r,
+            loss=sum(m.loss * m.n_samples for m in results) / max(1, n),
+            bytes_up=sum(int(m.metrics.get("bytes_up", 0)) for m in results),
+            bytes_down=sum(int(m.metrics.get("bytes_down", 0)) for m in results),
+            raw_up=sum(int(m.metrics.get("raw_up", 0)) for m in results),
+            raw_down=sum(int(m.metrics.get("raw_down", 0)) for m in results),
+            seconds=time.perf_counter() - started,
+            step_ms_median=_median([float(m.metrics.get("step_ms_median", 0.0)) for m in results]),
+            encode_ms=sum(float(m.metrics.get("encode_ms", 0.0)) for m in results),
+            per_device_loss={m.device: round(m.loss, 5) for m in results},
+        )
+        self.summary.rounds.append(record)
+        self.log.info(
+            "round_done",
+            round=r,
+            loss=round(record.loss, 4),
+            bytes_up=record.bytes_up,
+            bytes_down=record.bytes_down,
+            ratio_up=round(record.ratio_up, 2),
+            ratio_down=round(record.ratio_down, 2),
+            seconds=round(record.seconds, 2),
+        )
+
+    async def on_metrics(self, msg: Metrics, ctx: MsgContext) -> None:
+        """Per-step progress from devices (fire and forget)."""
+        if self._bar is not None and "step_loss" in msg.values:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{float(msg.values['step_loss']):.3f}", refresh=False)
+
+    # --- adapters ------------------------------------------------------------------------
+    async def _collect(self, peer: str, r: int) -> AdaptersUp:
+        reply = await self._call(peer, AdaptersRequest(round=r), self.round_timeout_s)
+        if not isinstance(reply, AdaptersUp):
+            raise SftError(f"{peer} answered {type(reply).__name__} to ADAPTERS_REQUEST")
+        return reply
+
+    async def _relay(self, src: str, dst: str, r: int) -> None:
+        """Vanilla split learning: the next device starts from the previous device's adapters."""
+        up = await self._collect(src, r)
+        cut = self.summary.devices[dst]
+        held = {k: v for k, v in up.tensors.items() if (block_of(k) or 0) < cut}  # blocks dst holds
+        await self._call(dst, AdaptersDown(round=r, tensors=held), self.round_timeout_s)
+        self._device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
+
+    async def _aggregate(self, r: int) -> None:
+        ups = await asyncio.gather(*(self._collect(d, r) for d in self.devices))
+        contributions = [
+            Contribution(device=u.device, n_samples=u.n_samples, tensors={k: unpack_tensor(v) for k, v in u.tensors.items()})
+            for u in ups
+        ]
+        averaged = await self.offload(average_per_block, contributions)
+        self._device_adapters = averaged
+        sends = []
+        for u, c in zip(ups, contributions, strict=True):
+            mine = {k: WireTensor.from_torch(averaged[k]) for k in c.tensors if k in averaged}
+            sends.append(self._call(u.device, AdaptersDown(round=r, tensors=mine), self.round_timeout_s))
+        acks = await asyncio.gather(*sends)
+        assert all(isinstance(a, Ack) for a in acks)
+        self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
+
+    # --- evaluation and results ----------------------------------------------------------------
+    async def _evaluate(self, r: int) -> EvalRecord:
+        replies = await asyncio.gather(
+            *(self._call(d, EvalRequest(round=r, split="heldout"), self.round_timeout_s) for d in self.devices)
+        )
+        parts = [dict(m.values) for m in replies if isinstance(m, EvalResult)]
+        is_lm = self._is_lm()
+        rec = eval_record(r, parts, is_lm=is_lm)
+        self.summary.evals.append(rec)
+        self.log.info(
+            "heldout_evaluated",
+            round=r,
+            loss=round(rec.loss, 4),
+            perplexity=None if rec.perplexity is None else round(rec.perplexity, 3),
+            accuracy=rec.accuracy,
+            targets=rec.targets,
+        )
+        return rec
+
+    def _is_lm(self) -> bool:
+        name = self.topology.run.data.dataset
+        return not name.startswith(("cifar100", "tiny-imagenet", "fashion-mnist", "digits"))
+
+    async def _write_results(self) -> None:
+        run = self.topology.run
+        run_dir = new_run_dir(run.output.dir, run.name)
+        self.summary.run_dir = str(run_dir)
+        meta = {"model": run.model, "mode": run.train.mode, "run": run.name}
+        if self._device_adapters:
+            path = write_adapters(self._device_adapters, run_dir / "adapters_devices.safetensors", meta)
+            self.summary.adapters["devices"] = str(path)
+        for s in self.servers:
+            up = await self._collect(s, run.train.rounds)
+            if up.tensors:
+                tensors = {k: unpack_tensor(v) for k, v in up.tensors.items()}
+                path = write_adapters(tensors, run_dir / f"adapters_{s}.safetensors", meta)
+                self.summary.adapters[s] = str(path)
+        path = write_summary(self.summary, run_dir)
+        self.log.info("run_written", run_dir=str(run_dir), summary=str(path))
+
+
+def _median(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[len(s) // 2]

@@ -1,0 +1,236 @@
+"""Topology schema: frozen, keyword-only dataclasses built from a TOML file by ``loader``.
+
+A topology says *what* runs (``[run]``: model, training, LoRA, data, codec, runtime timing)
+and *where* (``[[hosts]]`` and ``[[actors]]``). The same file drives one node
+(``sft-node``), a whole local run (``sft run``) and the SSH launcher in ``deploy/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["coordinator", "server", "device"]
+ROLES: tuple[Role, ...] = ("coordinator", "server", "device")
+#: Roles that bind a ROUTER and are addressed by name; devices only connect.
+ADDRESSED_ROLES: frozenset[str] = frozenset({"coordinator", "server"})
+
+TrainMode = Literal["sl", "sfl", "sft", "fedlora"]
+ServerUpdate = Literal["per_batch", "per_round"]
+Partition = Literal["iid", "dirichlet"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+LOCALHOST = "localhost"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TrainConfig:
+    mode: TrainMode = "sft"
+    rounds: int = 2
+    steps_per_round: int = 4
+    batch_size: int = 4
+    seq_len: int = 64
+    lr: float = 1e-3
+    aggregate_every: int = 1
+    max_inflight: int = 1
+    server_update: ServerUpdate = "per_batch"
+    eval_batches: int = 4
+    #: Bound on one round (and on set-up: loading the model and data) before the run fails.
+    round_timeout_s: float = 1800.0
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    mlp: bool = False
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DataConfig:
+    #: A name ``sft_actors.data.load_dataset`` knows: stdlib-docs, text:<path>, jsonl:<path>,
+    #: cifar100, tiny-imagenet, fashion-mnist, digits.
+    dataset: str = "stdlib-docs"
+    root: str | None = None
+    partition: Partition = "iid"
+    alpha: float = 0.5
+    heldout_fraction: float = 0.1
+    #: Loader options, e.g. ``{max_documents = 200}`` for stdlib-docs (see ``sft data info``).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class CodecConfig:
+    """Free-form chain descriptions handed to ``sft_actors.codec`` (``ChainSpec.parse``)."""
+
+    up: dict[str, Any] = field(default_factory=dict)
+    down: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class OutputConfig:
+    dir: str = "runs"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RuntimeConfig:
+    """Timing and queue bounds of the actor runtime. Validated against each other."""
+
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    connect_timeout_s: float = 30.0
+    request_timeout_s: float = 60.0
+    drain_timeout_s: float = 5.0
+    #: Requests (``call``) in flight per peer link: the credit window.
+    link_window: int = 8
+    mailbox_size: int = 64
+    #: zmq high-water marks, in messages.
+    hwm: int = 1000
+    linger_ms: int = 200
+    max_message_mb: float = 512.0
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RunConfig:
+    name: str
+    model: str
+    seed: int = 0
+    dtype: DType = "float32"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class HostSpec:
+    name: str
+    address: str = "127.0.0.1"
+    #: SSH target for ``deploy/launch.sh`` (``user@board``); empty runs the command locally.
+    ssh: str = ""
+    #: Checkout of sft_actors on that host (where the launcher ``cd``s before ``sft-node``).
+    workdir: str = "."
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LinkProfile:
+    """Emulated wireless link of one device; ``None`` leaves that direction unpaced."""
+
+    uplink_mbps: float | None = None
+    downlink_mbps: float | None = None
+    rtt_ms: float = 0.0
+
+    @property
+    def is_paced(self) -> bool:
+        return self.uplink_mbps is not None or self.downlink_mbps is not None or self.rtt_ms > 0
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DeviceProfile:
+    """Hardware and radio facts the planner uses; the runtime ignores them."""
+
+    memory_mb: float | None = None
+    flops: float | None = None
+    distance_m: float | None = None
+    tx_power_dbm: float | None = None
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ActorSpec:
+    name: str
+    role: Role
+    host: str = LOCALHOST
+    #: TCP port of an addressed actor; 0 binds an ephemeral port (one-process runs only).
+    port: int | None = None
+    # --- devices ---
+    cut: int | None = None
+    shard: int | None = None
+    link: LinkProfile = field(default_factory=LinkProfile)
+    profile: DeviceProfile = field(default_factory=DeviceProfile)
+    # --- servers ---
+    start_block: int | None = None
+
+    @property
+    def addressed(self) -> bool:
+        return self.role in ADDRESSED_ROLES
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Topology:
+    source: str
+    run: RunConfig
+    hosts: tuple[HostSpec, ...]
+    actors: tuple[ActorSpec, ...]
+
+    def actor(self, name: str) -> ActorSpec:
+        for a in self.actors:
+            if a.name == name:
+                return a
+        from sft_actors.errors import TopologyError
+
+        known = ", ".join(a.name for a in self.actors)
+        raise TopologyError(f"{self.source}: no actor named {name!r}; known actors: {known}")
+
+    def host(self, name: str) -> HostSpec:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        from sft_actors.errors import TopologyError
+
+        raise TopologyError(f"{self.source}: no host named {name!r}; define it in a [[hosts]] table")
+
+    def by_role(self, role: str) -> tuple[ActorSpec, ...]:
+        return tuple(a for a in self.actors if a.role == role)
+
+    @property
+    def coordinator(self) -> ActorSpec:
+        return self.by_role("coordinator")[0]
+
+    @property
+    def devices(self) -> tuple[ActorSpec, ...]:
+        return self.by_role("device")
+
+    @property
+    def servers(self) -> tuple[ActorSpec, ...]:
+        return self.by_role("server")
+
+    def connections(self, name: str) -> tuple[str, ...]:
+        """Addressed actors that ``name`` dials at start-up (one link per pair of actors).
+
+        Devices dial every addressed actor; an addressed actor dials the addressed actors
+        declared before it in role order (servers dial the coordinator, a later server stage
+        dials earlier ones), so each pair shares exactly one DEALER→ROUTER link.
+        """
+        me = self.actor(name)
+        if not me.addressed:
+            return tuple(a.name for a in self.actors if a.addressed)
+        order = sorted(
+            (a for a in self.actors if a.addressed),
+            key=lambda a: (ROLES.index(a.role), self.actors.index(a)),
+        )
+        names = [a.name for a in order]
+        return tuple(names[: names.index(name)])
+
+    def schema_parts(self) -> dict[str, Any]:
+        """What both ends of a link must agree on; hashed into the HELLO handshake."""
+        run = self.run
+        return {
+            "model": run.model,
+            "dtype": run.dtype,
+            "split": {
+                "devices": {d.name: d.cut for d in self.devices},
+                "servers": {s.name: s.start_block for s in self.servers},
+            },
+            "lora": {
+                "rank": run.lora.rank,
+                "alpha": run.lora.alpha,
+                "dropout": run.lora.dropout,
+                "targets": list(run.lora.targets),
+                "mlp": run.lora.mlp,
+            },
+            "codec": {"up": run.codec.up, "down": run.codec.down},
+        }

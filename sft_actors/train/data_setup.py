@@ -1,0 +1,140 @@
+"""What one device trains and evaluates on: its shard of the training split, its share of held-out.
+
+Every device derives the same partition independently (same dataset, same seed), then keeps
+shard ``shard``; nothing but the shard index crosses the network. Text corpora are partitioned
+by *document* (IID, or Dirichlet over the source package of each document), then each device
+packs its documents into ``seq_len`` token sequences with the model's own tokenizer. Image
+datasets are partitioned by sample over their labels.
+
+Held-out evaluation is split across devices (device *i* of *n* takes batches i, i+n, …), so a
+run's evaluation uses every device's path through the model and costs each device ``1/n``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sft_actors.data import (
+    ImageDataset,
+    ShardBatches,
+    TextCorpus,
+    label_histogram,
+    load_dataset,
+    partition,
+)
+from sft_actors.errors import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels)
+Cache = Callable[[Hashable, Callable[[], Any]], Any]
+
+
+def _no_cache(key: Hashable, make: Callable[[], Any]) -> Any:
+    return make()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataSettings:
+    dataset: str
+    root: str | None
+    partition: str  # "iid" | "dirichlet"
+    alpha: float
+    heldout_fraction: float
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int
+    seq_len: int
+    eval_batches: int
+    seed: int
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceData:
+    train: ShardBatches
+    heldout: list[Batch]  # this device's share of the fixed held-out batches
+    n_train_samples: int  # sequences (text) or images in the shard
+    label_histogram: list[int]
+
+
+def _split(batch: dict[str, torch.Tensor]) -> Batch:
+    inputs = batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]
+    return inputs, batch["labels"]
+
+
+class BatchIterator:
+    """Adapts :class:`ShardBatches` (dicts) to ``(inputs, labels)`` pairs."""
+
+    def __init__(self, batches: ShardBatches) -> None:
+        self.batches = batches
+
+    def __next__(self) -> Batch:
+        return _split(next(self.batches))
+
+
+def _load(s: DataSettings, split: str, cache: Cache) -> Any:
+    key = ("dataset", s.dataset, s.root, split, s.heldout_fraction, s.seed, tuple(sorted(s.options.items())))
+
+    def make() -> Any:
+        opts = dict(s.options)
+        if not s.dataset.startswith(("cifar100", "tiny-imagenet", "fashion-mnist")):
+            opts.setdefault("heldout_fraction", s.heldout_fraction)
+            opts.setdefault("seed", s.seed)
+        return load_dataset(s.dataset, s.root, split, **opts)
+
+    return cache(key, make)
+
+
+def build_device_data(
+    s: DataSettings,
+    *,
+    model: Any,
+    num_devices: int,
+    shard: int,
+    cache: Cache = _no_cache,
+) -> DeviceData:
+    """Shard ``shard`` of ``num_devices`` for a model (``model.family`` "llama" or "vit")."""
+    if not 0 <= shard < num_devices:
+        raise ConfigError(f"shard {shard} is outside [0, {num_devices})")
+    train = _load(s, "train", cache)
+    test = _load(s, "test", cache)
+    alpha = s.alpha if s.partition == "dirichlet" else None
+    labels = train.label_array()
+    parts = cache(
+        ("partition", id(train), num_devices, alpha, s.seed),
+        lambda: partition(labels, num_devices, alpha=alpha, seed=s.seed),
+    )
+    mine = np.sort(parts[shard])
+    hist = label_histogram(labels, [mine], len(train.class_names))[0].tolist()
+    if isinstance(train, TextCorpus):
+        if model.family != "llama":
+            raise ConfigError(f"dataset {s.dataset!r} is text; model family {model.family!r} needs images")
+        tok = model.tokenizer
+        eos = tok.eos_id if tok.eos_id is not None else tok.pad_id
+
+        def pack(corpus: TextCorpus) -> Any:
+            return corpus.pack(tok.encode, eos_id=eos, seq_len=s.seq_len, pad_id=tok.pad_id)
+
+        packed = pack(train.subset(mine))
+        heldout_set = cache(("packed-heldout", id(test), s.seq_len), lambda: pack(test))
+    elif isinstance(train, ImageDataset):
+        if model.family != "vit":
+            raise ConfigError(f"dataset {s.dataset!r} holds images; model family {model.family!r} needs text")
+        size, chans = model.config.image_size, model.config.in_chans
+        packed = train.subset(mine).for_vit(size=size, channels=chans)
+        heldout_set = cache(("vit-heldout", id(test), size, chans), lambda: test.for_vit(size=size, channels=chans))
+    else:  # pragma: no cover - load_dataset returns one of the two
+        raise ConfigError(f"unsupported dataset type {type(train).__name__}")
+    if len(packed) == 0:
+        raise ConfigError(f"shard {shard} of {s.dataset!r} is empty: use fewer devices or a larger dataset")
+    batches = ShardBatches(
+        packed, batch_size=s.batch_size, seed=s.seed * 1000 + shard, drop_last=len(packed) >= s.batch_size
+    )
+    n_eval = min(s.eval_batches, -(-len(heldout_set) // s.batch_size))
+    heldout = []
+    for b in range(shard, n_eval, num_devices):
+        idx = np.arange(b * s.batch_size, min((b + 1) * s.batch_size, len(heldout_set)))
+        heldout.append(_split(heldout_set.collate(idx)))
+    return DeviceData(train=batches, heldout=heldout, n_train_samples=len(packed), label_histogram=hist)

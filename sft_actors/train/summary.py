@@ -1,0 +1,128 @@
+"""The run summary (JSON) and the adapters written at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundRecord:
+    round: int
+    loss: float  # sample-weighted mean training loss over devices
+    bytes_up: int
+    bytes_down: int
+    raw_up: int
+    raw_down: int
+    seconds: float
+    step_ms_median: float
+    encode_ms: float
+    per_device_loss: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio_up(self) -> float:
+        return self.raw_up / self.bytes_up if self.bytes_up else 1.0
+
+    @property
+    def ratio_down(self) -> float:
+        return self.raw_down / self.bytes_down if self.bytes_down else 1.0
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalRecord:
+    round: int
+    loss: float
+    targets: int
+    accuracy: float | None  # classification only
+    perplexity: float | None  # language models only
+
+
+def eval_record(round_: int, parts: list[dict[str, Any]], *, is_lm: bool) -> EvalRecord:
+    """Merge per-device held-out results (token- or sample-weighted)."""
+    targets = sum(int(p["targets"]) for p in parts)
+    loss_sum = sum(float(p["loss_sum"]) for p in parts)
+    correct = sum(int(p["correct"]) for p in parts)
+    loss = loss_sum / targets if targets else float("nan")
+    return EvalRecord(
+        round=round_,
+        loss=loss,
+        targets=targets,
+        accuracy=None if is_lm else (correct / targets if targets else None),
+        perplexity=math.exp(min(loss, 50.0)) if is_lm else None,
+    )
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSummary:
+    name: str
+    mode: str
+    model: str
+    devices: dict[str, int]  # name -> cut
+    rounds: list[RoundRecord] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+    setup_s: float = 0.0
+    run_dir: str = ""
+    adapters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(r.bytes_up for r in self.rounds)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(r.bytes_down for r in self.rounds)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        raw_up = sum(r.raw_up for r in self.rounds)
+        raw_down = sum(r.raw_down for r in self.rounds)
+        out["totals"] = {
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "ratio_up": raw_up / self.bytes_up if self.bytes_up else 1.0,
+            "ratio_down": raw_down / self.bytes_down if self.bytes_down else 1.0,
+        }
+        if self.evals:
+            first, last = self.evals[0], self.evals[-1]
+            out["before"] = asdict(first)
+            out["after"] = asdict(last)
+        out["machine"] = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return out
+
+
+def new_run_dir(base: str | Path, name: str) -> Path:
+    """``base/name-YYYYmmdd-HHMMSS[-k]``: never overwrites an earlier run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = Path(base) / f"{name}-{stamp}"
+    path, k = root, 1
+    while path.exists():
+        path = Path(f"{root}-{k}")
+        k += 1
+    path.mkdir(parents=True)
+    return path
+
+
+def write_summary(summary: RunSummary, run_dir: Path) -> Path:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary.to_json(), indent=2, allow_nan=True) + "\n")
+    return path
+
+
+def write_adapters(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path

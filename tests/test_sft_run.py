@@ -1,0 +1,179 @@
+"""Whole split fine-tuning runs (coordinator + server + devices) through ``run_topology``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sft_actors.model import load_lora_state_dict, lora_state_dict, make_full_part, split_model
+from sft_actors.runtime import run_topology
+from sft_actors.sharing import SHARED
+from sft_actors.topology import load_topology
+from sft_actors.train.data_setup import BatchIterator, build_device_data
+from sft_actors.train.loading import data_settings, load_shared_model, lora_config, torch_dtype
+from sft_actors.train.reference import reference_finetune
+
+CODEC_UP = """
+[run.codec.up]
+sparsify = { keep = 0.25, scope = "token" }
+quantize = { bits = 8, scale = "token" }
+lossless = { positions = "bitmap", zstd_level = 1 }
+[run.codec.down]
+sparsify = { keep = 0.5, scope = "tensor" }
+quantize = { bits = 8, scale = "token" }
+lossless = { positions = "bitmap", zstd_level = 1 }
+"""
+
+
+def write_topology(
+    tmp_path: Path,
+    *,
+    cuts: list[int],
+    mode: str = "sft",
+    rounds: int = 2,
+    steps: int = 3,
+    max_inflight: int = 1,
+    server_update: str = "per_batch",
+    codec: str = CODEC_UP,
+    lr: float = 5e-3,
+) -> Path:
+    devices = "\n".join(
+        f'[[actors]]\nname = "dev{i}"\nrole = "device"\ncut = {c}\nshard = {i}\n' for i, c in enumerate(cuts)
+    )
+    text = f"""
+[run]
+name = "t"
+model = "llama-tiny"
+seed = 7
+
+[run.train]
+mode = "{mode}"
+rounds = {rounds}
+steps_per_round = {steps}
+batch_size = 2
+seq_len = 16
+lr = {lr}
+aggregate_every = 1
+max_inflight = {max_inflight}
+server_update = "{server_update}"
+eval_batches = 2
+
+[run.lora]
+rank = 4
+alpha = 8.0
+
+[run.data]
+dataset = "stdlib-docs"
+options = {{ max_documents = 40 }}
+
+{codec}
+
+[run.runtime]
+heartbeat_interval_s = 0.5
+heartbeat_timeout_s = 10.0
+request_timeout_s = 60.0
+
+[run.output]
+dir = "{tmp_path / "runs"}"
+
+[[actors]]
+name = "coordinator"
+role = "coordinator"
+port = 0
+
+[[actors]]
+name = "server"
+role = "server"
+port = 0
+
+{devices}
+"""
+    path = tmp_path / "topology.toml"
+    path.write_text(text)
+    return path
+
+
+async def _run(path: Path, transport: str = "inproc") -> dict:
+    result = await run_topology(load_topology(path), transport=transport, timeout_s=240)  # type: ignore[arg-type]
+    assert result.ok, result.failures
+    summaries = list((path.parent / "runs").glob("t-*/summary.json"))
+    assert len(summaries) == 1
+    return json.loads(summaries[0].read_text())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", ["inproc", "tcp"])
+async def test_sft_run_compresses_trains_and_writes_results(tmp_path: Path, transport: str) -> None:
+    s = await _run(write_topology(tmp_path, cuts=[1, 2]), transport)
+    assert s["mode"] == "sft" and len(s["rounds"]) == 2
+    assert s["totals"]["ratio_up"] > 2.0 and s["totals"]["ratio_down"] > 1.5  # the codec is on
+    for r in s["rounds"]:
+        assert set(r["per_device_loss"]) == {"dev0", "dev1"}
+        assert 0 < r["bytes_up"] < r["raw_up"]
+    assert s["before"]["perplexity"] > 1 and s["after"]["targets"] == s["before"]["targets"] > 0
+    devices = load_file(s["adapters"]["devices"])
+    server = load_file(s["adapters"]["server"])
+    # Per-block average over devices: dev0 holds block 0, dev1 blocks 0-1; the server holds 1-3.
+    assert {k.split(".")[1] for k in devices} == {"0", "1"}
+    assert {k.split(".")[1] for k in server} == {"1", "2", "3"}
+    assert any(v.abs().sum() > 0 for k, v in devices.items() if k.endswith("lora_B"))
+
+
+@pytest.mark.asyncio
+async def test_one_device_without_codec_equals_plain_lora_finetune(tmp_path: Path) -> None:
+    """1 device, codec off, max_inflight = 1: the split run is a plain LoRA fine-tune."""
+    rounds, steps, cut = 2, 3, 2
+    path = write_topology(tmp_path, cuts=[cut], mode="sfl", rounds=rounds, steps=steps, codec="")
+    s = await _run(path)
+
+    topo = load_topology(path)
+    run = topo.run
+    model = load_shared_model(run.model, torch_dtype(run.dtype))
+    device, server = split_model(model, cut, lora=lora_config(run.lora), seed=run.seed)
+    initial = {**lora_state_dict(device), **lora_state_dict(server)}
+    data = build_device_data(data_settings(run), model=model, num_devices=1, shard=0, cache=SHARED.get)
+    it = BatchIterator(data.train)
+    batches = [next(it) for _ in range(rounds * steps)]
+    full = make_full_part(model, lora=lora_config(run.lora), seed=12345)
+    load_lora_state_dict(full, initial)
+    losses = reference_finetune(full, batches, lr=run.train.lr)
+
+    ref_rounds = [sum(losses[i * steps : (i + 1) * steps]) / steps for i in range(rounds)]
+    assert [r["loss"] for r in s["rounds"]] == pytest.approx(ref_rounds, rel=1e-5)
+    got = {**load_file(s["adapters"]["devices"]), **load_file(s["adapters"]["server"])}
+    want = lora_state_dict(full)
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.asyncio
+async def test_lossy_codec_changes_the_run_but_it_still_learns(tmp_path: Path) -> None:
+    lossy = CODEC_UP.replace("keep = 0.25", "keep = 0.1").replace("bits = 8", "bits = 4", 1)
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    exact = await _run(write_topology(a, cuts=[2], mode="sfl", rounds=3, steps=4, codec="", lr=1e-2))
+    coded = await _run(write_topology(b, cuts=[2], mode="sft", rounds=3, steps=4, codec=lossy, lr=1e-2))
+    assert [r["loss"] for r in coded["rounds"]] != pytest.approx([r["loss"] for r in exact["rounds"]], rel=1e-4)
+    assert coded["after"]["loss"] < coded["before"]["loss"]
+    assert exact["after"]["loss"] < exact["before"]["loss"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("mode", "max_inflight", "update"), [("sl", 1, "per_round"), ("sft", 2, "per_batch"), ("fedlora", 1, "per_batch")])
+async def test_modes_run_end_to_end(tmp_path: Path, mode: str, max_inflight: int, update: str) -> None:
+    s = await _run(
+        write_topology(tmp_path, cuts=[1, 3], mode=mode, max_inflight=max_inflight, server_update=update, rounds=2, steps=2)
+    )
+    assert len(s["rounds"]) == 2 and s["mode"] == mode
+    if mode == "fedlora":
+        assert s["totals"]["bytes_up"] == 0  # the whole model trains on the device
+        assert {k.split(".")[1] for k in load_file(s["adapters"]["devices"])} == {"0", "1", "2", "3"}
+    else:
+        assert s["totals"]["bytes_up"] > 0
