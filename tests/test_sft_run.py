@@ -115,6 +115,9 @@ async def test_sft_run_compresses_trains_and_writes_results(tmp_path: Path, tran
         assert set(r["per_device_loss"]) == {"dev0", "dev1"}
         assert 0 < r["bytes_up"] < r["raw_up"]
     assert s["before"]["perplexity"] > 1 and s["after"]["targets"] == s["before"]["targets"] > 0
+    # The model alone (no codec on the eval path) is measured too, on the same batches.
+    assert s["before_raw"]["targets"] == s["before"]["targets"]
+    assert s["before_raw"]["loss"] != pytest.approx(s["before"]["loss"], rel=1e-6)
     devices = load_file(s["adapters"]["devices"])
     server = load_file(s["adapters"]["server"])
     # Per-block average over devices: dev0 holds block 0, dev1 blocks 0-1; the server holds 1-3.

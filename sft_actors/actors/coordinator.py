@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sft_actors.actors.base import Actor
+from sft_actors.actors.device import RAW_HELDOUT
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.errors import SftError
@@ -75,6 +76,7 @@ class CoordinatorActor(Actor):
         self.summary.setup_s = time.perf_counter() - t0
         self.log.info("run_started", mode=self.train.mode, devices=len(self.devices), rounds=self.train.rounds)
         await self._evaluate(0)
+        await self._evaluate_raw(0)
         for r in range(1, self.train.rounds + 1):
             await self._round(r)
             last = r == self.train.rounds
@@ -84,6 +86,7 @@ class CoordinatorActor(Actor):
             last = await self._collect(self.devices[-1], self.train.rounds)
             self._device_adapters = {k: unpack_tensor(v) for k, v in last.tensors.items()}
         await self._evaluate(self.train.rounds)
+        await self._evaluate_raw(self.train.rounds)
         self.summary.wall_s = time.perf_counter() - t0
         await self._write_results()
         return self.summary
@@ -203,17 +206,24 @@ class CoordinatorActor(Actor):
         self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
 
     # --- evaluation and results ----------------------------------------------------------------
-    async def _evaluate(self, r: int) -> EvalRecord:
+    async def _evaluate_raw(self, r: int) -> None:
+        """With the codec on, also measure the model alone (activations sent uncompressed)."""
+        if modes.uses_codec(self.train.mode) and self.topology.run.codec.up:
+            self.summary.evals_raw.append(await self._evaluate(r, split=RAW_HELDOUT))
+
+    async def _evaluate(self, r: int, split: str = "heldout") -> EvalRecord:
         replies = await asyncio.gather(
-            *(self._call(d, EvalRequest(round=r, split="heldout"), self.round_timeout_s) for d in self.devices)
+            *(self._call(d, EvalRequest(round=r, split=split), self.round_timeout_s) for d in self.devices)
         )
         parts = [dict(m.values) for m in replies if isinstance(m, EvalResult)]
         is_lm = self._is_lm()
         rec = eval_record(r, parts, is_lm=is_lm)
-        self.summary.evals.append(rec)
+        if split != RAW_HELDOUT:
+            self.summary.evals.append(rec)
         self.log.info(
             "heldout_evaluated",
             round=r,
+            codec=split != RAW_HELDOUT and modes.uses_codec(self.train.mode),
             loss=round(rec.loss, 4),
             perplexity=None if rec.perplexity is None else round(rec.perplexity, 3),
             accuracy=rec.accuracy,

@@ -23,6 +23,7 @@ from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.errors import ConfigError, SftError
+from sft_actors.codec import Codec
 from sft_actors.sharing import SHARED
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
@@ -57,6 +58,11 @@ class _RoundStats:
     raw_down: int = 0
     encode_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
+
+
+#: EvalRequest.split asking for the held-out loss without the activation codec (model quality
+#: alone); any other split evaluates through the codec, as the deployed system runs.
+RAW_HELDOUT = "heldout_raw"
 
 
 class DeviceActor(Actor):
@@ -240,7 +246,8 @@ class DeviceActor(Actor):
                 async with self._compute:
                     loss, n, c = await self.offload(self._local_eval, inputs, labels)
             else:
-                loss, n, c = await self._remote_eval(msg.round, i, inputs, labels)
+                codec = None if msg.split == RAW_HELDOUT else self.codec_up
+                loss, n, c = await self._remote_eval(msg.round, i, inputs, labels, codec)
             loss_sum += loss * n
             targets += n
             correct += c
@@ -259,13 +266,13 @@ class DeviceActor(Actor):
         return loss, int(labels.numel()), int((out.argmax(-1) == labels).sum())
 
     async def _remote_eval(
-        self, round_: int, i: int, inputs: torch.Tensor, labels: torch.Tensor
+        self, round_: int, i: int, inputs: torch.Tensor, labels: torch.Tensor, codec: Codec | None
     ) -> tuple[float, int, int]:
         plan = self._require_plan()
         async with self._compute:
             hidden = await self.offload(self.trainer.forward_eval, inputs)
         seed = step_seed(self.topology.run.seed, self.index, round_, 1_000_000 + i, 0)
-        act, _ = await self.offload(pack_tensor, hidden, self.codec_up, seed=seed)
+        act, _ = await self.offload(pack_tensor, hidden, codec, seed=seed)
         reply = await self.call(
             self.server,
             Activations(

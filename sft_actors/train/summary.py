@@ -66,7 +66,8 @@ class RunSummary:
     model: str
     devices: dict[str, int]  # name -> cut
     rounds: list[RoundRecord] = field(default_factory=list)
-    evals: list[EvalRecord] = field(default_factory=list)
+    evals: list[EvalRecord] = field(default_factory=list)  # through the codec, as the system runs
+    evals_raw: list[EvalRecord] = field(default_factory=list)  # activations uncompressed (sft only)
     wall_s: float = 0.0
     setup_s: float = 0.0
     run_dir: str = ""
@@ -94,6 +95,9 @@ class RunSummary:
             first, last = self.evals[0], self.evals[-1]
             out["before"] = asdict(first)
             out["after"] = asdict(last)
+        if self.evals_raw:
+            out["before_raw"] = asdict(self.evals_raw[0])
+            out["after_raw"] = asdict(self.evals_raw[-1])
         out["machine"] = {
             "python": platform.python_version(),
             "torch": torch.__version__,
