@@ -69,7 +69,7 @@ class CoordinatorActor(Actor):
     def round_timeout_s(self) -> float:
         return float(getattr(self.train, "round_timeout_s", 3600.0))
 
-    async def run(self) -> RunSummary:
+    async def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         await self.wait_for_peers(self.devices + self.servers)
         await self._send_plans()
@@ -89,7 +89,7 @@ class CoordinatorActor(Actor):
         await self._evaluate_raw(self.train.rounds)
         self.summary.wall_s = time.perf_counter() - t0
         await self._write_results()
-        return self.summary
+        return self.summary.headline()
 
     # --- set-up --------------------------------------------------------------------------
     async def _send_plans(self) -> None:

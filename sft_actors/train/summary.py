@@ -81,6 +81,16 @@ class RunSummary:
     def bytes_down(self) -> int:
         return sum(r.bytes_down for r in self.rounds)
 
+    def headline(self) -> dict[str, Any]:
+        """The few numbers a person reads first (``sft run`` prints them as one JSON line)."""
+        full = self.to_json()
+        keep = ("name", "mode", "model", "run_dir", "wall_s", "totals", "before", "after", "before_raw", "after_raw")
+        out = {k: full[k] for k in keep if k in full}
+        for key in ("before", "after", "before_raw", "after_raw"):
+            if key in out:
+                out[key] = {k: v for k, v in out[key].items() if k in ("loss", "perplexity", "accuracy")}
+        return out
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         raw_up = sum(r.raw_up for r in self.rounds)

@@ -1,0 +1,118 @@
+"""``sft plan TOPOLOGY``: plan cuts, codecs and bandwidth for a topology's devices.
+
+Prints one line per device (cut, codec, bandwidth, rates, predicted per-round delay, memory)
+and the totals; ``--json`` prints the plan as one JSON object instead; ``--write OUT.toml``
+writes the topology with the plan filled in (one codec for all devices, as the topology holds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sft_actors import log
+from sft_actors.errors import SftError
+
+
+def _table(plan_dict: dict[str, object]) -> str:
+    rows = [
+        f"{'device':<12} {'cut':>3} {'codec':<12} {'ratio':>6} {'MHz':>7} {'up Mb/s':>8} {'down Mb/s':>9} "
+        f"{'round s':>8} {'memory MB':>13}"
+    ]
+    devices = plan_dict["devices"]
+    assert isinstance(devices, list)
+    for d in devices:
+        rows.append(
+            f"{d['name']:<12} {d['cut']:>3} {d['codec']['name']:<12} {d['codec']['ratio']:>6.1f} "
+            f"{d['bandwidth_hz'] / 1e6:>7.2f} {d['uplink_bps'] / 1e6:>8.1f} {d['downlink_bps'] / 1e6:>9.1f} "
+            f"{d['round_delay_s']:>8.2f} {d['memory_mb']:>6.0f}/{d['memory_limit_mb']:<6.0f}"
+        )
+    return "\n".join(rows)
+
+
+def plan_command(
+    topology: Annotated[Path, typer.Argument(help="topology TOML file")],
+    channel_seed: Annotated[int, typer.Option(help="seed of the Rayleigh fading draw")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as one JSON object")] = False,
+    write: Annotated[
+        Path | None, typer.Option(help="write the topology with the plan filled in here")
+    ] = None,
+    bandwidth_hz: Annotated[float | None, typer.Option(help="total uplink band to split (Hz)")] = None,
+    server_flops: Annotated[float | None, typer.Option(help="the server's sustained FLOP/s")] = None,
+    max_accuracy_loss: Annotated[
+        float | None, typer.Option(help="accuracy limit: relative perplexity increase (0.1 = +10 %)")
+    ] = None,
+    current: Annotated[
+        bool, typer.Option("--current", help="also predict the topology's own cuts and codec over its links")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "warning",
+) -> None:
+    """Plan per-device cut, codec and bandwidth for TOPOLOGY and print the predicted delays."""
+    from sft_actors.plan.from_topology import predict_topology, problem_from_topology, topology_with_plan
+    from sft_actors.plan.planner import plan
+    from sft_actors.plan.toml_out import dumps
+    from sft_actors.topology import load_topology
+
+    log.configure("console", log_level)
+    try:
+        topo = load_topology(topology)
+        problem, assumed = problem_from_topology(
+            topo, bandwidth_hz=bandwidth_hz, server_flops=server_flops, max_accuracy_loss=max_accuracy_loss
+        )
+        best = plan(problem, channel_seed=channel_seed)
+        prediction = predict_topology(topo, problem) if current else None
+        written = None
+        if write is not None:
+            uniform = plan(problem, channel_seed=channel_seed, uniform_codec=True)
+            write.write_text(
+                dumps(
+                    topology_with_plan(topology, uniform),
+                    header=f"Written by sft plan from {topology} (channel seed {channel_seed}).",
+                )
+            )
+            written = uniform
+    except SftError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from e
+    result = best.to_dict()
+    result["assumed"] = assumed
+    if prediction is not None:
+        result["current"] = {
+            "codec": prediction.codec,
+            "round_delay_s": prediction.round_delay_s,
+            "device_round_s": prediction.device_round_s,
+        }
+    if written is not None:
+        result["written"] = {
+            "path": str(write),
+            "codec": written.codecs[0],
+            "cuts": written.cuts,
+            "total_delay_s": written.total_delay_s,
+            "round_delay_s": written.round_delay_s,
+        }
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(_table(result))
+    typer.echo(
+        f"round {best.round_delay_s:.2f} s (server floor {best.server_floor_s:.2f} s, "
+        f"bottleneck {best.bottleneck}), "
+        f"{best.rounds:.1f} rounds, accuracy loss {best.accuracy_loss * 100:.1f} %, "
+        f"total {best.total_delay_s:.1f} s; solved in {best.solve_s * 1e3:.0f} ms"
+    )
+    if prediction is not None:
+        per_device = ", ".join(f"{k} {v:.2f} s" for k, v in prediction.device_round_s.items())
+        typer.echo(
+            f"as written ({prediction.codec}, emulated links): round {prediction.round_delay_s:.2f} s "
+            f"({per_device})"
+        )
+    for line in assumed:
+        typer.echo(f"assumed: {line}")
+    if written is not None:
+        typer.echo(
+            f"wrote {write}: one codec for all devices ({written.codecs[0]}), cuts {written.cuts}, "
+            f"total {written.total_delay_s:.1f} s"
+        )

@@ -1,0 +1,30 @@
+"""bench/baselines.py runs with tiny arguments, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(300)
+def test_baselines_bench_tiny_reports_every_mode_and_the_headline_ratios() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "baselines.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["modes"]) == {"sl", "sfl", "sft", "fedlora"}
+    assert result["modes"]["sft"]["bytes_up"] < result["modes"]["sfl"]["bytes_up"]
+    assert result["modes"]["fedlora"]["bytes_up"] == 0
+    assert result["modes"]["fedlora"]["device_peak_mb"] > result["modes"]["sft"]["device_peak_mb"]
+    for key in ("delay_ratio_sft_vs_sl", "bytes_ratio_sft_vs_sfl", "metric_gap_sft_vs_sfl"):
+        assert isinstance(result[key], float)
