@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,12 @@ SPARSE8 = {"sparsify": {"keep": 0.1}, "quantize": {"bits": 8}, "lossless": {"zst
 FULL = {
     "outliers": {},
     "sparsify": {"keep": 0.1},
+    "quantize": {"bits": 4},
+    "lossless": {"positions": "channel_bitmap", "zstd_level": 1},
+}
+BEST = {
+    "outliers": {"bits": 8},
+    "sparsify": {"keep": 0.19, "score": "row_normalized"},
     "quantize": {"bits": 4},
     "lossless": {"positions": "channel_bitmap", "zstd_level": 1},
 }
@@ -42,6 +49,8 @@ CHAINS: list[dict[str, Any]] = [
     {"quantize": {"scale": "common", "step": 0.1}, "lossless": {}},
     {"outliers": {}, "cast": {"dtype": "bfloat16"}},
     {"outliers": {}, "quantize": {"bits": 8, "scale": "channel"}},
+    BEST,
+    {"outliers": {"bits": 8}, "sparsify": {"keep": 0.1, "score": "row_normalized", "method": "exact"}},
 ]
 
 
@@ -73,6 +82,9 @@ def test_spec_round_trips_through_msgpack(table: dict[str, Any]) -> None:
         {"quantize": {"scale": "common"}},
         {"quantize": {"bits": 8}, "cast": {}},
         {"lossless": {"zstd_level": 40}},
+        {"outliers": {"bits": 4}},
+        {"sparsify": {"keep": 0.1, "score": "row_norm"}},
+        {"sparsify": {"keep": 0.1, "scope": "token", "score": "row_normalized"}},
     ],
 )
 def test_bad_spec_is_config_error(table: dict[str, Any]) -> None:
@@ -173,8 +185,100 @@ def test_kept_fraction_matches_keep(scope: str, keep: float) -> None:
     assert enc.report.kept_fraction == pytest.approx(keep, rel=0.1)
 
 
+@pytest.mark.parametrize("method", ["sample", "exact"])
+@pytest.mark.parametrize("keep", [0.05, 0.2])
+def test_row_normalized_kept_fraction_and_share_per_row(method: str, keep: float) -> None:
+    x = activations((16, 64, 96), seed=6)
+    x[::2] *= 1000.0  # loud sequences would take the whole budget of a magnitude threshold
+    table = {"sparsify": {"keep": keep, "score": "row_normalized", "method": method}}
+    enc = Codec(ChainSpec.parse(table)).encode(x, seed=0)
+    assert enc.report.kept_fraction == pytest.approx(keep, rel=0.1)
+    quiet_kept = (Codec.decode(enc.meta, enc.payload)[1::2] != 0).float().mean()
+    assert float(quiet_kept) == pytest.approx(keep, rel=0.2)
+    magnitude = Codec(ChainSpec.parse({"sparsify": {"keep": keep}})).encode(x, seed=0)
+    assert float((Codec.decode(magnitude.meta, magnitude.payload)[1::2] != 0).float().mean()) < keep / 10
+
+
+def test_row_normalized_improves_token_cosine() -> None:
+    x = activations((8, 64, 96), seed=7) * torch.exp(
+        torch.randn(8, 64, 1, generator=torch.Generator().manual_seed(1))
+    )
+
+    def cosine(table: dict[str, Any]) -> float:
+        enc = Codec(ChainSpec.parse(table)).encode(x, seed=0)
+        y = Codec.decode(enc.meta, enc.payload)
+        return float(torch.nn.functional.cosine_similarity(y, x, dim=-1).mean())
+
+    plain = cosine({"sparsify": {"keep": 0.1}, "quantize": {"bits": 8}})
+    assert cosine({"sparsify": {"keep": 0.1, "score": "row_normalized"}, "quantize": {"bits": 8}}) > plain
+
+
+def test_sparse_row_normalized_quantizer_is_unbiased_on_kept_values() -> None:
+    x = activations((8, 64), seed=2)
+    table = {
+        "sparsify": {"keep": 0.25, "score": "row_normalized", "method": "exact"},
+        "quantize": {"bits": 2},
+    }
+    codec = Codec(ChainSpec.parse(table))
+    samples = torch.stack([Codec.decode(*_pair(codec.encode(x, seed=s))) for s in range(400)]).double()
+    kept = samples[0] != 0
+    assert bool((kept == (samples != 0).all(0)).all())  # the selection does not depend on the seed
+    stderr = float(samples.std(0)[kept].median()) / 20
+    z = (samples.mean(0)[kept] - x.double()[kept]).abs() / stderr
+    assert float(z.mean()) < 1.2
+
+
+def outlier_tensor(seed: int = 0) -> torch.Tensor:
+    x = activations((2, 16, 32), seed=seed)
+    x[:, 0, 5] = 800.0  # attention sink: massive value on the first token
+    x[..., 9] *= 30.0  # outlier feature channel
+    x[1, 7, 9] = -6000.0  # spike inside the outlier channel
+    return x
+
+
+def test_outliers8_keeps_massive_values_and_is_unbiased() -> None:
+    x = outlier_tensor()
+    codec = Codec(ChainSpec.parse({"outliers": {"bits": 8}, "quantize": {"bits": 8}}))
+    enc = codec.encode(x, seed=0)
+    assert enc.meta["outliers"]["cols"] == 1 and enc.meta["outliers"]["rows"] == 2
+    y = Codec.decode(enc.meta, enc.payload)
+    assert abs(float(y[0, 0, 5]) - 800.0) < 1.0 and abs(float(y[1, 7, 9]) + 6000.0) < 5.0
+    sixteen = Codec(ChainSpec.parse({"outliers": {}, "quantize": {"bits": 8}})).encode(x, seed=0)
+    assert len(enc.payload) < len(sixteen.payload)
+    samples = torch.stack([Codec.decode(*_pair(codec.encode(x, seed=s))) for s in range(400)]).double()
+    dense = torch.zeros_like(x, dtype=torch.bool)
+    dense[:, 0] = True
+    dense[..., 9] = True
+    spread = samples.std(0)
+    rounded = dense & (spread > 0)  # the rest are massive values, sent as float16 every time
+    fixed = dense & (spread == 0)
+    assert int(fixed.sum()) <= 8
+    torch.testing.assert_close(samples[0][fixed], x.double()[fixed], rtol=1e-3, atol=0)
+    groups = [torch.zeros_like(dense) for _ in range(3)]  # one step per first-token row / channel
+    groups[0][0, 0] = groups[1][1, 0] = True
+    groups[2][:, 1:, 9] = True
+    for group in (g & rounded for g in groups):
+        stderr = float(spread[group].median()) / 20
+        z = (samples.mean(0)[group] - x.double()[group]).abs() / stderr
+        assert float(z.mean()) < 1.2
+
+
+def test_dequantize_tables_match_the_formula() -> None:
+    from sft_actors.codec import quantize
+
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4, 8):
+        codes = rng.integers(0, 1 << bits, size=50).astype(np.uint8)
+        lo = rng.random(50).astype(np.float32)
+        step = rng.random(50).astype(np.float32)
+        k = (codes & quantize.levels(bits)).astype(np.float32)
+        sign = np.where(codes >> (bits - 1), -1.0, 1.0).astype(np.float32)
+        expected = sign * (lo + k * step)
+        assert np.array_equal(quantize.dequantize_sign_magnitude(codes, lo, step, bits), expected)
+
+
 # --- edge cases ----------------------------------------------------------------------------
-@pytest.mark.parametrize("table", [{}, SPARSE8, FULL, CHAINS[5], CHAINS[8]])
+@pytest.mark.parametrize("table", [{}, SPARSE8, FULL, CHAINS[5], CHAINS[8], BEST])
 @pytest.mark.parametrize(
     "x",
     [
@@ -195,7 +299,7 @@ def test_edge_shapes(table: dict[str, Any], x: torch.Tensor) -> None:
         assert not y.any()
 
 
-@pytest.mark.parametrize("table", [{}, SPARSE8, FULL, CHAINS[5], CHAINS[8]])
+@pytest.mark.parametrize("table", [{}, SPARSE8, FULL, CHAINS[5], CHAINS[8], BEST])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_input_is_codec_error(table: dict[str, Any], bad: float) -> None:
     for where in ((0, 0, 0), (2, 5, 3), (3, 17, 40)):
@@ -265,7 +369,7 @@ def test_huge_shape_is_refused_before_allocation() -> None:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_meta_and_payload_raise_only_codec_error(data: st.DataObject) -> None:
-    table = data.draw(st.sampled_from([SPARSE8, FULL, CHAINS[4], CHAINS[5], CHAINS[7], CHAINS[8]]))
+    table = data.draw(st.sampled_from([SPARSE8, FULL, CHAINS[4], CHAINS[5], CHAINS[7], CHAINS[8], BEST]))
     enc = Codec(ChainSpec.parse(table)).encode(activations((2, 9, 16)), seed=0)
     meta: dict[str, Any] = msgpack.unpackb(msgpack.packb(enc.meta))
     payload = bytearray(enc.payload)
@@ -360,4 +464,5 @@ def test_bench_smoke() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("ratio", "encode_mb_s", "decode_mb_s", "rel_error", "rel_error_kept", "token_cosine"):
         assert isinstance(result[key], float)
+    assert result["chain"].startswith("outliers8+topk0.19") and ChainSpec.from_dict(result["spec"])
     assert result["ratio"] > 2

@@ -28,6 +28,7 @@ import torch
 from sft_actors.codec import bitpack, quantize
 from sft_actors.codec.container import SectionWriter
 from sft_actors.codec.entropy import require_ans
+from sft_actors.codec.outliers import encode_dense8, scaled_float16
 from sft_actors.codec.project import BasisRegistry, project
 from sft_actors.codec.report import CodecReport, EncodedTensor
 from sft_actors.codec.sparse import (
@@ -35,13 +36,14 @@ from sft_actors.codec.sparse import (
     MassiveFilter,
     first_token_rows,
     outlier_channels,
+    row_normalized_threshold,
     scan_rows,
     select_elements,
     structured_scores,
     tensor_threshold,
     top_indices,
 )
-from sft_actors.codec.spec import ChainSpec
+from sft_actors.codec.spec import ChainSpec, SparsifySpec
 from sft_actors.errors import CodecError, ConfigError
 
 F32 = npt.NDArray[np.float32]
@@ -76,6 +78,11 @@ def rows_view(shape: tuple[int, ...]) -> tuple[int, int, int]:
     rows = numel // channels if channels else 0
     seq_len = shape[-2] if len(shape) >= 2 else rows
     return rows, channels, seq_len
+
+
+def per_row_lo(s: SparsifySpec) -> bool:
+    """Whether the sparsifier's threshold differs per row (then each row's ``lo`` is sent)."""
+    return s.scope == "token" or s.score == "row_normalized"
 
 
 def seed_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -262,14 +269,29 @@ class _LossyEncoder:
     def _write_dense16(self, excl: Exclusions, massive: MassiveFilter | None) -> None:
         rows = np.flatnonzero(excl.rows)
         positions, elements = massive.result() if massive is not None else (np.zeros(0, np.int64), None)
+        assert self.spec.outliers is not None
+        if self.spec.outliers.bits == 8:
+            _check_finite(self.x[rows])
+            _check_finite(self.x[:, excl.cols])
+            table, stored, count = encode_dense8(
+                self.x,
+                rows.astype(np.int64),
+                excl.cols,
+                (positions, elements if elements is not None else np.zeros(0, np.float32)),
+                element_factor=self.spec.outliers.element_factor,
+                rng=self.rounding,
+                writer=self.writer,
+            )
+            self.meta["outliers"] = table
+            self.dense16_bytes, self.dense16_count = stored, count
+            self.stage_bytes["outliers"] = stored
+            return
         parts = [self.x[rows].reshape(-1), self.x[:, excl.cols][~excl.rows].reshape(-1)]
         if elements is not None:
             parts.append(elements)
         dense = np.concatenate(parts)
         _check_finite(dense)
-        peak = float(np.abs(dense).max()) if dense.size else 0.0
-        exponent = math.frexp(peak)[1] - 15 if peak > 0 else 0
-        scaled = np.ldexp(dense, -exponent).astype(np.float16)
+        scaled, exponent = scaled_float16(dense)
         self.meta["outliers"] = {
             "rows": int(rows.size),
             "cols": int(excl.cols.size),
@@ -332,6 +354,16 @@ class _LossyEncoder:
         threshold = None
         if s.scope == "token":
             row_keep = min(live_k, max(1, round(s.keep * live_k))) if live_k else 0
+        elif s.score == "row_normalized":
+            threshold = row_normalized_threshold(
+                w,
+                s.keep,
+                exact=s.method == "exact",
+                sample_size=s.sample_size,
+                excl=excl,
+                rng=self.sampling,
+                massive_above=massive.above if massive is not None else math.inf,
+            )
         else:
             threshold = tensor_threshold(
                 w, s.keep, exact=s.method == "exact", sample_size=s.sample_size, excl=excl, rng=self.sampling
@@ -348,6 +380,7 @@ class _LossyEncoder:
             layout=layout,
             want_cols=want_cols,
             massive=massive,
+            row_scaled=s.score == "row_normalized",
         )
         _check_finite(sel.rowmax)
         sel.rowmax[excl.rows] = 0
@@ -367,7 +400,7 @@ class _LossyEncoder:
             self.writer.add("pos", sel.positions)
         self.stage_bytes["sparsify"] = self.writer.raw_bytes["pos"] + 4 * kept
         self._write_sparse_values(
-            sel.values, sel.counts, sel.lo, sel.rowmax, sel.col_ids, sel.colmax, scope=s.scope
+            sel.values, sel.counts, sel.lo, sel.rowmax, sel.col_ids, sel.colmax, per_row_lo=per_row_lo(s)
         )
         return kept
 
@@ -380,7 +413,7 @@ class _LossyEncoder:
         col_ids: I64 | None,
         colmax: F32 | None,
         *,
-        scope: str,
+        per_row_lo: bool,
     ) -> None:
         q = self.spec.quantize
         if q is None or q.scale == "common":
@@ -389,7 +422,7 @@ class _LossyEncoder:
         assert q.bits is not None
         top = quantize.levels(q.bits)
         if q.scale == "token":
-            lo_source = lo_rows if scope == "token" else lo_rows[:1]
+            lo_source = lo_rows if per_row_lo else lo_rows[:1]
             lo_wire, lo = quantize.bf16_round_down(lo_source)
             peak = np.where(counts > 0, rowmax, 0).astype(np.float32)
             spread = np.maximum(peak - (lo if lo.size > 1 else lo[0]), 0) / np.float32(top)

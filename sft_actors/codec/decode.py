@@ -14,8 +14,9 @@ import numpy.typing as npt
 import torch
 
 from sft_actors.codec import bitpack, quantize
-from sft_actors.codec.chain import DTYPES, FORMAT_VERSION, RAW_VIEW, rows_view
+from sft_actors.codec.chain import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
 from sft_actors.codec.container import SectionReader
+from sft_actors.codec.outliers import decode_dense8
 from sft_actors.codec.project import BasisRegistry, unproject
 from sft_actors.codec.spec import ChainSpec
 from sft_actors.errors import CodecError, ConfigError
@@ -131,6 +132,9 @@ class _LossyDecoder:
         count = n_rows * c + (n - n_rows) * n_cols + n_elements
         if count > n * c:
             raise CodecError("outlier sections claim more values than the tensor has")
+        assert self.spec.outliers is not None
+        if self.spec.outliers.bits == 8:
+            return rows, cols, positions, decode_dense8(self.reader, rows, cols, positions, n, c, exponent)
         vals = self.reader.take("o_vals", 2 * count).view(np.float16).astype(np.float32)
         return rows, cols, positions, np.ldexp(vals, exponent).astype(np.float32)
 
@@ -179,7 +183,7 @@ class _LossyDecoder:
         layout = self.spec.lossless.positions if self.spec.lossless is not None else "bitmap"
         mask = self._positions(layout, n, k, kept)
         counts = np.count_nonzero(mask, axis=1)
-        values = self._read_sparse_values(kept, counts, mask, k, scope=s.scope)
+        values = self._read_sparse_values(kept, counts, mask, k, per_row=per_row_lo(s))
         w = np.zeros((n, k), dtype=np.float32)
         np.place(w, mask, values)
         return w
@@ -212,13 +216,13 @@ class _LossyDecoder:
             raise CodecError(f"positions mark {int(np.count_nonzero(mask))} values, meta says {kept}")
         return mask
 
-    def _read_sparse_values(self, kept: int, counts: I64, mask: BoolArr, k: int, *, scope: str) -> F32:
+    def _read_sparse_values(self, kept: int, counts: I64, mask: BoolArr, k: int, *, per_row: bool) -> F32:
         q = self.spec.quantize
         if q is None or q.scale == "common":
             return self._read_plain(kept)
         assert q.bits is not None
         n = counts.size
-        per_row_lo = scope == "token" and q.scale == "token"
+        per_row_lo = per_row and q.scale == "token"
         lo = quantize.bf16_to_f32(self.reader.take("lo", 2 * (n if per_row_lo else 1)).view(np.uint16))
         codes = self._codes(kept, q.bits)
         if q.scale == "token":

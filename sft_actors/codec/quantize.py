@@ -82,14 +82,24 @@ def quantize_sign_magnitude(
     return codes
 
 
+def _signed_levels(bits: int) -> tuple[F32, F32]:
+    """(±k, ±1) for every b-bit code: decoding is then two table lookups and a multiply-add."""
+    codes = np.arange(1 << bits, dtype=np.uint32)
+    sign = np.where(codes >> np.uint32(bits - 1), np.float32(-1), np.float32(1)).astype(np.float32)
+    return (codes & np.uint32(levels(bits))).astype(np.float32) * sign, sign
+
+
+_SIGNED_LEVELS = {bits: _signed_levels(bits) for bits in range(2, 9)}
+
+
 def dequantize_sign_magnitude(codes: U8, lo: F32 | np.float32, step: F32, bits: int) -> F32:
-    top = np.uint8(levels(bits))
-    mag = (codes & top).astype(np.float32)
-    mag *= step
-    mag += lo
-    negative = (codes >> np.uint8(bits - 1)).astype(np.bool_)
-    np.negative(mag, out=mag, where=negative)
-    return mag
+    """±(lo + k·step); ``codes`` must be < 2^bits (``unpack_codes`` and the ANS path ensure it)."""
+    signed, sign = _SIGNED_LEVELS[bits]
+    out: F32 = np.take(signed, codes)
+    out *= step
+    if np.ndim(lo) or float(lo) != 0.0:
+        out += np.take(sign, codes) * lo
+    return out
 
 
 def quantize_common(values: F32, step: float, rng: np.random.Generator) -> I32:

@@ -162,6 +162,38 @@ def tensor_threshold(
     return max(np.float32(np.partition(pool, rank)[rank]), _TINY)
 
 
+def row_normalized_threshold(
+    w: F32,
+    keep: float,
+    *,
+    exact: bool,
+    sample_size: int,
+    excl: Exclusions,
+    rng: np.random.Generator,
+    massive_above: float,
+) -> np.float32:
+    """Threshold on |value| / ‖row‖ above which a fraction ``keep`` of the live elements lies.
+
+    Scores need whole rows, so the sample is of rows (about ``sample_size`` elements' worth);
+    values above ``massive_above`` (sent densely) are left out of the norms as the selection will.
+    """
+    k = w.shape[1]
+    live_cols = np.ones(k, dtype=np.bool_)
+    live_cols[excl.cols] = False
+    live_rows = np.flatnonzero(~excl.rows)
+    if live_rows.size == 0 or not live_cols.any():
+        return np.float32(np.inf)
+    if not exact:
+        want = min(live_rows.size, max(1, -(-sample_size // k)))
+        live_rows = np.sort(rng.choice(live_rows, size=want, replace=False))
+    a = np.abs(w[live_rows][:, live_cols])
+    a[a > massive_above] = 0
+    norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64)).astype(np.float32)
+    pool = np.divide(a, norms[:, None], out=np.zeros_like(a), where=norms[:, None] > 0).reshape(-1)
+    rank = min(pool.size - 1, max(0, round((1.0 - keep) * pool.size)))
+    return max(np.float32(np.partition(pool, rank)[rank]), _TINY)
+
+
 @dataclass(kw_only=True, slots=True)
 class SparseSelection:
     values: F32  # kept values, row-major order
@@ -183,8 +215,12 @@ def select_elements(
     layout: str,
     want_cols: bool,
     massive: MassiveFilter | None,
+    row_scaled: bool = False,
 ) -> SparseSelection:
-    """Keep |w| >= threshold (tensor scope) or the ``row_keep`` largest per row (token scope)."""
+    """Keep |w| >= threshold (tensor scope) or the ``row_keep`` largest per row (token scope).
+
+    ``row_scaled``: the threshold is relative, each row keeps |w| >= threshold × ‖row‖.
+    """
     n, k = w.shape
     step = block_rows(k)
     buf = np.empty((min(step, n), k), dtype=np.float32)
@@ -203,9 +239,17 @@ def select_elements(
         if massive is not None:
             massive.apply(block, a, rm, start)
         rowmax[start : start + rows] = rm
-        if row_keep is None:
+        cut: F32 | np.float32
+        if row_keep is None and row_scaled:
             assert threshold is not None
-            cut: F32 | np.float32 = threshold
+            norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64)).astype(np.float32)
+            with np.errstate(invalid="ignore"):  # 0 × inf: an all-zero row, or nothing to keep
+                row_cut = np.where(norms > 0, np.maximum(norms * threshold, _TINY), np.inf)
+            lo[start : start + rows] = np.where(np.isfinite(row_cut), row_cut, 0)
+            cut = row_cut[:, None]
+        elif row_keep is None:
+            assert threshold is not None
+            cut = threshold
             lo[start : start + rows] = threshold
         else:
             kth = np.partition(a, k - row_keep, axis=1)[:, k - row_keep]

@@ -21,6 +21,7 @@ from sft_actors.errors import ConfigError
 
 Scope = Literal["tensor", "token", "tokens", "channels"]
 ThresholdMethod = Literal["sample", "exact"]
+Score = Literal["magnitude", "row_normalized"]
 ScaleMode = Literal["token", "channel", "common"]
 CastDtype = Literal["float16", "bfloat16"]
 Positions = Literal["bitmap", "channel_bitmap", "delta"]
@@ -38,9 +39,14 @@ class OutlierSpec:
     sampled absolute maximum exceeds ``channel_factor`` x the median channel maximum (at most
     ``max_channels``); single elements above ``element_factor`` x the median token maximum (at
     most ``max_elements_fraction`` of the elements), e.g. massive values of spike tokens.
+
+    ``bits=16``: rows and channels go as float16. ``bits=8``: massive single elements are pulled
+    out (float16 with positions) and the rest of the rows/channels is quantized to 8 bits with one
+    step per row/channel (unbiased stochastic rounding): half the bytes, cosine ~1 on those rows.
     """
 
     first_tokens: int = 1
+    bits: int = 16
     max_channels: int = 8
     channel_factor: float = 8.0
     element_factor: float = 8.0
@@ -61,10 +67,17 @@ class ProjectSpec:
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class SparsifySpec:
-    """Top-K by magnitude. ``keep`` is the kept fraction κ of the elements (or rows/channels)."""
+    """Top-K by magnitude. ``keep`` is the kept fraction κ of the elements (or rows/channels).
+
+    ``score="row_normalized"`` (``scope="tensor"`` only) ranks elements by |x| / ‖row‖ instead of
+    |x|: one global threshold on the *relative* size, so every token keeps its own largest values
+    in proportion to how peaked it is, instead of loud tokens taking the budget of quiet ones.
+    That maximises the mean per-token cosine (what a layer's input sees) at the same κ.
+    """
 
     keep: float
     scope: Scope = "tensor"
+    score: Score = "magnitude"
     method: ThresholdMethod = "sample"
     sample_size: int = 65536
 
@@ -115,6 +128,7 @@ _STAGE_TYPES: Final[dict[str, type[Any]]] = {
 _LITERALS: Final[dict[tuple[str, str], tuple[Any, ...]]] = {
     ("sparsify", "scope"): get_args(Scope),
     ("sparsify", "method"): get_args(ThresholdMethod),
+    ("sparsify", "score"): get_args(Score),
     ("quantize", "scale"): get_args(ScaleMode),
     ("cast", "dtype"): get_args(CastDtype),
     ("lossless", "positions"): get_args(Positions),
@@ -231,6 +245,8 @@ def _validate(spec: ChainSpec) -> None:
             raise ConfigError(f"codec.outliers.max_channels must be in [0, 4096], got {o.max_channels}")
         if not 0.0 <= o.max_elements_fraction <= 0.1:
             raise ConfigError("codec.outliers.max_elements_fraction must be in [0, 0.1]")
+        if o.bits not in (8, 16):
+            raise ConfigError(f"codec.outliers.bits must be 8 or 16, got {o.bits}")
         if o.channel_factor <= 1.0 or o.element_factor <= 1.0:
             raise ConfigError("codec.outliers.channel_factor and element_factor must be > 1")
     p = spec.project
@@ -245,6 +261,8 @@ def _validate(spec: ChainSpec) -> None:
             raise ConfigError(f"codec.sparsify.keep must be in (0, 1], got {s.keep}")
         if not 256 <= s.sample_size <= 1 << 24:
             raise ConfigError(f"codec.sparsify.sample_size must be in [256, 2^24], got {s.sample_size}")
+        if s.score == "row_normalized" and s.scope != "tensor":
+            raise ConfigError("codec.sparsify.score = 'row_normalized' needs scope = 'tensor'")
     q = spec.quantize
     if q is not None:
         if spec.cast is not None:

@@ -1,0 +1,375 @@
+"""The wiring under every actor: state, links to peers, the inbound path and liveness.
+
+:class:`ActorCore` owns what arrives on the sockets: a ROUTER peer's HELLO is checked and
+answered (WELCOME, or ERROR naming the mismatch), replies resolve pending calls directly
+(never through the mailbox, so a handler awaiting a call cannot deadlock its own actor),
+heartbeats refresh liveness, SHUTDOWN/BYE drive the lifecycle, and everything else goes
+through the bounded mailbox to the typed handlers. Garbage from a peer gets an ERROR frame
+and never stops the actor. :class:`~sft_actors.actors.base.Actor` adds the lifecycle and the
+public API on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import zmq
+import zmq.asyncio
+
+from sft_actors.actors.env import ActorEnv
+from sft_actors.actors.handlers import HandlerSpec, MsgContext
+from sft_actors.actors.peers import LinkState, PeerLink, link_rate
+from sft_actors.errors import (
+    PeerTimeout,
+    ProtocolError,
+    SftError,
+    UnknownMessageKind,
+    UnknownPeer,
+    VersionMismatch,
+)
+from sft_actors.log import get_logger
+from sft_actors.topology import ActorSpec
+from sft_actors.transport.link import Pacer
+from sft_actors.transport.sockets import SocketOptions
+from sft_actors.wire.envelope import Envelope, decode, encode, encode_error
+from sft_actors.wire.kinds import MsgKind
+from sft_actors.wire.messages import Error, Heartbeat, Hello, Message, Welcome
+from sft_actors.wire.schema import check_schema
+
+
+class ActorState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ActorCore:
+    """State, links and the inbound path of an actor (subclass :class:`Actor`, not this)."""
+
+    _handlers: ClassVar[Mapping[MsgKind, HandlerSpec]] = {}
+    #: Handlers running at once. 1 keeps each peer's messages handled in arrival order.
+    handler_concurrency: ClassVar[int] = 1
+
+    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
+        self.spec = spec
+        self.env = env
+        self.name = spec.name
+        self.topology = env.topology
+        self.settings = env.topology.run.runtime
+        self.log = get_logger(actor=spec.name, role=spec.role)
+        self.state = ActorState.CREATED
+        self.error: BaseException | None = None
+        #: What a coordinator's run produced (``stop_run(result)`` or ``run()``'s return value).
+        self.result: Any = None
+        self.refused: list[tuple[str, SftError]] = []
+        self._links: dict[str, PeerLink] = {}
+        self._router: zmq.asyncio.Socket | None = None
+        self._dealers: list[zmq.asyncio.Socket] = []
+        self._pending: dict[int, tuple[str, asyncio.Future[Envelope]]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._mailbox: asyncio.Queue[tuple[Envelope, MsgContext]] = asyncio.Queue(self.settings.mailbox_size)
+        self._started = asyncio.Event()  # set once ready, or once start-up failed
+        self._peer_change = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+        self._finishing_run = False
+        self._ready_reached = False
+        self._closing = False
+        self._uplink: Pacer | None = None
+        self._sock_opts = SocketOptions(
+            sndhwm=self.settings.hwm, rcvhwm=self.settings.hwm, linger_ms=self.settings.linger_ms
+        )
+
+    # --- liveness hooks (overridden by actors) ----------------------------------------------
+    async def on_peer_joined(self, peer: str) -> None:
+        """A peer completed the handshake (either direction)."""
+
+    async def on_peer_lost(self, peer: str) -> None:
+        """No traffic from ``peer`` for ``heartbeat_timeout_s``. Losing the coordinator fails the actor."""
+        if peer == self.topology.coordinator.name and self.name != peer:
+            raise PeerTimeout(
+                f"coordinator {peer!r} silent for {self.settings.heartbeat_timeout_s}s; "
+                "check that it is running and reachable"
+            )
+
+    async def on_peer_left(self, peer: str) -> None:
+        """``peer`` said BYE."""
+
+    async def on_handshake_refused(self, peer: str, exc: SftError) -> None:
+        """A peer's HELLO was refused (already logged and recorded in ``self.refused``)."""
+
+    @property
+    def peers(self) -> list[str]:
+        """Peers with an established (or, until detected lost, live) link."""
+        return [p for p, link in self._links.items() if link.state is LinkState.ESTABLISHED]
+
+    def link(self, peer: str) -> PeerLink:
+        try:
+            return self._links[peer]
+        except KeyError:
+            known = ", ".join(self._links) or "none"
+            raise UnknownPeer(f"{self.name} has no link to {peer!r} (linked: {known})") from None
+
+    async def send(self, peer: str, msg: Message, *, reply_to: int = 0) -> int:
+        """Fire and forget; returns the msg_id. Waits only for the link (pacing, HWM)."""
+        msg_id = next(self._ids)
+        await self.link(peer).send(encode(msg, sender=self.name, msg_id=msg_id, reply_to=reply_to))
+        return msg_id
+
+    def stop(self, reason: str = "") -> None:
+        """Begin the staged shutdown (idempotent)."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    def _pacer_for(self, peer: str) -> Pacer | None:
+        rate = link_rate(self.topology, self.name, peer)
+        if rate is None:
+            return None
+        if self.spec.role == "device":
+            # One radio: the uplink's rate is shared by all of this device's links.
+            if self._uplink is None:
+                self._uplink = Pacer(rate)
+            return self._uplink
+        return Pacer(rate)
+
+    def _established(self, link: PeerLink) -> None:
+        link.state = LinkState.ESTABLISHED
+        link.last_seen = time.monotonic()
+        self._peer_change.set()
+        self.log.debug("peer_joined", peer=link.peer, dialled=link.dialled)
+        self._spawn(self.on_peer_joined(link.peer))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        assert self._tg is not None, "tasks belong to the actor's TaskGroup; call serve() first"
+        task = self._tg.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _request(self, link: PeerLink, msg: Message) -> Envelope:
+        msg_id = next(self._ids)
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = (link.peer, fut)
+        try:
+            await link.send(encode(msg, sender=self.name, msg_id=msg_id))
+            return await fut
+        finally:
+            self._pending.pop(msg_id, None)
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket, link: PeerLink | None) -> None:
+        """Read one socket forever. ``link`` is None for the ROUTER (route from the first frame)."""
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            if link is None:
+                identity, frames = frames[0].bytes, frames[1:]
+                await self._on_router_frames(identity, frames)
+            else:
+                await self._on_frames(link, frames)
+
+    async def _on_router_frames(self, identity: bytes, frames: list[zmq.Frame]) -> None:
+        peer = identity.decode(errors="replace")
+        try:
+            env = decode([f.buffer for f in frames], self.env.limits)
+        except ProtocolError as exc:
+            # Garbage from a peer: tell it why, keep serving everyone else.
+            if isinstance(exc, VersionMismatch) and peer not in self._links:
+                self.log.error("handshake_refused", peer=peer, error=f"{type(exc).__name__}: {exc}")
+                self.refused.append((peer, exc))
+            else:
+                self.log.warning("frame_rejected", peer=peer, error=f"{type(exc).__name__}: {exc}")
+            await self._reject(identity, exc, None)
+            return
+        link = self._links.get(peer)
+        if env.kind is MsgKind.HELLO:
+            await self._on_hello(identity, env)
+        elif link is None or link.dialled or link.state is LinkState.GONE:
+            refusal = ProtocolError(f"{self.name}: send HELLO before {env.kind.name}")
+            await self._reject(identity, refusal, env)
+        else:
+            await self._on_frames(link, frames, env)
+
+    def _decode(self, peer: str, frames: list[zmq.Frame]) -> Envelope | None:
+        try:
+            return decode([f.buffer for f in frames], self.env.limits)
+        except ProtocolError as exc:
+            self.log.warning("frame_rejected", peer=peer, error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    async def _reject(self, identity: bytes, exc: SftError, env: Envelope | None) -> None:
+        """Answer a ROUTER peer with ERROR (it may not have a link yet)."""
+        assert self._router is not None
+        reply_to = env.msg_id if env is not None else 0
+        frames = encode_error(exc, sender=self.name, msg_id=next(self._ids), reply_to=reply_to)
+        with contextlib.suppress(zmq.ZMQError):
+            await self._router.send_multipart([identity, *frames], copy=False)
+
+    async def _on_hello(self, identity: bytes, env: Envelope) -> None:
+        hello = env.msg
+        assert isinstance(hello, Hello)
+        peer = identity.decode(errors="replace")
+        try:
+            if hello.node != peer or env.sender != peer:
+                raise ProtocolError(f"HELLO from routing id {peer!r} claims to be {hello.node!r}")
+            if peer not in {a.name for a in self.topology.actors}:
+                raise UnknownPeer(f"{peer!r} is not an actor of topology {self.topology.run.name!r}")
+            existing = self._links.get(peer)
+            if existing is not None and existing.dialled:
+                raise ProtocolError(f"{self.name} already dialled {peer!r}; one link per pair of actors")
+            check_schema(self.env.schema_hash, hello.schema_hash, peer=peer)
+        except SftError as exc:
+            self.log.error("handshake_refused", peer=peer, error=f"{type(exc).__name__}: {exc}")
+            self.refused.append((peer, exc))
+            await self._reject(identity, exc, env)
+            self._spawn(self.on_handshake_refused(peer, exc))
+            return
+        assert self._router is not None
+        link = PeerLink(
+            peer=peer,
+            socket=self._router,
+            route=[identity],
+            dialled=False,
+            window=self.settings.link_window,
+            pacer=self._pacer_for(peer),
+        )
+        old = self._links.get(peer)
+        self._links[peer] = link
+        if link.paced is not None:
+            self._spawn(link.paced.run())
+        welcome = Welcome(
+            node=self.name,
+            schema_hash=self.env.schema_hash,
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            credits=self.settings.link_window,
+        )
+        frames = encode(welcome, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
+        await link.send(frames, paced=False)
+        if old is None or old.state is not LinkState.ESTABLISHED:
+            self._established(link)
+        else:
+            link.state = LinkState.ESTABLISHED
+
+    async def _on_frames(self, link: PeerLink, frames: list[zmq.Frame], env: Envelope | None = None) -> None:
+        nbytes = sum(len(f) for f in frames)
+        if env is None:
+            env = self._decode(link.peer, frames)
+            if env is None:
+                return
+        link.seen(nbytes)
+        if link.state is LinkState.LOST:
+            link.state = LinkState.ESTABLISHED
+            self.log.info("peer_recovered", peer=link.peer)
+            self._spawn(self.on_peer_joined(link.peer))
+        kind = env.kind
+        if env.reply_to:
+            pending = self._pending.get(env.reply_to)
+            if pending is not None and pending[0] == link.peer and not pending[1].done():
+                pending[1].set_result(env)
+            else:
+                self.log.debug("late_reply_dropped", peer=link.peer, kind=kind.name, reply_to=env.reply_to)
+            return
+        if kind is MsgKind.HEARTBEAT:
+            return
+        if kind is MsgKind.ERROR:
+            assert isinstance(env.msg, Error)
+            if link.state is LinkState.CONNECTING:
+                # A refusal before WELCOME (e.g. our header was unreadable): fail the HELLO.
+                for peer, fut in self._pending.values():
+                    if peer == link.peer and not fut.done():
+                        fut.set_result(env)
+            self.log.warning("remote_error", peer=link.peer, code=env.msg.code, error=env.msg.message)
+            return
+        if kind is MsgKind.SHUTDOWN:
+            if link.peer == self.topology.coordinator.name:
+                self.stop(f"shutdown from {link.peer}")
+            return
+        if kind is MsgKind.BYE:
+            link.state = LinkState.GONE
+            self._peer_change.set()
+            self.log.debug("peer_left", peer=link.peer)
+            self._spawn(self.on_peer_left(link.peer))
+            return
+        if self._closing:
+            self.log.debug("message_dropped_closing", peer=link.peer, kind=kind.name)
+            return
+        ctx = MsgContext(
+            peer=link.peer,
+            msg_id=env.msg_id,
+            reply_to=env.reply_to,
+            kind=kind,
+            nbytes=nbytes,
+            received_at=time.monotonic(),
+        )
+        await self._mailbox.put((env, ctx))
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            env, ctx = await self._mailbox.get()
+            try:
+                await self._dispatch(env, ctx)
+            finally:
+                self._mailbox.task_done()
+
+    async def _dispatch(self, env: Envelope, ctx: MsgContext) -> None:
+        spec = self._handlers.get(env.kind)
+        try:
+            if spec is None:
+                raise UnknownMessageKind(
+                    f"{self.name} ({type(self).__name__}) has no handler for {env.kind.name}"
+                )
+            reply = await getattr(self, spec.method)(env.msg, ctx)
+            if reply is not None:
+                await self.send(ctx.peer, reply, reply_to=env.msg_id)
+        except Exception as exc:
+            # A peer's bad message must never kill the receiver: answer ERROR, keep serving.
+            # The caller owns (and logs) the error; a non-SftError is a bug here, so log it too.
+            if not isinstance(exc, SftError):
+                self.log.error("handler_failed", peer=ctx.peer, kind=env.kind.name, error=repr(exc))
+            else:
+                self.log.debug("handler_refused", peer=ctx.peer, kind=env.kind.name, error=repr(exc))
+            frames = encode_error(exc, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
+            with contextlib.suppress(UnknownPeer, zmq.ZMQError):
+                await self.link(ctx.peer).send(frames, paced=False)
+
+    async def _heartbeat_loop(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            beat = Heartbeat(node=self.name, seq=seq, sent_at_ns=time.time_ns())
+            for link in list(self._links.values()):
+                if link.state in (LinkState.ESTABLISHED, LinkState.LOST):
+                    # Heartbeats bypass link emulation: they model the control channel, and a
+                    # 40 MB activation on a slow link must not look like a dead peer.
+                    with contextlib.suppress(UnknownPeer, zmq.ZMQError):
+                        await link.send(encode(beat, sender=self.name, msg_id=next(self._ids)), paced=False)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _watchdog_loop(self) -> None:
+        timeout = self.settings.heartbeat_timeout_s
+        while True:
+            await asyncio.sleep(min(self.settings.heartbeat_interval_s, timeout / 4))
+            now = time.monotonic()
+            for link in list(self._links.values()):
+                if link.state is LinkState.ESTABLISHED and now - link.last_seen > timeout:
+                    link.state = LinkState.LOST
+                    self._peer_change.set()
+                    self.log.warning("peer_lost", peer=link.peer, silent_s=round(now - link.last_seen, 3))
+                    self._spawn(self.on_peer_lost(link.peer))
+
+
+__all__ = ["ActorCore", "ActorState", "MsgContext"]

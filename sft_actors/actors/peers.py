@@ -1,0 +1,103 @@
+"""One link to a named peer: its socket route, credit window, pacing and liveness.
+
+An actor reaches a peer either through its own DEALER to the peer's ROUTER (it dialled),
+or through its ROUTER back to the peer's DEALER (the peer dialled; the route is the peer's
+routing id). Either way sends go through :meth:`PeerLink.send`, which applies the emulated
+link (when the topology gives one) and turns ROUTER_MANDATORY's EHOSTUNREACH into
+:class:`UnknownPeer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sft_actors.errors import UnknownPeer
+from sft_actors.topology import Topology
+from sft_actors.transport.link import LinkRate, PacedSender, Pacer
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"  # dialled, HELLO sent, no WELCOME yet
+    ESTABLISHED = "established"
+    LOST = "lost"  # no traffic for heartbeat_timeout_s
+    GONE = "gone"  # said BYE, or its socket closed
+
+
+class PeerLink:
+    def __init__(
+        self,
+        *,
+        peer: str,
+        socket: zmq.asyncio.Socket,
+        route: Sequence[bytes] = (),
+        dialled: bool,
+        window: int,
+        pacer: Pacer | None = None,
+    ) -> None:
+        self.peer = peer
+        self.socket = socket
+        self.route = list(route)
+        self.dialled = dialled
+        self.state = LinkState.CONNECTING
+        self.credits = asyncio.Semaphore(window)
+        self.window = window
+        self.last_seen = time.monotonic()
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.messages_in = 0
+        self.paced: PacedSender | None = None
+        if pacer is not None:
+            self.paced = PacedSender(pacer.rate, self._send_now, pacer=pacer)
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (LinkState.ESTABLISHED, LinkState.CONNECTING)
+
+    def set_window(self, window: int) -> None:
+        """Shrink or grow the credit window (only before any request is in flight)."""
+        self.credits = asyncio.Semaphore(window)
+        self.window = window
+
+    def seen(self, nbytes: int) -> None:
+        self.last_seen = time.monotonic()
+        self.bytes_in += nbytes
+        self.messages_in += 1
+
+    async def send(self, frames: Sequence[Any], *, paced: bool = True) -> None:
+        """Send one message; waits for the emulated link's transmission time when paced."""
+        if self.paced is not None and paced:
+            await self.paced.send(frames)
+        else:
+            await self._send_now(frames)
+
+    async def _send_now(self, frames: Sequence[Any]) -> None:
+        try:
+            await self.socket.send_multipart([*self.route, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.state = LinkState.GONE
+                raise UnknownPeer(
+                    f"peer {self.peer!r} is not connected (it left or never said HELLO)"
+                ) from exc
+            raise
+        self.bytes_out += sum(memoryview(f).nbytes for f in frames)
+
+
+def link_rate(topology: Topology, me: str, peer: str) -> LinkRate | None:
+    """The emulated direction me → peer: a device's uplink, or the downlink to a device."""
+    mine, theirs = topology.actor(me), topology.actor(peer)
+    if mine.role == "device":
+        profile, rate = mine.link, mine.link.uplink_mbps
+    elif theirs.role == "device":
+        profile, rate = theirs.link, theirs.link.downlink_mbps
+    else:
+        return None
+    lr = LinkRate(rate_mbps=rate, latency_s=profile.rtt_ms / 2000.0)
+    return lr if lr.is_paced else None

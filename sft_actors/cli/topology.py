@@ -1,0 +1,64 @@
+"""``sft topology``: validate a topology file and show where everything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sft_actors.errors import TopologyError
+from sft_actors.topology import Topology, load_topology
+
+app = typer.Typer(help="Validate and inspect topology files.", no_args_is_help=True, add_completion=False)
+
+
+def _load(path: Path) -> Topology:
+    try:
+        return load_topology(path)
+    except TopologyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> None:
+    """Validate PATH and print the resolved placement."""
+    topo = _load(path)
+    run = topo.run
+    t = run.train
+    typer.echo(f"{topo.source}: ok — run {run.name!r}, model {run.model}, {run.dtype}, mode {t.mode}")
+    typer.echo(
+        f"  train: {t.rounds} rounds × {t.steps_per_round} steps, batch {t.batch_size}, "
+        f"seq {t.seq_len}, lr {t.lr}, max_inflight {t.max_inflight}, server_update {t.server_update}"
+    )
+    typer.echo(f"  {'actor':<16} {'role':<12} {'host':<12} {'endpoint':<24} {'split':<16} link")
+    for a in topo.actors:
+        host = topo.host(a.host)
+        endpoint = f"{host.address}:{a.port}" if a.port is not None else "-"
+        if a.role == "device":
+            split = f"blocks [0,{a.cut}) shard {a.shard}"
+        elif a.role == "server":
+            split = f"blocks [{a.start_block},L)"
+        else:
+            split = "-"
+        ln = a.link
+        link = (
+            f"up {ln.uplink_mbps or '∞'} / down {ln.downlink_mbps or '∞'} Mb/s, rtt {ln.rtt_ms} ms"
+            if a.role == "device" and ln.is_paced
+            else "-"
+        )
+        typer.echo(f"  {a.name:<16} {a.role:<12} {a.host:<12} {endpoint:<24} {split:<16} {link}")
+
+
+@app.command()
+def hosts(
+    path: Annotated[Path, typer.Argument(help="topology TOML file")],
+    format: Annotated[str, typer.Option("--format", help="tsv (for deploy/launch.sh) or text")] = "text",
+) -> None:
+    """One line per actor: host, ssh target, workdir, role, name (what deploy/launch.sh reads)."""
+    topo = _load(path)
+    for a in topo.actors:
+        h = topo.host(a.host)
+        fields = [h.name, h.ssh or "-", h.workdir, a.role, a.name]
+        typer.echo("\t".join(fields) if format == "tsv" else "  ".join(fields))

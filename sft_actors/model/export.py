@@ -1,0 +1,216 @@
+"""Adapters on disk: our safetensors layout, the PEFT layout, and merging into base weights.
+
+Our layout: one safetensors file, keys ``blocks.{i}.{proj}.lora_A|lora_B`` (global block index),
+the LoRA config in the file's metadata. PEFT layout: a folder with ``adapter_config.json`` and
+``adapter_model.safetensors`` using Hugging Face module names (Llama:
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``; ViT: timm names,
+``base_model.model.blocks.{i}.attn.qkv.lora_A.weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sft_actors.errors import ConfigError
+from sft_actors.model.base import SplitLM
+from sft_actors.model.config import LlamaConfig
+from sft_actors.model.hf_loader import HF_LLAMA_NAMES
+from sft_actors.model.lora import LoraConfig
+from sft_actors.model.tokenizer import BpeTokenizer
+
+_KEY = re.compile(r"blocks\.(\d+)\.(\w+)\.(lora_A|lora_B)")
+_HF_LLAMA_MODULE = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+_TIMM_VIT_MODULE = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def _parse(key: str) -> tuple[int, str, str]:
+    m = _KEY.fullmatch(key)
+    if m is None:
+        raise ConfigError(f"{key!r} is not a LoRA key of the form blocks.{{i}}.{{proj}}.lora_A|lora_B")
+    return int(m.group(1)), m.group(2), m.group(3)
+
+
+def save_lora(path: str | Path, state: Mapping[str, torch.Tensor], lora: LoraConfig) -> None:
+    """Adapters as safetensors, LoRA config in the metadata."""
+    for key in state:
+        _parse(key)
+    meta = {
+        "lora_config": json.dumps(
+            {
+                "rank": lora.rank,
+                "alpha": lora.alpha,
+                "dropout": lora.dropout,
+                "targets": list(lora.targets),
+                "mlp": lora.mlp,
+            }
+        )
+    }
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
+    """Adapters and (when recorded) their LoRA config from :func:`save_lora`'s file."""
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            state[key] = f.get_tensor(key)
+    cfg = json.loads(meta["lora_config"]) if "lora_config" in meta else None
+    lora = (
+        None
+        if cfg is None
+        else LoraConfig(
+            rank=cfg["rank"],
+            alpha=cfg["alpha"],
+            dropout=cfg["dropout"],
+            targets=tuple(cfg["targets"]),
+            mlp=cfg["mlp"],
+        )
+    )
+    return state, lora
+
+
+def peft_key(family: str, block: int, proj: str, which: str) -> str:
+    if family == "llama":
+        return f"base_model.model.model.layers.{block}.{_HF_LLAMA_MODULE[proj]}.{which}.weight"
+    return f"base_model.model.blocks.{block}.{_TIMM_VIT_MODULE[proj]}.{which}.weight"
+
+
+def export_peft(
+    directory: str | Path,
+    state: Mapping[str, torch.Tensor],
+    lora: LoraConfig,
+    *,
+    family: str,
+    base_model_name_or_path: str = "",
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's LoRA layout)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    blocks: set[int] = set()
+    modules: set[str] = set()
+    for key, value in state.items():
+        block, proj, which = _parse(key)
+        blocks.add(block)
+        table = _HF_LLAMA_MODULE if family == "llama" else _TIMM_VIT_MODULE
+        if proj not in table:
+            raise ConfigError(f"projection {proj!r} does not exist in a {family} model")
+        modules.add(table[proj].rsplit(".", 1)[1])
+        tensors[peft_key(family, block, proj, which)] = value.detach().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if family == "llama" else None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(modules),
+        "layers_to_transform": sorted(blocks),
+        "layers_pattern": "layers" if family == "llama" else "blocks",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def projection_module(model: SplitLM, block: int, proj: str) -> nn.Linear:
+    target = model.blocks[block]
+    path = proj if model.family == "llama" else _TIMM_VIT_MODULE[proj]
+    for part in path.split("."):
+        target = getattr(target, part)
+    assert isinstance(target, nn.Linear)
+    return target
+
+
+def merge_lora(model: SplitLM, state: Mapping[str, torch.Tensor], lora: LoraConfig) -> SplitLM:
+    """A copy of ``model`` with ``W + (alpha / r) · B @ A`` in place of each adapted ``W``.
+
+    The loaded model is left untouched (its frozen tensors may be shared by live parts).
+    """
+    memo: dict[int, object] = {}
+    if model.tokenizer is not None:
+        memo[id(model.tokenizer)] = model.tokenizer
+    merged = copy.deepcopy(model, memo)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        block, proj, which = _parse(key)
+        pairs.setdefault((block, proj), {})[which] = value
+    with torch.no_grad():
+        for (block, proj), ab in pairs.items():
+            if set(ab) != {"lora_A", "lora_B"}:
+                raise ConfigError(f"block {block} {proj}: both lora_A and lora_B are needed to merge")
+            layer = projection_module(merged, block, proj)
+            delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * lora.scale
+            layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
+    return merged
+
+
+def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
+    """A Llama (e.g. merged) as a Hugging Face folder: config.json, model.safetensors, tokenizer.json."""
+    config = model.config
+    if not isinstance(config, LlamaConfig):
+        raise ConfigError("export_hf_llama exports Llama models only")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key == "embed_tokens.weight":
+            name = "model.embed_tokens.weight"
+        elif key == "norm.weight":
+            name = "model.norm.weight"
+        elif key == "lm_head.weight":
+            name = key
+        else:
+            _, idx, ours, _w = key.split(".")
+            name = f"model.layers.{idx}.{HF_LLAMA_NAMES[ours]}.weight"
+        tensors[name] = value.detach().contiguous()
+    tok = model.tokenizer
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.num_blocks,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "intermediate_size": config.ffn_dim,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "max_position_embeddings": config.max_seq_len,
+        "hidden_act": "silu",
+        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "bos_token_id": tok.bos_id if tok else None,
+        "eos_token_id": tok.eos_id if tok else None,
+        "pad_token_id": tok.pad_id if tok else None,
+    }
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if isinstance(tok, BpeTokenizer):
+        (out / "tokenizer.json").write_text(tok.to_json())
+    return out

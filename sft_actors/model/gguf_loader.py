@@ -1,0 +1,225 @@
+"""Llama-architecture GGUF files → our config, fp32 state dict and tokenizer, with a local cache.
+
+llama.cpp's converter permutes the rows of the Q and K projections so that RoPE can rotate
+interleaved pairs; our Llama (like HF) rotates halves, so :func:`unpermute_qk` undoes it.
+
+Parsing the metadata (≈50k vocabulary strings) and dequantising take seconds, so the result is
+cached under ``$XDG_CACHE_HOME/sft_actors/gguf/<sha256[:16]>-<size>/`` (default
+``~/.cache/sft_actors/...``): ``weights.safetensors`` (fp32, our tensor names, Q/K already
+un-permuted), ``meta.json`` (config and special token ids) and ``tokenizer.json``. The key is
+the file's content hash and size, so a changed file never hits a stale entry. Delete the folder
+to reclaim space; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sft_actors.errors import ModelSpecError
+from sft_actors.log import get_logger
+from sft_actors.model.config import LlamaConfig, config_from_dict, config_to_dict
+from sft_actors.model.tokenizer import BpeTokenizer, bpe_from_vocab
+
+log = get_logger(component="model.gguf")
+
+CACHE_FORMAT = 1
+_BLOCK_TENSORS = {
+    "attn_norm": "attn_norm",
+    "attn_q": "q",
+    "attn_k": "k",
+    "attn_v": "v",
+    "attn_output": "o",
+    "ffn_norm": "mlp_norm",
+    "ffn_gate": "gate",
+    "ffn_up": "up",
+    "ffn_down": "down",
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class GgufCheckpoint:
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]  # fp32, our names
+    tokenizer: BpeTokenizer
+    from_cache: bool
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sft_actors"
+
+
+def file_key(path: Path) -> str:
+    """Content hash and size of ``path``: the cache key (≈0.2 s for a 100 MB file)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return f"{digest.hexdigest()[:16]}-{path.stat().st_size}"
+
+
+def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's ``permute`` of Q/K rows: interleaved-pair layout → rotate-half layout."""
+    out, inp = weight.shape
+    return weight.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ModelSpecError(f"GGUF metadata lacks {key!r}; is this a llama-architecture GGUF?")
+        return default
+    return field.contents()
+
+
+def _read_config(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelSpecError(f"GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    names = {t.name for t in reader.tensors}
+    n_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    dim = int(_field(reader, f"{arch}.embedding_length"))
+    config = LlamaConfig(
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens))),
+        dim=dim,
+        num_blocks=int(_field(reader, f"{arch}.block_count")),
+        num_heads=n_heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        ffn_dim=int(_field(reader, f"{arch}.feed_forward_length")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+        max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
+    )
+    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", config.head_dim))
+    if rope_dims != config.head_dim:
+        raise ModelSpecError(f"partial RoPE ({rope_dims} of {config.head_dim} dims) is not supported")
+    special = {
+        "bos_id": int(_field(reader, "tokenizer.ggml.bos_token_id", -1)),
+        "eos_id": int(_field(reader, "tokenizer.ggml.eos_token_id", -1)),
+        "pad_id": int(_field(reader, "tokenizer.ggml.padding_token_id", -1)),
+    }
+    return config, special
+
+
+def _read_tokenizer(reader: Any, special: dict[str, int]) -> BpeTokenizer:
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelSpecError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    return bpe_from_vocab(
+        _field(reader, "tokenizer.ggml.tokens"),
+        _field(reader, "tokenizer.ggml.merges"),
+        _field(reader, "tokenizer.ggml.token_type"),
+        bos_id=special["bos_id"] if special["bos_id"] >= 0 else None,
+        eos_id=special["eos_id"] if special["eos_id"] >= 0 else None,
+        pad_id=max(special["pad_id"], 0),
+        split_digits=pre in ("smollm", "deepseek-llm", "llama3"),
+    )
+
+
+def _read_tensors(reader: Any, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    out: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        array = dequantize(t.data, t.tensor_type)
+        array = np.asarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        if not array.flags.writeable:  # unquantised tensors come back as views of the read-only memmap
+            array = array.copy()
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        name: str = t.name
+        if name == "token_embd.weight":
+            out["embed_tokens.weight"] = tensor
+        elif name == "output_norm.weight":
+            out["norm.weight"] = tensor
+        elif name == "output.weight":
+            out["lm_head.weight"] = tensor
+        elif name.startswith("blk."):
+            _, idx, kind, _suffix = name.split(".")
+            if kind not in _BLOCK_TENSORS:
+                raise ModelSpecError(f"unexpected GGUF tensor {name!r} (unsupported Llama variant)")
+            if kind == "attn_q":
+                tensor = unpermute_qk(tensor, config.num_heads)
+            elif kind == "attn_k":
+                tensor = unpermute_qk(tensor, config.num_kv_heads)
+            out[f"blocks.{idx}.{_BLOCK_TENSORS[kind]}.weight"] = tensor.contiguous()
+        elif name != "rope_freqs.weight":
+            raise ModelSpecError(f"unexpected GGUF tensor {name!r} (unsupported Llama variant)")
+    return out
+
+
+def read_gguf_config(path: Path, *, use_cache: bool = True) -> LlamaConfig:
+    """Only the architecture config (from the cache when present, else from the file's metadata)."""
+    if use_cache:
+        meta = cache_root() / "gguf" / file_key(path) / "meta.json"
+        if meta.is_file():
+            cfg = config_from_dict(json.loads(meta.read_text())["config"])
+            assert isinstance(cfg, LlamaConfig)
+            return cfg
+    from gguf import GGUFReader
+
+    return _read_config(GGUFReader(path))[0]
+
+
+def load_gguf(path: Path, *, use_cache: bool = True) -> GgufCheckpoint:
+    """Config, fp32 weights and tokenizer of a llama GGUF file (cached after the first read)."""
+    t0 = time.perf_counter()
+    entry = cache_root() / "gguf" / file_key(path) if use_cache else None
+    if entry is not None and (entry / "meta.json").is_file():
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("format") == CACHE_FORMAT:
+            cfg = config_from_dict(meta["config"])
+            assert isinstance(cfg, LlamaConfig)
+            tok = BpeTokenizer.from_json((entry / "tokenizer.json").read_text(), **meta["special"])
+            state = load_file(str(entry / "weights.safetensors"))
+            log.info("gguf_loaded", path=str(path), cached=True, ms=round((time.perf_counter() - t0) * 1e3))
+            return GgufCheckpoint(config=cfg, state_dict=state, tokenizer=tok, from_cache=True)
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    config, special = _read_config(reader)
+    tokenizer = _read_tokenizer(reader, special)
+    state = _read_tensors(reader, config)
+    log.info("gguf_loaded", path=str(path), cached=False, ms=round((time.perf_counter() - t0) * 1e3))
+    if entry is not None:
+        _write_cache(entry, config, tokenizer, state)
+    return GgufCheckpoint(config=config, state_dict=state, tokenizer=tokenizer, from_cache=False)
+
+
+def _write_cache(
+    entry: Path, config: LlamaConfig, tokenizer: BpeTokenizer, state: dict[str, torch.Tensor]
+) -> None:
+    """Write the entry into a temporary folder, then rename it into place (readers never see half)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        meta = {
+            "format": CACHE_FORMAT,
+            "config": config_to_dict(config),
+            "special": {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+        }
+        save_file(state, str(tmp / "weights.safetensors"))
+        (tmp / "tokenizer.json").write_text(tokenizer.to_json())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the entry complete
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process won the race; its entry is equivalent
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:  # a read-only or full disk only costs speed
+        log.warning("gguf_cache_write_failed", entry=str(entry), error=str(exc))

@@ -1,0 +1,226 @@
+"""Loaders for weights users have locally: a Hugging Face Llama directory, timm/HF ViT safetensors.
+
+Tensor names are mapped onto ours; anything unexpected is an error rather than silently
+ignored, because a half-loaded checkpoint produces plausible-looking garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from sft_actors.errors import ModelSpecError
+from sft_actors.model.config import LlamaConfig, ViTConfig
+from sft_actors.model.tokenizer import BpeTokenizer
+
+_LLAMA_BLOCK = {
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "mlp_norm",
+}
+HF_LLAMA_NAMES = {ours: theirs for theirs, ours in _LLAMA_BLOCK.items()}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelSpecError(f"{path} is not a JSON object")
+    return data
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelSpecError(f"no *.safetensors file in {directory}; put the checkpoint's weights there")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+# --- Llama ---------------------------------------------------------------------------------
+def hf_llama_config(directory: Path) -> LlamaConfig:
+    cfg = read_json(directory / "config.json")
+    if cfg.get("model_type") != "llama":
+        raise ModelSpecError(
+            f"{directory}/config.json has model_type {cfg.get('model_type')!r}, expected 'llama'"
+        )
+    # transformers < 5 writes rope_theta / rope_scaling; ≥ 5 writes rope_parameters.
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelSpecError(f"{directory}: RoPE scaling {rope} is not supported (default RoPE only)")
+    rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ModelSpecError(f"{directory}: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ModelSpecError(f"{directory}: projection biases are not supported")
+    heads = int(cfg["num_attention_heads"])
+    if cfg.get("head_dim") not in (None, int(cfg["hidden_size"]) // heads):
+        raise ModelSpecError(f"{directory}: head_dim ≠ hidden_size / num_attention_heads is not supported")
+    return LlamaConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        dim=int(cfg["hidden_size"]),
+        num_blocks=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        ffn_dim=int(cfg["intermediate_size"]),
+        rope_theta=rope_theta,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
+    )
+
+
+def hf_llama_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    block = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+    for name, tensor in state.items():
+        if name == "model.embed_tokens.weight":
+            out["embed_tokens.weight"] = tensor
+        elif name == "model.norm.weight":
+            out["norm.weight"] = tensor
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:
+                out["lm_head.weight"] = tensor
+        elif (m := block.fullmatch(name)) and m.group(2) in _LLAMA_BLOCK:
+            out[f"blocks.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}.weight"] = tensor
+        elif not name.endswith("rotary_emb.inv_freq"):
+            raise ModelSpecError(f"unexpected tensor {name!r} in a Llama checkpoint")
+    return out
+
+
+def hf_tokenizer(directory: Path) -> BpeTokenizer | None:
+    """The directory's tokenizer.json, if any (special ids from config.json)."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    cfg = read_json(directory / "config.json")
+    eos = cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = cfg.get("pad_token_id")
+    return BpeTokenizer.from_json(
+        path.read_text(),
+        bos_id=cfg.get("bos_token_id"),
+        eos_id=eos,
+        pad_id=int(pad if pad is not None else 0),
+    )
+
+
+# --- ViT -------------------------------------------------------------------------------------
+_HF_VIT_BLOCK = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_TIMM_VIT_KEYS = re.compile(
+    r"(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|head\.(weight|bias)"
+    r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias))"
+)
+
+
+def is_hf_vit(state: dict[str, torch.Tensor]) -> bool:
+    return any("embeddings.patch_embeddings" in k for k in state)
+
+
+def hf_vit_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``ViTForImageClassification``/``ViTModel`` names → timm names (q, k, v fused into qkv)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    block = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+    for name, tensor in state.items():
+        key = name.removeprefix("vit.")
+        if key == "embeddings.cls_token":
+            out["cls_token"] = tensor
+        elif key == "embeddings.position_embeddings":
+            out["pos_embed"] = tensor
+        elif key.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = tensor
+        elif key.startswith("layernorm."):
+            out["norm." + key.rsplit(".", 1)[1]] = tensor
+        elif key.startswith("classifier."):
+            out["head." + key.rsplit(".", 1)[1]] = tensor
+        elif key.startswith("pooler."):
+            continue  # ViTModel's pooler is not used for CLS-token classification
+        elif m := block.fullmatch(key):
+            idx, mod, kind = m.groups()
+            if mod.startswith("attention.attention."):
+                qkv.setdefault((idx, kind), {})[mod.rsplit(".", 1)[1]] = tensor
+            elif mod in _HF_VIT_BLOCK:
+                out[f"blocks.{idx}.{_HF_VIT_BLOCK[mod]}.{kind}"] = tensor
+            else:
+                raise ModelSpecError(f"unexpected tensor {name!r} in an HF ViT checkpoint")
+        else:
+            raise ModelSpecError(f"unexpected tensor {name!r} in an HF ViT checkpoint")
+    for (idx, kind), parts in qkv.items():
+        out[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0
+        )
+    return out
+
+
+def vit_config_from_state(
+    state: dict[str, torch.Tensor], *, num_heads: int | None, norm_eps: float, num_classes: int | None
+) -> ViTConfig:
+    """Architecture from tensor shapes (timm names); heads default to head_dim 64, as in ViT-Ti/S/B/L."""
+    for key in state:
+        if not _TIMM_VIT_KEYS.fullmatch(key):
+            raise ModelSpecError(
+                f"unexpected tensor {key!r}: only plain CLS-token ViTs "
+                "(timm vit_*_patch*_* layout) are supported"
+            )
+    try:
+        patch = state["patch_embed.proj.weight"]  # (C, in_chans, p, p)
+        pos = state["pos_embed"]  # (1, 1+N, C)
+    except KeyError as exc:
+        raise ModelSpecError(f"ViT checkpoint lacks {exc.args[0]!r}") from exc
+    dim, in_chans, p, _ = patch.shape
+    side = math.isqrt(pos.shape[1] - 1)
+    if side * side != pos.shape[1] - 1:
+        raise ModelSpecError(f"pos_embed has {pos.shape[1]} tokens: not 1 CLS + a square grid of patches")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    head = state.get("head.weight")
+    return ViTConfig(
+        image_size=side * p,
+        patch_size=p,
+        in_chans=in_chans,
+        num_classes=num_classes or (head.shape[0] if head is not None else 1000),
+        dim=dim,
+        num_blocks=depth,
+        num_heads=num_heads or max(1, dim // 64),
+        mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0],
+        norm_eps=norm_eps,
+    )
+
+
+def read_vit_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(timm-named state, HF config.json or {}) from a ``.safetensors`` file or a folder holding one."""
+    if path.is_dir():
+        state = load_safetensors_dir(path)
+        cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    else:
+        state, cfg = load_file(str(path)), {}
+    if is_hf_vit(state):
+        state = hf_vit_to_timm(state)
+    return state, cfg
+
+
+def vit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm names → our module names (the head is ``head_fc``: ``head`` is a method)."""
+    return {("head_fc." + k[5:] if k.startswith("head.") else k): v for k, v in state.items()}

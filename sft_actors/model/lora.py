@@ -1,0 +1,161 @@
+"""LoRA adapters that live *beside* frozen base weights instead of wrapping them.
+
+A block's forward takes an optional mapping ``projection name -> LoraAdapter`` and adds
+``scale * B(A(dropout(x)))`` to the frozen projection. Keeping adapters outside the base
+modules is what lets hundreds of device parts share one copy of the base weights: only A and B
+are per part.
+
+Adapters are initialised from a seed derived from ``(seed, global block index, projection)``,
+so the same seed gives the same adapter for block ``i`` whatever the cut; a split model and the
+whole model built with one seed start identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sft_actors.errors import ConfigError
+
+LLAMA_ATTENTION = ("q", "k", "v", "o")
+LLAMA_MLP = ("gate", "up", "down")
+VIT_ATTENTION = ("qkv", "proj")
+VIT_MLP = ("fc1", "fc2")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LoraConfig:
+    """Rank, scaling and placement of LoRA adapters.
+
+    ``targets`` names attention projections. For a ViT, whose q/k/v projection is fused, any of
+    ``q``, ``k``, ``v`` selects ``qkv`` and ``o`` selects ``proj``. ``mlp`` adds the MLP
+    projections (Llama: gate/up/down, ViT: fc1/fc2).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LLAMA_ATTENTION
+    mlp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be ≥ 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        allowed = set(LLAMA_ATTENTION) | set(VIT_ATTENTION)
+        bad = [t for t in self.targets if t not in allowed]
+        if bad or not self.targets:
+            raise ConfigError(f"LoRA targets {list(self.targets)} invalid; choose from {sorted(allowed)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def projections(self, family: str) -> tuple[str, ...]:
+        """The projection names that get an adapter in one block of ``family``."""
+        if family == "llama":
+            attn = tuple(t for t in LLAMA_ATTENTION if t in self.targets)
+            if not attn:
+                raise ConfigError(f"LoRA targets {list(self.targets)} select no Llama projection (q,k,v,o)")
+            return attn + (LLAMA_MLP if self.mlp else ())
+        if family == "vit":
+            vit: list[str] = []
+            if {"q", "k", "v", "qkv"} & set(self.targets):
+                vit.append("qkv")
+            if {"o", "proj"} & set(self.targets):
+                vit.append("proj")
+            return tuple(vit) + (VIT_MLP if self.mlp else ())
+        raise ConfigError(f"unknown model family {family!r}")
+
+
+class LoraAdapter(nn.Module):
+    """The low-rank update ``x -> scale * B(A(dropout(x)))`` of one frozen projection."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        scale: float,
+        dropout: float,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.scale = scale
+        # A like nn.Linear's default (kaiming-uniform, a=sqrt(5)), B zero: a fresh adapter is the identity.
+        bound = 1.0 / math.sqrt(in_features)
+        a = torch.empty(rank, in_features, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update: torch.Tensor = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        return update
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scale * B @ A`` (out, in) that merging adds to the base weight."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+
+# ``{projection name: LoraAdapter}`` of one block.
+BlockAdapters = nn.ModuleDict
+
+
+def adapter_seed(seed: int, block: int, projection: str) -> int:
+    """A stable 63-bit seed for one adapter (independent of Python's hash randomisation)."""
+    digest = hashlib.blake2b(f"{seed}/{block}/{projection}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def build_block_adapters(
+    shapes: Mapping[str, tuple[int, int]],
+    config: LoraConfig,
+    *,
+    block: int,
+    seed: int,
+    dtype: torch.dtype,
+) -> nn.ModuleDict:
+    """Adapters for one block; ``shapes`` maps each projection to its (in, out) features."""
+    adapters = nn.ModuleDict()
+    for name, (fan_in, fan_out) in shapes.items():
+        gen = torch.Generator().manual_seed(adapter_seed(seed, block, name))
+        adapters[name] = LoraAdapter(
+            fan_in,
+            fan_out,
+            rank=config.rank,
+            scale=config.scale,
+            dropout=config.dropout,
+            generator=gen,
+            dtype=dtype,
+        )
+    return adapters
+
+
+def adapter_items(adapters: nn.ModuleDict) -> Iterable[tuple[str, LoraAdapter]]:
+    """(``"blocks.{i}.{proj}"``, adapter) pairs of a ``{str(i): {proj: adapter}}`` ModuleDict."""
+    for block, per_block in adapters.items():
+        assert isinstance(per_block, nn.ModuleDict)
+        for proj, adapter in per_block.items():
+            assert isinstance(adapter, LoraAdapter)
+            yield f"blocks.{block}.{proj}", adapter
+
+
+def randomize_lora_B(adapters: nn.ModuleDict, *, seed: int, std: float = 0.02) -> None:
+    """Give every B a small random value (seeded per adapter), so gradients of A are non-zero.
+
+    Used by verification: with B = 0 the gradient of A is exactly zero and compares nothing.
+    """
+    with torch.no_grad():
+        for key, adapter in adapter_items(adapters):
+            gen = torch.Generator().manual_seed(adapter_seed(seed, -1, key))
+            noise = torch.randn(adapter.lora_B.shape, generator=gen, dtype=torch.float32) * std
+            adapter.lora_B.copy_(noise.to(adapter.lora_B.dtype))

@@ -1,0 +1,405 @@
+"""Run actors: a whole topology in one process, one node's actors, or one process per actor.
+
+``run_topology`` and ``run_node`` share :func:`run_actors`: one zmq Context (required for
+``inproc://``), one bounded offload thread pool and one TaskGroup per process. The run ends
+when the coordinator finishes (its SHUTDOWN stops everyone), when every local actor has
+stopped, or when an actor fails (the others are then stopped). SIGINT/SIGTERM begin the
+staged shutdown; a second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sft_actors.actors.base import Actor, ActorState
+from sft_actors.actors.env import ActorEnv, topology_schema_hash, wire_limits
+from sft_actors.actors.roles import RoleFactories, role_factories
+from sft_actors.errors import ActorFailed, ConfigError
+from sft_actors.log import get_logger
+from sft_actors.topology import ActorSpec, Topology
+from sft_actors.transport.endpoints import Endpoints, Transport
+
+_TERM_TIMEOUT_S = 5.0
+log = get_logger(component="runtime")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ActorOutcome:
+    name: str
+    role: str
+    state: str
+    error: str | None = None
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RunResult:
+    """What a run produced: the coordinator's result (if it ran here) and each actor's fate."""
+
+    result: Any
+    outcomes: Mapping[str, ActorOutcome] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(o.state == ActorState.STOPPED.value for o in self.outcomes.values())
+
+    @property
+    def failures(self) -> dict[str, str]:
+        out = {n: o.error or o.state for n, o in self.outcomes.items() if o.state != ActorState.STOPPED.value}
+        if self.error:
+            out["<run>"] = self.error
+        return out
+
+    def raise_for_failures(self) -> RunResult:
+        if not self.ok:
+            detail = "; ".join(f"{name}: {why}" for name, why in self.failures.items())
+            raise ActorFailed(f"run failed: {detail}")
+        return self
+
+
+async def run_topology(
+    topology: Topology,
+    *,
+    transport: Transport = "inproc",
+    roles: RoleFactories | None = None,
+    ipc_dir: str | Path | None = None,
+    ctx: zmq.asyncio.Context | None = None,
+    timeout_s: float | None = None,
+    offload_workers: int = 2,
+    handle_signals: bool = False,
+) -> RunResult:
+    """Run every actor of ``topology`` in this process (what ``sft run F`` does)."""
+    with contextlib.ExitStack() as stack:
+        if transport == "ipc" and ipc_dir is None:
+            ipc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-"))
+        return await run_actors(
+            topology,
+            topology.actors,
+            transport=transport,
+            roles=roles,
+            ipc_dir=ipc_dir,
+            ctx=ctx,
+            timeout_s=timeout_s,
+            offload_workers=offload_workers,
+            handle_signals=handle_signals,
+        )
+
+
+def select_actors(
+    topology: Topology, role: str, name: str | None = None, host: str | None = None
+) -> list[ActorSpec]:
+    """The actors one node runs: by name, else every actor of ``role`` on ``host``.
+
+    Without ``host`` the host is found from this machine's hostname and addresses when the
+    topology has several hosts.
+    """
+    if name is not None:
+        spec = topology.actor(name)
+        if spec.role != role:
+            raise ConfigError(f"{name!r} is a {spec.role} in {topology.source}, not a {role}; fix --role")
+        return [spec]
+    if host is None:
+        host = _this_host(topology)
+    picked = [a for a in topology.by_role(role) if a.host == host]
+    if not picked:
+        raise ConfigError(f"no {role} actor on host {host!r} in {topology.source}; check --host/--name")
+    return picked
+
+
+def _this_host(topology: Topology) -> str:
+    if len(topology.hosts) == 1:
+        return topology.hosts[0].name
+    me = {socket.gethostname(), socket.getfqdn()}
+    with contextlib.suppress(OSError):
+        me.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    for h in topology.hosts:
+        if h.name in me or h.address in me:
+            return h.name
+    names = ", ".join(h.name for h in topology.hosts)
+    raise ConfigError(f"cannot tell which host of {topology.source} this is; pass --host (one of {names})")
+
+
+async def run_node(
+    topology: Topology,
+    role: str,
+    name: str | None = None,
+    *,
+    host: str | None = None,
+    transport: Transport = "tcp",
+    roles: RoleFactories | None = None,
+    ipc_dir: str | Path | None = None,
+    timeout_s: float | None = None,
+    handle_signals: bool = True,
+) -> RunResult:
+    """Run the actors of one role (or one named actor) on this machine (what ``sft-node`` does)."""
+    specs = select_actors(topology, role, name, host)
+    return await run_actors(
+        topology,
+        specs,
+        transport=transport,
+        roles=roles,
+        ipc_dir=ipc_dir,
+        timeout_s=timeout_s,
+        handle_signals=handle_signals,
+    )
+
+
+async def run_actors(
+    topology: Topology,
+    specs: Sequence[ActorSpec],
+    *,
+    transport: Transport,
+    roles: RoleFactories | None = None,
+    ipc_dir: str | Path | None = None,
+    ctx: zmq.asyncio.Context | None = None,
+    timeout_s: float | None = None,
+    offload_workers: int = 2,
+    handle_signals: bool = False,
+) -> RunResult:
+    """Start ``specs`` in one process, supervise them and shut them down in stages."""
+    factories = role_factories({s.role for s in specs}, roles)
+    own_ctx = ctx is None
+    zctx = zmq.asyncio.Context() if ctx is None else ctx
+    if own_ctx:
+        # Every actor has a ROUTER and/or one DEALER per peer; libzmq's default cap is 1023.
+        zctx.set(zmq.MAX_SOCKETS, max(1024, 4 * len(specs) + 16))
+    executor = ThreadPoolExecutor(max_workers=offload_workers, thread_name_prefix="sft-offload")
+    env = ActorEnv(
+        topology=topology,
+        ctx=zctx,
+        endpoints=Endpoints(topology, transport, ipc_dir=ipc_dir),
+        executor=executor,
+        limits=wire_limits(topology),
+        schema_hash=topology_schema_hash(topology),
+    )
+    t0 = time.perf_counter()
+    error: str | None = None
+    actors: list[Actor] = []
+    try:
+        actors = [factories[s.role](s, env) for s in specs]
+        error = await _supervise(actors, timeout_s=timeout_s, handle_signals=handle_signals)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        if own_ctx:
+            await asyncio.to_thread(_terminate, zctx)
+    result = next((a.result for a in actors if a.spec.role == "coordinator"), None)
+    outcomes = {
+        a.name: ActorOutcome(
+            name=a.name,
+            role=a.spec.role,
+            state=a.state.value,
+            error=None if a.error is None else f"{type(a.error).__name__}: {a.error}",
+        )
+        for a in actors
+    }
+    return RunResult(result=result, outcomes=outcomes, elapsed_s=time.perf_counter() - t0, error=error)
+
+
+async def _supervise(actors: list[Actor], *, timeout_s: float | None, handle_signals: bool) -> str | None:
+    """Serve all actors; stop the rest when the coordinator ends or any actor fails."""
+    error: str | None = None
+    main = asyncio.current_task()
+    signals = _SignalHandler(actors, main) if handle_signals else None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = {tg.create_task(_serve(a)): a for a in actors}
+            pending = set(tasks)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while pending:
+                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, pending = await asyncio.wait(
+                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    error = f"run did not finish within {timeout_s}s"
+                    log.error("run_timeout", timeout_s=timeout_s)
+                    _stop_all(actors, "run timed out")
+                    deadline = None
+                for task in done:
+                    actor = tasks[task]
+                    if actor.state is ActorState.FAILED or actor.spec.role == "coordinator":
+                        _stop_all(actors, f"{actor.name} {actor.state.value}")
+    finally:
+        if signals is not None:
+            signals.remove()
+    return error
+
+
+async def _serve(actor: Actor) -> None:
+    with contextlib.suppress(ActorFailed):  # recorded on the actor (state, error) and logged there
+        await actor.serve()
+
+
+def _stop_all(actors: list[Actor], reason: str) -> None:
+    for a in actors:
+        a.stop(reason)
+
+
+class _SignalHandler:
+    """First SIGINT/SIGTERM/SIGHUP: staged shutdown. Second: cancel everything now."""
+
+    def __init__(self, actors: list[Actor], main: asyncio.Task[Any] | None) -> None:
+        self._actors = actors
+        self._main = main
+        self._count = 0
+        self._loop = asyncio.get_running_loop()
+        self._installed: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # SIGHUP too: deploy/launch.sh's `ssh -tt` hangs up the remote node when it stops.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+                self._installed.append(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._count += 1
+        if self._count == 1:
+            log.warning("signal_stop", signal=signal.Signals(sig).name, hint="send again to force")
+            _stop_all(self._actors, f"signal {signal.Signals(sig).name}")
+        elif self._main is not None:
+            log.warning("signal_force", signal=signal.Signals(sig).name)
+            self._main.cancel()
+
+    def remove(self) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+
+
+def _terminate(ctx: zmq.asyncio.Context) -> None:
+    """Terminate ``ctx``; sockets still open after the timeout are destroyed (linger 0)."""
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    t = threading.Thread(target=term, daemon=True)
+    t.start()
+    t.join(_TERM_TIMEOUT_S)
+    if not done.is_set():
+        log.warning("context_term_timeout", timeout_s=_TERM_TIMEOUT_S)
+        ctx.destroy(linger=0)
+
+
+# --- one process per actor ------------------------------------------------------------------
+
+
+async def run_processes(
+    topology_path: str | Path,
+    topology: Topology,
+    *,
+    transport: Transport = "ipc",
+    role_factories: Sequence[str] = (),
+    threads_per_process: int = 1,
+    log_format: str = "console",
+    log_level: str = "info",
+    timeout_s: float | None = None,
+) -> int:
+    """Start ``sft-node`` for every actor as a local process and wait; 0 when all exit 0.
+
+    The first process to fail stops the others (SIGTERM: staged shutdown; SIGKILL after the
+    drain timeout). Each process's output goes to this process's stdout/stderr.
+    """
+    if transport == "inproc":
+        raise ConfigError("--processes needs ipc or tcp; inproc only works inside one process")
+    grace = topology.run.runtime.drain_timeout_s + 5.0
+    with tempfile.TemporaryDirectory(prefix="sft-") as ipc_dir:
+        procs: dict[str, asyncio.subprocess.Process] = {}
+        for spec in topology.actors:
+            args = [
+                sys.executable,
+                "-m",
+                "sft_actors.cli.node",
+                "--role",
+                spec.role,
+                "--topology",
+                str(topology_path),
+                "--name",
+                spec.name,
+                "--transport",
+                transport,
+                "--ipc-dir",
+                ipc_dir,
+                "--threads",
+                str(threads_per_process),
+                "--log-format",
+                log_format,
+                "--log-level",
+                log_level,
+            ]
+            for ref in role_factories:
+                args += ["--role-factory", ref]
+            procs[spec.name] = await asyncio.create_subprocess_exec(*args, env={**os.environ})
+        waits = {asyncio.ensure_future(p.wait()): name for name, p in procs.items()}
+        failed = False
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            pending = set(waits)
+            while pending:
+                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, pending = await asyncio.wait(
+                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    log.error("processes_timeout", timeout_s=timeout_s)
+                    failed = True
+                    break
+                for fut in done:
+                    name = waits[fut]
+                    if fut.result() != 0:
+                        log.error("process_failed", actor=name, returncode=fut.result())
+                        failed = True
+                if failed:
+                    break
+        finally:
+            await _stop_processes(procs, grace)
+            for fut in waits:
+                fut.cancel()
+        codes = {name: p.returncode for name, p in procs.items()}
+        return 0 if not failed and all(c == 0 for c in codes.values()) else 1
+
+
+async def _stop_processes(procs: Mapping[str, asyncio.subprocess.Process], grace_s: float) -> None:
+    alive = [p for p in procs.values() if p.returncode is None]
+    for p in alive:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+    if alive:
+        try:
+            async with asyncio.timeout(grace_s):
+                await asyncio.gather(*(p.wait() for p in alive))
+        except TimeoutError:
+            for p in alive:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in alive))
+
+
+__all__ = [
+    "ActorOutcome",
+    "RunResult",
+    "run_actors",
+    "run_node",
+    "run_processes",
+    "run_topology",
+    "select_actors",
+]

@@ -1,0 +1,65 @@
+"""zmq socket factory: ROUTER for addressed actors, DEALER for connections to them.
+
+Options are explicit on every socket: high-water marks (messages), LINGER (ms) and, on
+ROUTERs, ROUTER_MANDATORY — without it a ROUTER silently drops messages to unknown peers
+or at the high-water mark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SocketOptions:
+    sndhwm: int = 1000
+    rcvhwm: int = 1000
+    linger_ms: int = 200
+    #: 0 = no limit; otherwise a peer sending a bigger frame is disconnected by libzmq.
+    max_msg_bytes: int = 0
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 2000
+
+
+def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
+    sock.setsockopt(zmq.SNDHWM, opts.sndhwm)
+    sock.setsockopt(zmq.RCVHWM, opts.rcvhwm)
+    sock.setsockopt(zmq.LINGER, opts.linger_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
+    if opts.max_msg_bytes:
+        sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
+
+
+def bind_router(
+    ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions
+) -> tuple[zmq.asyncio.Socket, str]:
+    """A ROUTER bound to ``endpoint``; returns it and the endpoint actually bound."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _apply(sock, opts)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.bind(endpoint)
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock, bound
+
+
+def connect_dealer(
+    ctx: zmq.asyncio.Context, endpoint: str, identity: str, opts: SocketOptions
+) -> zmq.asyncio.Socket:
+    """A DEALER whose routing id is ``identity`` (the actor's name), connected to ``endpoint``."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        _apply(sock, opts)
+        sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+        sock.connect(endpoint)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock

@@ -1,0 +1,164 @@
+"""Whole topologies through ``run_topology`` (the function ``sft run`` calls), in one process
+over inproc, ipc and tcp, and as real processes through the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq.asyncio
+
+from sft_actors.actors.base import Actor, ActorState
+from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.testing import TEST_ROLE_REFS, TEST_ROLES, PingDevice, small_topology
+from sft_actors.errors import ActorFailed, ConfigError
+from sft_actors.runtime import run_topology, select_actors
+from sft_actors.topology import load_topology
+from sft_actors.transport.endpoints import TRANSPORTS, Transport
+from sft_actors.wire.messages import RoundStart
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "topologies" / "tiny.toml"
+pytestmark = pytest.mark.timeout(90)
+
+
+def ephemeral(topo: Any) -> Any:
+    """The same topology with port 0 everywhere (tests must not fight over fixed ports)."""
+    actors = tuple(dataclasses.replace(a, port=0) if a.addressed else a for a in topo.actors)
+    return dataclasses.replace(topo, actors=actors)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_tiny_topology_runs_to_completion(transport: Transport, zmq_ctx: zmq.asyncio.Context) -> None:
+    topo = ephemeral(load_topology(TINY))
+    result = await run_topology(topo, transport=transport, roles=TEST_ROLES, ctx=zmq_ctx, timeout_s=30)
+    assert result.ok, result.failures
+    assert result.result == {"rounds": 2, "devices": ["dev0", "dev1"]}
+    assert {o.state for o in result.outcomes.values()} == {"stopped"}
+
+
+class CrashingDevice(PingDevice):
+    async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> None:
+        if self.name == "dev1":
+            raise RuntimeError("handler bug")  # becomes an ERROR frame: the device keeps serving
+        await super().on_round_start(msg, ctx)
+
+    async def run(self) -> None:
+        if self.name == "dev0":
+            raise RuntimeError("device main loop crashed")
+
+
+@pytest.mark.asyncio
+async def test_a_failing_actor_stops_the_run(zmq_ctx: zmq.asyncio.Context) -> None:
+    topo = small_topology(devices=2)
+    roles = {**TEST_ROLES, "device": CrashingDevice}
+    result = await run_topology(topo, roles=roles, ctx=zmq_ctx, timeout_s=30)
+    assert not result.ok
+    assert result.outcomes["dev0"].state == "failed"
+    assert "device main loop crashed" in (result.outcomes["dev0"].error or "")
+    assert all(result.outcomes[n].state == "stopped" for n in ("coordinator", "server", "dev1"))
+    with pytest.raises(ActorFailed, match="dev0: RuntimeError: device main loop crashed"):
+        result.raise_for_failures()
+
+
+class NeverDone(Actor):
+    async def run(self) -> None:
+        await self.wait_for_peers([a.name for a in self.topology.actors if a.name != self.name])
+        await self._stop.wait()
+
+
+@pytest.mark.asyncio
+async def test_run_timeout_stops_everyone(zmq_ctx: zmq.asyncio.Context) -> None:
+    topo = small_topology(devices=1)
+    result = await run_topology(
+        topo, roles={**TEST_ROLES, "coordinator": NeverDone}, ctx=zmq_ctx, timeout_s=0.5
+    )
+    assert not result.ok and "did not finish within 0.5s" in (result.error or "")
+    assert all(o.state == ActorState.STOPPED.value for o in result.outcomes.values())
+
+
+def test_select_actors_and_missing_roles() -> None:
+    topo = load_topology(ROOT / "topologies" / "lab.toml")
+    assert [a.name for a in select_actors(topo, "device", host="board-a")] == ["board-a-dev"]
+    assert [a.name for a in select_actors(topo, "server", "server")] == ["server"]
+    with pytest.raises(ConfigError, match="is a device"):
+        select_actors(topo, "server", "board-a-dev")
+    with pytest.raises(ConfigError, match="pass --host"):
+        select_actors(topo, "device")
+    from sft_actors.actors.roles import resolve_factory
+
+    with pytest.raises(ConfigError, match=r"cannot import 'no_such_pkg\.mod' for role 'server'"):
+        resolve_factory("no_such_pkg.mod:Thing", role="server")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sft_run_processes(tmp_path: Path) -> None:
+    """Four real processes (ipc), one per actor, with the test actors plugged in from the CLI."""
+    args = [
+        sys.executable,
+        "-c",
+        "from sft_actors.cli.main import app; app()",
+        "run",
+        str(TINY),
+        "--processes",
+        "--log-level",
+        "warning",
+        "--timeout-s",
+        "80",
+    ]
+    for role, ref in TEST_ROLE_REFS.items():
+        args += ["--role-factory", f"{role}={ref}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=85, cwd=tmp_path, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line == {"result": {"rounds": 2, "devices": ["dev0", "dev1"]}}
+
+
+@pytest.mark.slow
+def test_sft_node_stops_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM starts the staged shutdown: the node exits cleanly (0) without its peers."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sft_actors.cli.node",
+            "--role",
+            "coordinator",
+            "--topology",
+            str(TINY),
+            "--transport",
+            "ipc",
+            "--ipc-dir",
+            str(tmp_path),
+            "--log-level",
+            "debug",
+            "--role-factory",
+            f"coordinator={TEST_ROLE_REFS['coordinator']}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait (by event, not by time) until it serves
+            if "actor_ready" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
