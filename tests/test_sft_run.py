@@ -180,3 +180,41 @@ async def test_modes_run_end_to_end(tmp_path: Path, mode: str, max_inflight: int
         assert {k.split(".")[1] for k in load_file(s["adapters"]["devices"])} == {"0", "1", "2", "3"}
     else:
         assert s["totals"]["bytes_up"] > 0
+
+
+def _with_two_stages(path: Path, second_start: int) -> None:
+    """Turn the topology's single server into stages [min cut, second_start) and [second_start, L)."""
+    text = path.read_text().replace(
+        '[[actors]]\nname = "server"\nrole = "server"\nport = 0\n',
+        '[[actors]]\nname = "server"\nrole = "server"\nport = 0\n\n'
+        f'[[actors]]\nname = "server1"\nrole = "server"\nport = 0\nstart_block = {second_start}\n',
+    )
+    path.write_text(text)
+
+
+@pytest.mark.asyncio
+async def test_two_server_stages_equal_one_server(tmp_path: Path) -> None:
+    """Cutting the server into stage actors changes where blocks run, not the training."""
+    a, b = tmp_path / "one", tmp_path / "two"
+    a.mkdir()
+    b.mkdir()
+    one = await _run(write_topology(a, cuts=[1], mode="sfl", rounds=2, steps=3, codec=""))
+    path = write_topology(b, cuts=[1], mode="sfl", rounds=2, steps=3, codec="")
+    _with_two_stages(path, 3)
+    two = await _run(path)
+    assert [r["loss"] for r in two["rounds"]] == pytest.approx([r["loss"] for r in one["rounds"]], rel=1e-5)
+    merged = {**load_file(two["adapters"]["server"]), **load_file(two["adapters"]["server1"])}
+    single = load_file(one["adapters"]["server"])
+    assert sorted(merged) == sorted(single)
+    assert {k.split(".")[1] for k in load_file(two["adapters"]["server"])} == {"1", "2"}
+    for k, v in single.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.asyncio
+async def test_server_stages_pipeline_two_devices_with_the_codec(tmp_path: Path) -> None:
+    path = write_topology(tmp_path, cuts=[1, 3], mode="sft", rounds=2, steps=3, max_inflight=2)
+    _with_two_stages(path, 2)
+    s = await _run(path)
+    assert len(s["rounds"]) == 2 and s["totals"]["ratio_up"] > 2.0
+    assert s["after"]["targets"] > 0

@@ -11,8 +11,12 @@ gradient when the coordinator reports the round done.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import time
 from typing import Any
+
+import torch
 
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
@@ -21,7 +25,9 @@ from sft_actors.errors import ConfigError
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
 from sft_actors.train.loading import load_shared_model, lora_config, torch_dtype
+from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.server_trainer import ServerResult, ServerTrainer
+from sft_actors.train.stages import StagePart
 from sft_actors.train.tensors import pack_tensor, step_seed, unpack_tensor
 from sft_actors.wire import Ack, Activations, AdaptersRequest, AdaptersUp, Gradients, RoundDone, WireTensor
 
@@ -36,17 +42,43 @@ class ServerActor(Actor):
         self.start_block = spec.start_block if spec.start_block is not None else min(cuts, default=0)
         self._compute = asyncio.Lock()
         self._device_index = {d.name: i for i, d in enumerate(devices)}
+        # Server stages: every server actor's first block; the stage after this one (if any)
+        # receives this stage's output, and this stage returns its gradient.
+        starts = {s.name: (s.start_block if s.start_block is not None else min(cuts, default=0)) for s in self.topology.servers}
+        later = sorted((b, n) for n, b in starts.items() if b > self.start_block)
+        self.next_stage: str | None = later[0][1] if later else None
+        self.end_block: int | None = later[0][0] if later else None
+        self._stages = set(starts)
+        self._keys = itertools.count()
         self.batches_served = 0
 
     async def on_start(self) -> None:
         await self.offload(self._setup)
-        self.log.info("server_ready", start_block=self.start_block, update=self.trainer.update)
+        self.log.info(
+            "server_ready",
+            start_block=self.start_block,
+            end_block=self.end_block,
+            next_stage=self.next_stage,
+            update=self.topology.run.train.server_update,
+        )
 
     def _setup(self) -> None:
         from sft_actors.model import split_model
 
         run = self.topology.run
         self.model = load_shared_model(run.model, torch_dtype(run.dtype))
+        if self.end_block is not None:  # a middle stage: blocks [start, end), no head
+            self.part = StagePart(self.model, self.start_block, self.end_block, lora_config(run.lora), seed=run.seed)
+            self.stage_trainer: DeviceTrainer | None = DeviceTrainer(
+                self.part,
+                lr=run.train.lr,
+                max_inflight=max(1, self.settings.link_window * max(1, len(self.topology.devices))),
+                accumulate=run.train.server_update == "per_round",
+            )
+            self.trainer: ServerTrainer | None = None
+            _, self.codec_down = modes.codecs(modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down}))
+            return
+        self.stage_trainer = None
         _, self.part = split_model(
             self.model,
             self.start_block,
@@ -58,7 +90,8 @@ class ServerActor(Actor):
         _, self.codec_down = modes.codecs(modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down}))
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> Gradients:
-        if msg.device not in self._device_index or msg.device != ctx.peer:
+        from_stage = ctx.peer in self._stages
+        if msg.device not in self._device_index or (msg.device != ctx.peer and not from_stage):
             raise ConfigError(f"activations claim device {msg.device!r} but came from {ctx.peer!r}")
         if msg.cut < self.start_block:
             raise ConfigError(
@@ -67,7 +100,10 @@ class ServerActor(Actor):
             )
         hidden = await self.offload(unpack_tensor, msg.activations)
         labels = await self.offload(unpack_tensor, msg.labels)
+        if self.stage_trainer is not None:
+            return await self._through_next_stage(msg, ctx, hidden, from_stage)
         t0 = time.perf_counter()
+        assert self.trainer is not None
         async with self._compute:
             if msg.phase == "eval":
                 res: ServerResult = await self.offload(self.trainer.eval_step, hidden, labels, msg.cut)
@@ -79,8 +115,9 @@ class ServerActor(Actor):
         if res.grad is None:
             grad = WireTensor.from_torch(hidden.new_zeros(0))
         else:
+            codec = None if from_stage else self.codec_down  # stage to stage: raw, same edge server
             seed = step_seed(self.topology.run.seed, self._device_index[msg.device], msg.round, msg.step, 1)
-            grad, _ = await self.offload(pack_tensor, res.grad, self.codec_down, seed=seed)
+            grad, _ = await self.offload(pack_tensor, res.grad, codec, seed=seed)
             self.batches_served += 1
         return Gradients(
             device=msg.device,
@@ -92,10 +129,52 @@ class ServerActor(Actor):
             metrics={"correct": res.correct, "server_ms": round(server_ms, 3)},
         )
 
+    async def _through_next_stage(
+        self, msg: Activations, ctx: MsgContext, hidden: torch.Tensor, from_stage: bool
+    ) -> Gradients:
+        """A middle stage: run blocks [cut, end), pass the result on, backprop what comes back.
+
+        The compute lock is held only around the forward and the backward, so while this
+        micro-batch is in a later stage, this stage serves the next one (pipelining).
+        """
+        assert self.stage_trainer is not None and self.next_stage is not None and self.end_block is not None
+        trainer = self.stage_trainer
+        key = next(self._keys)
+        x = hidden.detach().to(torch.float32).requires_grad_(msg.phase == "train")
+        async with self._compute:
+            if msg.phase == "train":
+                out = await self.offload(trainer.forward, key, x, msg.cut)
+            else:
+                out = await self.offload(_eval_forward, self.part, x, msg.cut)
+        try:
+            reply = await self.call(
+                self.next_stage,
+                dataclasses.replace(msg, cut=self.end_block, activations=WireTensor.from_torch(out)),
+                timeout_s=self.topology.run.train.round_timeout_s,
+            )
+        except BaseException:
+            trainer.abandon(key)
+            raise
+        if not isinstance(reply, Gradients):
+            trainer.abandon(key)
+            raise ConfigError(f"stage {self.next_stage} answered {type(reply).__name__} to ACTIVATIONS")
+        if msg.phase != "train":
+            return dataclasses.replace(reply, device=msg.device)
+        grad_out = await self.offload(unpack_tensor, reply.grad)
+        async with self._compute:
+            await self.offload(trainer.backward, key, grad_out)
+        assert x.grad is not None
+        codec = None if from_stage else self.codec_down
+        seed = step_seed(self.topology.run.seed, self._device_index[msg.device], msg.round, msg.step, 1)
+        grad, _ = await self.offload(pack_tensor, x.grad, codec, seed=seed)
+        self.batches_served += 1
+        return dataclasses.replace(reply, grad=grad)
+
     async def on_round_done(self, msg: RoundDone, ctx: MsgContext) -> Ack:
         """The coordinator closes a round: ``per_round`` applies the accumulated update now."""
+        trainer: Any = self.stage_trainer if self.stage_trainer is not None else self.trainer
         async with self._compute:
-            applied = await self.offload(self.trainer.end_round)
+            applied = await self.offload(trainer.end_round)
         self.log.debug("round_closed", round=msg.round, batches_applied=applied)
         return Ack(of_msg_id=ctx.msg_id)
 
@@ -110,3 +189,8 @@ class ServerActor(Actor):
             n_samples=self.batches_served,
             tensors={k: WireTensor.from_torch(v) for k, v in state.items()},
         )
+
+
+@torch.no_grad()
+def _eval_forward(part: Any, x: torch.Tensor, cut: int) -> torch.Tensor:
+    return part(x, cut)  # type: ignore[no-any-return]

@@ -349,17 +349,34 @@ def _validate_split(b: _Builder, topo: Topology, blocks: int | None) -> None:
         if link.rtt_ms < 0:
             b.fail(f"{where}.link", "rtt_ms", "must be 0 or more")
     cuts = [d.cut for d in devices if d.cut is not None]
+    # Several servers are stages of one server: [start_k, start_{k+1}). The first stage must
+    # start at or below every device cut; later stages split the remaining blocks.
+    starts = {s.name: (s.start_block if s.start_block is not None else min(cuts, default=0)) for s in topo.servers}
+    first = min(starts.values(), default=0)
+    seen: dict[int, str] = {}
     for s in topo.servers:
-        if s.start_block is not None and cuts and s.start_block > min(cuts):
-            low = min(devices, key=lambda d: d.cut or 0)
-            b.fail(
-                f"[[actors]] {s.name!r}",
-                "start_block",
-                f"the server starts at block {s.start_block} but "
-                f"device {low.name!r} cuts at {low.cut}; set start_block <= {min(cuts)} (or leave it out)",
-            )
+        where = f"[[actors]] {s.name!r}"
         if s.start_block is not None and s.start_block < 0:
-            b.fail(f"[[actors]] {s.name!r}", "start_block", "must be 0 or more")
+            b.fail(where, "start_block", "must be 0 or more")
+        if starts[s.name] in seen:
+            b.fail(
+                where,
+                "start_block",
+                f"stage {seen[starts[s.name]]!r} also starts at block {starts[s.name]}; "
+                "give each server stage its own start_block",
+            )
+        seen[starts[s.name]] = s.name
+        if blocks is not None and starts[s.name] >= blocks and len(topo.servers) > 1:
+            b.fail(where, "start_block", f"a stage must start below the model's {blocks} blocks")
+    if cuts and first > min(cuts):
+        low = min(devices, key=lambda d: d.cut or 0)
+        name = min(starts, key=lambda n: starts[n])
+        b.fail(
+            f"[[actors]] {name!r}",
+            "start_block",
+            f"the server starts at block {first} but "
+            f"device {low.name!r} cuts at {low.cut}; set start_block <= {min(cuts)} (or leave it out)",
+        )
 
 
 def _resolve_defaults(topo: Topology) -> tuple[ActorSpec, ...]:

@@ -16,6 +16,7 @@ it used, at most ``max_inflight - 1`` updates stale — is applied to the live p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +38,17 @@ class _InFlight:
 class DeviceTrainer:
     """Forward/backward bookkeeping and the optimizer for one device part."""
 
-    def __init__(self, part: nn.Module, *, lr: float, max_inflight: int = 1, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        part: nn.Module,
+        *,
+        lr: float,
+        max_inflight: int = 1,
+        weight_decay: float = 0.0,
+        accumulate: bool = False,
+    ) -> None:
+        """``accumulate=True`` sums gradients until :meth:`end_round` (a server stage's
+        ``per_round`` update); otherwise every backward steps the optimizer."""
         if max_inflight < 1:
             raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
         self.part = part
@@ -47,20 +58,22 @@ class DeviceTrainer:
             raise ConfigError("the device part has no trainable parameters (is LoRA applied?)")
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=weight_decay)
         self._inflight: dict[int, _InFlight] = {}
+        self.accumulate = accumulate
+        self._accumulated = 0
         self.steps_done = 0
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
 
-    def forward(self, step: int, inputs: torch.Tensor) -> torch.Tensor:
-        """Run the device blocks; returns the detached cut activations ``(B, T, C)`` to send."""
+    def forward(self, step: int, *inputs: Any) -> torch.Tensor:
+        """Run the part on ``inputs``; returns the detached output ``(B, T, C)`` to send on."""
         if len(self._inflight) >= self.max_inflight:
             raise StepOrderError(f"{len(self._inflight)} micro-batches already in flight (max_inflight)")
         if step in self._inflight:
             raise StepOrderError(f"micro-batch {step} is already in flight")
         snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
-        hidden = functional_call(self.part, snapshot, (inputs,))
+        hidden = functional_call(self.part, snapshot, inputs)
         self._inflight[step] = _InFlight(hidden=hidden, snapshot=snapshot)
         return hidden.detach()
 
@@ -78,11 +91,31 @@ class DeviceTrainer:
                 f"gradient shape {tuple(grad.shape)} != activation shape {tuple(entry.hidden.shape)}"
             )
         entry.hidden.backward(grad.to(entry.hidden.dtype))
+        if self.accumulate:
+            for name, p in self.params.items():
+                g = entry.snapshot[name].grad
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+            self._accumulated += 1
+            return
         for name, p in self.params.items():
             p.grad = entry.snapshot[name].grad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+
+    def end_round(self) -> int:
+        """Apply the mean of the accumulated gradients (``accumulate=True``); returns their count."""
+        n, self._accumulated = self._accumulated, 0
+        if not self.accumulate or n == 0:
+            return 0
+        for p in self.params.values():
+            if p.grad is not None:
+                p.grad /= n
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return n
 
     def abandon(self, step: int) -> None:
         """Drop a micro-batch whose gradient will never come (e.g. the server refused it)."""
