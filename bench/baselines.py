@@ -55,6 +55,13 @@ lossless = {{ positions = "bitmap", zstd_level = 3 }}
 """
 
 
+def data_options(a: argparse.Namespace) -> str:
+    """Text corpora take a size cap; image datasets take no options."""
+    if a.dataset == "stdlib-docs" and a.max_documents:
+        return f"options = {{ max_documents = {a.max_documents} }}"
+    return ""
+
+
 def topology_text(a: argparse.Namespace, mode: str, out_dir: Path) -> str:
     devices = []
     for i in range(a.devices):
@@ -87,7 +94,7 @@ alpha = 16.0
 
 [run.data]
 dataset = "{a.dataset}"
-options = {{ max_documents = {a.max_documents} }}
+{data_options(a)}
 
 {CODEC.format(keep=a.keep, bits=a.bits)}
 

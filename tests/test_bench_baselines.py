@@ -28,3 +28,17 @@ def test_baselines_bench_tiny_reports_every_mode_and_the_headline_ratios() -> No
     assert result["modes"]["fedlora"]["device_peak_mb"] > result["modes"]["sft"]["device_peak_mb"]
     for key in ("delay_ratio_sft_vs_sl", "bytes_ratio_sft_vs_sfl", "metric_gap_sft_vs_sfl"):
         assert isinstance(result[key], float)
+
+
+@pytest.mark.timeout(300)
+def test_stages_bench_tiny_compares_one_and_two_server_stages() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "stages.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["one_stage"]["stages"] == 1 and result["two_stages"]["stages"] == 2
+    assert result["stage_gain"] > 0
