@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/codec.py --shape 64,197,768 --outliers --keep 0.1 --bits 8
 
-Without flags the main chain is the best one found (``BEST``: 8-bit outliers, Top-K κ=0.19 by
+Without flags the main chain is the best one found (``BEST``: 8-bit outliers, Top-K κ=0.18 by
 |x|/‖row‖, 4-bit per-token codes); ``--keep/--bits/--score/...`` build another main chain, and
 ``best`` is then measured alongside. Prints machine info, a table (one row per chain, all
 measured in this run), and as the last line one JSON object for the main chain (``chain``
@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sft_actors.codec import ChainSpec, Codec
 
 # The best chain found on the --outliers tensor at ratio >= 25 (see BENCHMARKS.md): spend the
-# bytes on more kept values (κ = 0.19) at 4 bits rather than 10 % at 8 bits, rank elements by
+# bytes on more kept values (κ = 0.18) at 4 bits rather than 10 % at 8 bits, rank elements by
 # |x| / ‖row‖, and send first tokens / outlier channels at 8 bits.
-BEST_KEEP = 0.19
+BEST_KEEP = 0.18
 BEST_BITS = 4
 BEST = ChainSpec.parse(
     {
@@ -54,7 +54,7 @@ BEST = ChainSpec.parse(
 
 
 def describe(spec: ChainSpec) -> str:
-    """Short human name of a chain, e.g. ``outliers8+topk0.19/row_normalized+q4/token+channel_bitmap``."""
+    """Short name of a chain, e.g. ``outliers8+topk0.18/tensor/row_normalized+q4/token+...``."""
     parts = []
     if spec.outliers is not None:
         parts.append(f"outliers{spec.outliers.bits}")

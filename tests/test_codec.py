@@ -464,5 +464,6 @@ def test_bench_smoke() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("ratio", "encode_mb_s", "decode_mb_s", "rel_error", "rel_error_kept", "token_cosine"):
         assert isinstance(result[key], float)
-    assert result["chain"].startswith("outliers8+topk0.19") and ChainSpec.from_dict(result["spec"])
+    assert result["chain"].startswith("outliers8+topk0.18/tensor/row_normalized+q4")
+    assert ChainSpec.from_dict(result["spec"]) == ChainSpec.from_dict(result["spec"])
     assert result["ratio"] > 2

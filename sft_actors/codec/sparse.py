@@ -184,7 +184,8 @@ def row_normalized_threshold(
     if live_rows.size == 0 or not live_cols.any():
         return np.float32(np.inf)
     if not exact:
-        want = min(live_rows.size, max(1, -(-sample_size // k)))
+        # Whole rows differ more than elements: at least 256 rows keep κ within ~2 % of target.
+        want = min(live_rows.size, max(256, -(-sample_size // k)))
         live_rows = np.sort(rng.choice(live_rows, size=want, replace=False))
     a = np.abs(w[live_rows][:, live_cols])
     a[a > massive_above] = 0
