@@ -118,6 +118,9 @@ async def test_sft_run_compresses_trains_and_writes_results(tmp_path: Path, tran
     # The model alone (no codec on the eval path) is measured too, on the same batches.
     assert s["before_raw"]["targets"] == s["before"]["targets"]
     assert s["before_raw"]["loss"] != pytest.approx(s["before"]["loss"], rel=1e-6)
+    # The planner's delay model for this topology sits beside the measured round time.
+    assert s["planner"]["measured_round_s"] > 0
+    assert s["planner"]["predicted_round_s"] is not None or s["planner"]["why_not"]
     devices = load_file(s["adapters"]["devices"])
     server = load_file(s["adapters"]["server"])
     # Per-block average over devices: dev0 holds block 0, dev1 blocks 0-1; the server holds 1-3.
@@ -218,3 +221,28 @@ async def test_server_stages_pipeline_two_devices_with_the_codec(tmp_path: Path)
     s = await _run(path)
     assert len(s["rounds"]) == 2 and s["totals"]["ratio_up"] > 2.0
     assert s["after"]["targets"] > 0
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_tiny_topology_as_real_processes(tmp_path: Path, transport: str) -> None:
+    """`sft run --processes`: one OS process per actor (sft-node), the SFT protocol over ipc/tcp."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sft = Path(sys.executable).parent / "sft"
+    proc = subprocess.run(
+        [str(sft), "run", str(root / "topologies" / "tiny.toml"), "--processes", "--transport", transport,
+         "--log-level", "warning", "--timeout-s", "200"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])["result"]
+    assert result["mode"] == "sft" and result["after"]["perplexity"] > 1
+    assert result["totals"]["ratio_up"] > 2.0  # the codec is on across processes too
+    summary = json.loads((tmp_path / result["run_dir"] / "summary.json").read_text())
+    assert len(summary["rounds"]) == 2 and set(summary["devices"]) == {"dev0", "dev1"}

@@ -88,6 +88,7 @@ class CoordinatorActor(Actor):
         await self._evaluate(self.train.rounds)
         await self._evaluate_raw(self.train.rounds)
         self.summary.wall_s = time.perf_counter() - t0
+        self.summary.planner = await self.offload(self._planner_prediction)
         await self._write_results()
         return self.summary.headline()
 
@@ -230,6 +231,26 @@ class CoordinatorActor(Actor):
             targets=rec.targets,
         )
         return rec
+
+    def _planner_prediction(self) -> dict[str, Any]:
+        """The planner's per-round delay for this topology's cuts, codec and links, beside the
+        measured one: how far the delay model is from what this run saw (assumed device FLOP/s
+        and the shared CPU of a one-machine run make them differ; the gap is the point)."""
+        from sft_actors.errors import SftError as _SftError
+        from sft_actors.plan.from_topology import predict_topology, problem_from_topology
+
+        measured = _median([r.seconds for r in self.summary.rounds])
+        try:
+            problem, assumed = problem_from_topology(self.topology)
+            pred = predict_topology(self.topology, problem)
+        except _SftError as exc:
+            return {"measured_round_s": measured, "predicted_round_s": None, "why_not": str(exc)}
+        return {
+            "measured_round_s": measured,
+            "predicted_round_s": pred.round_delay_s,
+            "predicted_device_round_s": pred.device_round_s,
+            "assumed": assumed,
+        }
 
     def _is_lm(self) -> bool:
         name = self.topology.run.data.dataset

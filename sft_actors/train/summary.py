@@ -72,6 +72,7 @@ class RunSummary:
     setup_s: float = 0.0
     run_dir: str = ""
     adapters: dict[str, str] = field(default_factory=dict)
+    planner: dict[str, Any] = field(default_factory=dict)  # predicted vs measured round delay
 
     @property
     def bytes_up(self) -> int:
@@ -85,10 +86,13 @@ class RunSummary:
         """The few numbers a person reads first (``sft run`` prints them as one JSON line)."""
         full = self.to_json()
         keep = ("name", "mode", "model", "run_dir", "wall_s", "totals", "before", "after", "before_raw", "after_raw")
+        out_planner = {k: v for k, v in self.planner.items() if k in ("measured_round_s", "predicted_round_s")}
         out = {k: full[k] for k in keep if k in full}
         for key in ("before", "after", "before_raw", "after_raw"):
             if key in out:
                 out[key] = {k: v for k, v in out[key].items() if k in ("loss", "perplexity", "accuracy")}
+        if out_planner:
+            out["planner"] = out_planner
         return out
 
     def to_json(self) -> dict[str, Any]:
