@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         for mode in a.modes.split(","):
             rows[mode] = run_mode(a, mode, Path(tmp))
-    print(f"{'mode':8} {'delay_s':>9} {'bytes_up':>12} {'bytes_down':>12} {'metric':>9} {'raw':>9} {'dev_MB':>8}")
+    print(
+        f"{'mode':8} {'delay_s':>9} {'bytes_up':>12} {'bytes_down':>12} "
+        f"{'metric':>9} {'raw':>9} {'dev_MB':>8}"
+    )
     for r in rows.values():
         print(
             f"{r['mode']:8} {r['delay_s']:9.2f} {r['bytes_up']:12d} {r['bytes_down']:12d} "

@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from baselines import git_commit, topology_text  # noqa: E402
+from baselines import git_commit, topology_text
 
-from sft_actors import log  # noqa: E402
-from sft_actors.runtime import run_topology  # noqa: E402
-from sft_actors.topology import load_topology  # noqa: E402
+from sft_actors import log
+from sft_actors.runtime import run_topology
+from sft_actors.topology import load_topology
 
 
 def run_layout(a: argparse.Namespace, stages: int, work: Path) -> dict[str, Any]:
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-inflight", type=int, default=2)
     p.add_argument("--eval-batches", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: stages use both cores)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (1: stages use both cores)"
+    )
     p.add_argument("--timeout-s", type=float, default=1800.0)
     p.add_argument("--tiny", action="store_true", help="llama-tiny, a few steps (CI)")
     a = p.parse_args(argv)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     log.configure("console", level="warning")
     print(
-        f"# stages  {platform.platform()}  cpus={os.cpu_count()}  torch={torch.__version__}  commit={git_commit()}  "
+        f"# stages  {platform.platform()}  cpus={os.cpu_count()}  torch={torch.__version__}  "
+        f"commit={git_commit()}  "
         f"model={a.model} devices={a.devices} cuts={a.cuts} second stage starts at {a.stage_start}"
     )
     with tempfile.TemporaryDirectory(prefix="sft-stages-") as tmp:

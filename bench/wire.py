@@ -1,13 +1,14 @@
 """Benchmark the actor runtime's wire: round-trip latency and throughput, and link pacing.
 
     .venv/bin/python bench/wire.py                       # all transports, 1 kB … 16 MB
-    .venv/bin/python bench/wire.py --sizes 1024 --repeats 5 --rates 20 --paced-mb 0.5   # smoke
+    .venv/bin/python bench/wire.py --sizes 1024 --repeats 5 --rates 20 --paced-s 0.3   # smoke
 
 Round trips go through the whole runtime (a device actor ``call``s an echo server with an
 ``Activations`` message; the server answers ``Gradients`` carrying the same tensor): envelope
 encode/decode, zero-copy frames, ROUTER/DEALER sockets. Throughput counts both directions
-(``2 × payload / p50``). Pacing sends ``--paced-mb`` of 100 kB activations over a device uplink
-emulated at each ``--rates`` Mb/s and reports the rate measured at the receiver.
+(``2 × payload / p50``). Pacing sends ``--paced-s`` seconds' worth of 100 kB activations over a
+device uplink emulated at each ``--rates`` Mb/s and reports the rate measured at the receiver
+(least-squares slope of bytes over arrival time).
 
 Prints machine info and a table; the last line is one JSON object.
 """
@@ -105,7 +106,7 @@ async def round_trips(
     return rows
 
 
-async def paced(rate_mbps: float, total_mb: float) -> dict[str, Any]:
+async def paced(rate_mbps: float, seconds: float) -> dict[str, Any]:
     topo = small_topology(devices=1, links={"dev0": {"uplink_mbps": rate_mbps, "rtt_ms": 10.0}})
     ctx = zmq.asyncio.Context()
     try:
@@ -114,7 +115,7 @@ async def paced(rate_mbps: float, total_mb: float) -> dict[str, Any]:
             async with serving(Idle(topo.actor("coordinator"), env), server, dev):
                 await dev.ready()
                 msg = activations(100_000)
-                server.expect = max(3, int(total_mb * 1e6 / 100_000))
+                server.expect = max(3, int(rate_mbps * 1e6 / 8 * seconds / 100_000))
                 for _ in range(server.expect):
                     await dev.send("server", msg)
                 await server.all_in.wait()
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rates", default="10,50,200", help="paced uplink rates (Mb/s) to check")
-    parser.add_argument("--paced-mb", type=float, default=4.0, help="MB sent per paced rate")
+    parser.add_argument("--paced-s", type=float, default=1.5, help="seconds of traffic per paced rate")
     args = parser.parse_args(argv)
     log.configure("console", "warning")
     torch.set_num_threads(1)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         cells = f"{r['repeats']:>4} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['mb_s']:>9.1f}"
         print(f"{r['transport']:<9} {r['bytes']:>10} {cells}")
-    pacing = [asyncio.run(paced(float(r), args.paced_mb)) for r in args.rates.split(",")]
+    pacing = [asyncio.run(paced(float(r), args.paced_s)) for r in args.rates.split(",")]
     print(f"{'rate Mb/s':>10} {'measured':>10} {'error %':>8}")
     for p in pacing:
         print(f"{p['rate_mbps']:>10.1f} {p['measured_mbps']:>10.2f} {p['error_pct']:>8.2f}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sys
@@ -323,58 +322,44 @@ async def run_processes(
     grace = topology.run.runtime.drain_timeout_s + 5.0
     with tempfile.TemporaryDirectory(prefix="sft-") as ipc_dir:
         procs: dict[str, asyncio.subprocess.Process] = {}
-        for spec in topology.actors:
-            args = [
-                sys.executable,
-                "-m",
-                "sft_actors.cli.node",
-                "--role",
-                spec.role,
-                "--topology",
-                str(topology_path),
-                "--name",
-                spec.name,
-                "--transport",
-                transport,
-                "--ipc-dir",
-                ipc_dir,
-                "--threads",
-                str(threads_per_process),
-                "--log-format",
-                log_format,
-                "--log-level",
-                log_level,
-            ]
-            for ref in role_factories:
-                args += ["--role-factory", ref]
-            procs[spec.name] = await asyncio.create_subprocess_exec(*args, env={**os.environ})
-        waits = {asyncio.ensure_future(p.wait()): name for name, p in procs.items()}
-        failed = False
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            pending = set(waits)
-            while pending:
-                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, pending = await asyncio.wait(
-                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    log.error("processes_timeout", timeout_s=timeout_s)
-                    failed = True
-                    break
-                for fut in done:
-                    name = waits[fut]
-                    if fut.result() != 0:
-                        log.error("process_failed", actor=name, returncode=fut.result())
-                        failed = True
-                if failed:
-                    break
+            for spec in topology.actors:
+                args = [
+                    sys.executable, "-m", "sft_actors.cli.node", "--role", spec.role,
+                    "--topology", str(topology_path), "--name", spec.name, "--transport", transport,
+                    "--ipc-dir", ipc_dir, "--threads", str(threads_per_process),
+                    "--log-format", log_format, "--log-level", log_level,
+                ]  # fmt: skip
+                for ref in role_factories:
+                    args += ["--role-factory", ref]
+                procs[spec.name] = await asyncio.create_subprocess_exec(*args)
+            failed = await _watch_processes(procs, timeout_s)
         finally:
             await _stop_processes(procs, grace)
-            for fut in waits:
-                fut.cancel()
-        codes = {name: p.returncode for name, p in procs.items()}
-        return 0 if not failed and all(c == 0 for c in codes.values()) else 1
+        return 0 if not failed and all(p.returncode == 0 for p in procs.values()) else 1
+
+
+async def _watch_processes(procs: Mapping[str, asyncio.subprocess.Process], timeout_s: float | None) -> bool:
+    """Wait for every process; True as soon as one fails (or the timeout passes)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    async with asyncio.TaskGroup() as tg:
+        waits = {tg.create_task(p.wait()): name for name, p in procs.items()}
+        pending = set(waits)
+        while pending:
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                log.error("processes_timeout", timeout_s=timeout_s)
+                break
+            bad = {waits[t]: t.result() for t in done if t.result() != 0}
+            if bad:
+                log.error("process_failed", returncodes=bad)
+                break
+        else:
+            return False
+        for task in pending:
+            task.cancel()  # the processes themselves are stopped by the caller
+        return True
 
 
 async def _stop_processes(procs: Mapping[str, asyncio.subprocess.Process], grace_s: float) -> None:

@@ -3,6 +3,7 @@ over inproc, ipc and tcp, and as real processes through the CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -126,37 +127,50 @@ def test_sft_run_processes(tmp_path: Path) -> None:
     assert line == {"result": {"rounds": 2, "devices": ["dev0", "dev1"]}}
 
 
+class StuckInCleanup(Actor):
+    """A coordinator whose cleanup hangs: only a second signal ends it quickly."""
+
+    async def cleanup(self, exc: BaseException | None) -> None:
+        await asyncio.Event().wait()
+
+
+def _start_node(tmp_path: Path, factory: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sft_actors.cli.node", "--role", "coordinator", "--topology", str(TINY),
+         "--transport", "ipc", "--ipc-dir", str(tmp_path), "--log-level", "debug",
+         "--role-factory", f"coordinator={factory}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+
+
+def _wait_for_line(proc: subprocess.Popen[str], fragment: str) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:  # by event (a log line), not by time
+        if fragment in line:
+            return
+    raise AssertionError(f"{fragment!r} never logged")
+
+
+@pytest.mark.slow
+def test_second_signal_forces_the_stop(tmp_path: Path) -> None:
+    proc = _start_node(tmp_path, "tests.test_runtime:StuckInCleanup")
+    try:
+        _wait_for_line(proc, "actor_ready")
+        proc.send_signal(signal.SIGTERM)
+        _wait_for_line(proc, "actor_stopping")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=8) == 130  # well before the 10 s cleanup timeout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_sft_node_stops_on_sigterm(tmp_path: Path) -> None:
     """SIGTERM starts the staged shutdown: the node exits cleanly (0) without its peers."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sft_actors.cli.node",
-            "--role",
-            "coordinator",
-            "--topology",
-            str(TINY),
-            "--transport",
-            "ipc",
-            "--ipc-dir",
-            str(tmp_path),
-            "--log-level",
-            "debug",
-            "--role-factory",
-            f"coordinator={TEST_ROLE_REFS['coordinator']}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    proc = _start_node(tmp_path, TEST_ROLE_REFS["coordinator"])
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # wait (by event, not by time) until it serves
-            if "actor_ready" in line:
-                break
+        _wait_for_line(proc, "actor_ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -29,7 +29,7 @@ def run_bench(name: str, *args: str) -> dict[str, Any]:
 
 def test_wire_bench_smoke() -> None:
     r = run_bench("wire.py", "--sizes", "1024,65536", "--repeats", "5", "--warmup", "1", "--rates", "40",
-                  "--paced-mb", "0.5")  # fmt: skip
+                  "--paced-s", "0.3")  # fmt: skip
     assert {row["transport"] for row in r["round_trip"]} == {"inproc", "ipc", "tcp"}
     assert all(row["p50_ms"] > 0 and row["mb_s"] > 0 for row in r["round_trip"])
     assert r["paced"][0]["rate_mbps"] == 40.0 and r["max_paced_error_pct"] >= 0

@@ -166,16 +166,29 @@ async def test_lossy_codec_changes_the_run_but_it_still_learns(tmp_path: Path) -
     b.mkdir()
     exact = await _run(write_topology(a, cuts=[2], mode="sfl", rounds=3, steps=4, codec="", lr=1e-2))
     coded = await _run(write_topology(b, cuts=[2], mode="sft", rounds=3, steps=4, codec=lossy, lr=1e-2))
-    assert [r["loss"] for r in coded["rounds"]] != pytest.approx([r["loss"] for r in exact["rounds"]], rel=1e-4)
+    assert [r["loss"] for r in coded["rounds"]] != pytest.approx(
+        [r["loss"] for r in exact["rounds"]], rel=1e-4
+    )
     assert coded["after"]["loss"] < coded["before"]["loss"]
     assert exact["after"]["loss"] < exact["before"]["loss"]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("mode", "max_inflight", "update"), [("sl", 1, "per_round"), ("sft", 2, "per_batch"), ("fedlora", 1, "per_batch")])
+@pytest.mark.parametrize(
+    ("mode", "max_inflight", "update"),
+    [("sl", 1, "per_round"), ("sft", 2, "per_batch"), ("fedlora", 1, "per_batch")],
+)
 async def test_modes_run_end_to_end(tmp_path: Path, mode: str, max_inflight: int, update: str) -> None:
     s = await _run(
-        write_topology(tmp_path, cuts=[1, 3], mode=mode, max_inflight=max_inflight, server_update=update, rounds=2, steps=2)
+        write_topology(
+            tmp_path,
+            cuts=[1, 3],
+            mode=mode,
+            max_inflight=max_inflight,
+            server_update=update,
+            rounds=2,
+            steps=2,
+        )
     )
     assert len(s["rounds"]) == 2 and s["mode"] == mode
     if mode == "fedlora":
@@ -233,8 +246,18 @@ def test_tiny_topology_as_real_processes(tmp_path: Path, transport: str) -> None
     root = Path(__file__).resolve().parent.parent
     sft = Path(sys.executable).parent / "sft"
     proc = subprocess.run(
-        [str(sft), "run", str(root / "topologies" / "tiny.toml"), "--processes", "--transport", transport,
-         "--log-level", "warning", "--timeout-s", "200"],
+        [
+            str(sft),
+            "run",
+            str(root / "topologies" / "tiny.toml"),
+            "--processes",
+            "--transport",
+            transport,
+            "--log-level",
+            "warning",
+            "--timeout-s",
+            "200",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

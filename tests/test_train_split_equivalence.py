@@ -70,8 +70,8 @@ def test_one_device_no_codec_equals_unsplit_finetune(cut: int) -> None:
 
 def test_pipelined_device_uses_stale_but_exact_gradients() -> None:
     batches = _batches(8)
-    _, _, _, losses1, final1 = _split_run(2, batches, max_inflight=1)
-    _, _, _, losses2, final2 = _split_run(2, batches, max_inflight=2)
+    _, _, _, losses1, _ = _split_run(2, batches, max_inflight=1)
+    _, _, _, losses2, _ = _split_run(2, batches, max_inflight=2)
     assert losses2[0] == pytest.approx(losses1[0])  # first micro-batch sees the same weights
     assert losses2 != pytest.approx(losses1)  # later ones are one update stale
     assert losses2[-2] < losses2[0]  # same batch, seen again after 6 updates

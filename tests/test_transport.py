@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from sft_actors.actors.peers import PeerLink
-from sft_actors.actors.testing import EchoServer, actor_env, serving, small_topology
+from sft_actors.actors.testing import EchoServer, Idle, actor_env, serving, small_topology
 from sft_actors.errors import UnknownPeer
 from sft_actors.transport.endpoints import TRANSPORTS, Endpoints, Transport
 from sft_actors.transport.sockets import SocketOptions, bind_router, connect_dealer
@@ -121,10 +121,8 @@ async def test_actor_round_trip_of_a_64mb_tensor(
 ) -> None:
     topo = small_topology(devices=1)
     with actor_env(topo, zmq_ctx, transport, ipc_dir=str(tmp_path)) as env:
-        from tests.test_actor import Coordinator, Device
-
-        server, dev = EchoServer(topo.actor("server"), env), Device(topo.actor("dev0"), env)
-        async with serving(Coordinator(topo.actor("coordinator"), env), server, dev):
+        server, dev = EchoServer(topo.actor("server"), env), Idle(topo.actor("dev0"), env)
+        async with serving(Idle(topo.actor("coordinator"), env), server, dev):
             await dev.ready()
             x = torch.randn(16 << 20)  # 64 MiB of float32
             reply = await dev.call(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -36,7 +35,7 @@ from sft_actors.errors import (
     VersionMismatch,
 )
 from sft_actors.transport.sockets import bind_router, connect_dealer
-from sft_actors.wire.envelope import Envelope, encode, remote_error
+from sft_actors.wire.envelope import encode, remote_error
 from sft_actors.wire.messages import Bye, Error, Hello, Message, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
 

@@ -74,7 +74,9 @@ class CoordinatorActor(Actor):
         await self.wait_for_peers(self.devices + self.servers)
         await self._send_plans()
         self.summary.setup_s = time.perf_counter() - t0
-        self.log.info("run_started", mode=self.train.mode, devices=len(self.devices), rounds=self.train.rounds)
+        self.log.info(
+            "run_started", mode=self.train.mode, devices=len(self.devices), rounds=self.train.rounds
+        )
         await self._evaluate(0)
         await self._evaluate_raw(0)
         for r in range(1, self.train.rounds + 1):
@@ -83,8 +85,8 @@ class CoordinatorActor(Actor):
             if not modes.sequential(self.train.mode) and (r % self.train.aggregate_every == 0 or last):
                 await self._aggregate(r)
         if modes.sequential(self.train.mode):  # the adapters the relay ended with
-            last = await self._collect(self.devices[-1], self.train.rounds)
-            self._device_adapters = {k: unpack_tensor(v) for k, v in last.tensors.items()}
+            final = await self._collect(self.devices[-1], self.train.rounds)
+            self._device_adapters = {k: unpack_tensor(v) for k, v in final.tensors.items()}
         await self._evaluate(self.train.rounds)
         await self._evaluate_raw(self.train.rounds)
         self.summary.wall_s = time.perf_counter() - t0
@@ -120,7 +122,9 @@ class CoordinatorActor(Actor):
     # --- rounds --------------------------------------------------------------------------
     async def _round(self, r: int) -> None:
         total = self.train.steps_per_round * len(self.devices)
-        self._bar = tqdm(total=total, desc=f"round {r}/{self.train.rounds}", unit="step", leave=True, disable=None)
+        self._bar = tqdm(
+            total=total, desc=f"round {r}/{self.train.rounds}", unit="step", leave=True, disable=None
+        )
         started = time.perf_counter()
         try:
             if modes.sequential(self.train.mode):
@@ -140,7 +144,9 @@ class CoordinatorActor(Actor):
             self._bar = None
         results = [m for m in done if isinstance(m, RoundDone)]
         if len(results) != len(self.devices):
-            raise SftError(f"round {r}: expected ROUND_DONE from {len(self.devices)} devices, got {len(results)}")
+            raise SftError(
+                f"round {r}: expected ROUND_DONE from {len(self.devices)} devices, got {len(results)}"
+            )
         n = sum(m.n_samples for m in results)
         # Close the round on every server (per_round updates apply now).
         close = RoundDone(device=self.name, round=r, n_samples=n, loss=0.0)
@@ -193,7 +199,11 @@ class CoordinatorActor(Actor):
     async def _aggregate(self, r: int) -> None:
         ups = await asyncio.gather(*(self._collect(d, r) for d in self.devices))
         contributions = [
-            Contribution(device=u.device, n_samples=u.n_samples, tensors={k: unpack_tensor(v) for k, v in u.tensors.items()})
+            Contribution(
+                device=u.device,
+                n_samples=u.n_samples,
+                tensors={k: unpack_tensor(v) for k, v in u.tensors.items()},
+            )
             for u in ups
         ]
         averaged = await self.offload(average_per_block, contributions)

@@ -109,6 +109,7 @@ class ActorCore:
     async def on_handshake_refused(self, peer: str, exc: SftError) -> None:
         """A peer's HELLO was refused (already logged and recorded in ``self.refused``)."""
 
+    # --- links and sending ------------------------------------------------------------------
     @property
     def peers(self) -> list[str]:
         """Peers with an established (or, until detected lost, live) link."""
@@ -172,6 +173,7 @@ class ActorCore:
         finally:
             self._pending.pop(msg_id, None)
 
+    # --- inbound path -----------------------------------------------------------------------
     async def _recv_loop(self, sock: zmq.asyncio.Socket, link: PeerLink | None) -> None:
         """Read one socket forever. ``link`` is None for the ROUTER (route from the first frame)."""
         while True:
@@ -346,6 +348,7 @@ class ActorCore:
             with contextlib.suppress(UnknownPeer, zmq.ZMQError):
                 await self.link(ctx.peer).send(frames, paced=False)
 
+    # --- liveness ---------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
         seq = 0
         while True:

@@ -22,8 +22,8 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.errors import ConfigError, SftError
 from sft_actors.codec import Codec
+from sft_actors.errors import ConfigError, SftError
 from sft_actors.sharing import SHARED
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
@@ -79,7 +79,11 @@ class DeviceActor(Actor):
         await self.offload(self._setup, msg)
         self.plan = msg
         self.log.info(
-            "plan_received", cut=msg.cut, shard=msg.shard, mode=self.mode, train_samples=self.data.n_train_samples
+            "plan_received",
+            cut=msg.cut,
+            shard=msg.shard,
+            mode=self.mode,
+            train_samples=self.data.n_train_samples,
         )
         return Ack(of_msg_id=ctx.msg_id)
 
@@ -219,7 +223,7 @@ class DeviceActor(Actor):
         def step() -> tuple[float, int]:
             out = self.full(inputs)
             loss = self.full.loss(out, labels)
-            loss.backward()
+            torch.autograd.backward(loss)
             self.trainer.optimizer.step()
             self.trainer.optimizer.zero_grad(set_to_none=True)
             return float(loss.detach()), int(labels.numel())
@@ -254,7 +258,12 @@ class DeviceActor(Actor):
         return EvalResult(
             node=self.name,
             round=msg.round,
-            values={"loss_sum": loss_sum, "targets": targets, "correct": correct, "batches": len(self.data.heldout)},
+            values={
+                "loss_sum": loss_sum,
+                "targets": targets,
+                "correct": correct,
+                "batches": len(self.data.heldout),
+            },
         )
 
     def _local_eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:

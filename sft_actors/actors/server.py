@@ -24,8 +24,8 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.errors import ConfigError
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
-from sft_actors.train.loading import load_shared_model, lora_config, torch_dtype
 from sft_actors.train.device_trainer import DeviceTrainer
+from sft_actors.train.loading import load_shared_model, lora_config, torch_dtype
 from sft_actors.train.server_trainer import ServerResult, ServerTrainer
 from sft_actors.train.stages import StagePart
 from sft_actors.train.tensors import pack_tensor, step_seed, unpack_tensor
@@ -44,7 +44,10 @@ class ServerActor(Actor):
         self._device_index = {d.name: i for i, d in enumerate(devices)}
         # Server stages: every server actor's first block; the stage after this one (if any)
         # receives this stage's output, and this stage returns its gradient.
-        starts = {s.name: (s.start_block if s.start_block is not None else min(cuts, default=0)) for s in self.topology.servers}
+        starts = {
+            s.name: (s.start_block if s.start_block is not None else min(cuts, default=0))
+            for s in self.topology.servers
+        }
         later = sorted((b, n) for n, b in starts.items() if b > self.start_block)
         self.next_stage: str | None = later[0][1] if later else None
         self.end_block: int | None = later[0][0] if later else None
@@ -68,7 +71,9 @@ class ServerActor(Actor):
         run = self.topology.run
         self.model = load_shared_model(run.model, torch_dtype(run.dtype))
         if self.end_block is not None:  # a middle stage: blocks [start, end), no head
-            self.part = StagePart(self.model, self.start_block, self.end_block, lora_config(run.lora), seed=run.seed)
+            self.part: Any = StagePart(
+                self.model, self.start_block, self.end_block, lora_config(run.lora), seed=run.seed
+            )
             self.stage_trainer: DeviceTrainer | None = DeviceTrainer(
                 self.part,
                 lr=run.train.lr,
@@ -76,7 +81,9 @@ class ServerActor(Actor):
                 accumulate=run.train.server_update == "per_round",
             )
             self.trainer: ServerTrainer | None = None
-            _, self.codec_down = modes.codecs(modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down}))
+            _, self.codec_down = modes.codecs(
+                modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down})
+            )
             return
         self.stage_trainer = None
         _, self.part = split_model(
@@ -87,7 +94,9 @@ class ServerActor(Actor):
             seed=run.seed,
         )
         self.trainer = ServerTrainer(self.part, lr=run.train.lr, update=run.train.server_update)
-        _, self.codec_down = modes.codecs(modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down}))
+        _, self.codec_down = modes.codecs(
+            modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down})
+        )
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> Gradients:
         from_stage = ctx.peer in self._stages

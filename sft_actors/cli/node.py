@@ -75,6 +75,9 @@ def node(
     except SftError as exc:
         typer.echo(f"sft-node: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except (asyncio.CancelledError, KeyboardInterrupt) as exc:  # a second signal forced the stop
+        typer.echo("sft-node: forced stop", err=True)
+        raise typer.Exit(130) from exc
     if result.result is not None:
         typer.echo(json.dumps({"result": result.result}, default=str))
     if not result.ok:

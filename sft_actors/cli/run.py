@@ -63,6 +63,9 @@ def run_command(
     except SftError as exc:
         typer.echo(f"sft run: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except (asyncio.CancelledError, KeyboardInterrupt) as exc:  # a second signal forced the stop
+        typer.echo("sft run: forced stop", err=True)
+        raise typer.Exit(130) from exc
     typer.echo(
         json.dumps(
             {"ok": result.ok, "elapsed_s": round(result.elapsed_s, 3), "result": result.result}, default=str

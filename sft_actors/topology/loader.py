@@ -351,7 +351,8 @@ def _validate_split(b: _Builder, topo: Topology, blocks: int | None) -> None:
     cuts = [d.cut for d in devices if d.cut is not None]
     # Several servers are stages of one server: [start_k, start_{k+1}). The first stage must
     # start at or below every device cut; later stages split the remaining blocks.
-    starts = {s.name: (s.start_block if s.start_block is not None else min(cuts, default=0)) for s in topo.servers}
+    default_start = min(cuts, default=0)
+    starts = {s.name: (s.start_block if s.start_block is not None else default_start) for s in topo.servers}
     first = min(starts.values(), default=0)
     seen: dict[int, str] = {}
     for s in topo.servers:

@@ -124,7 +124,9 @@ def build_device_data(
             raise ConfigError(f"dataset {s.dataset!r} holds images; model family {model.family!r} needs text")
         size, chans = model.config.image_size, model.config.in_chans
         packed = train.subset(mine).for_vit(size=size, channels=chans)
-        heldout_set = cache(("vit-heldout", id(test), size, chans), lambda: test.for_vit(size=size, channels=chans))
+        heldout_set = cache(
+            ("vit-heldout", id(test), size, chans), lambda: test.for_vit(size=size, channels=chans)
+        )
     else:  # pragma: no cover - load_dataset returns one of the two
         raise ConfigError(f"unsupported dataset type {type(train).__name__}")
     if len(packed) == 0:

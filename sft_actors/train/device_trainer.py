@@ -73,7 +73,7 @@ class DeviceTrainer:
         if step in self._inflight:
             raise StepOrderError(f"micro-batch {step} is already in flight")
         snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
-        hidden = functional_call(self.part, snapshot, inputs)
+        hidden: torch.Tensor = functional_call(self.part, snapshot, inputs)
         self._inflight[step] = _InFlight(hidden=hidden, snapshot=snapshot)
         return hidden.detach()
 
@@ -90,7 +90,7 @@ class DeviceTrainer:
             raise StepOrderError(
                 f"gradient shape {tuple(grad.shape)} != activation shape {tuple(entry.hidden.shape)}"
             )
-        entry.hidden.backward(grad.to(entry.hidden.dtype))
+        torch.autograd.backward(entry.hidden, grad.to(entry.hidden.dtype))
         if self.accumulate:
             for name, p in self.params.items():
                 g = entry.snapshot[name].grad

@@ -24,10 +24,12 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
-def load_shared_model(spec: str, dtype: torch.dtype, cache: Callable[[Hashable, Callable[[], Any]], Any] | None = None) -> Any:
+def load_shared_model(
+    spec: str, dtype: torch.dtype, cache: Callable[[Hashable, Callable[[], Any]], Any] | None = None
+) -> Any:
     """The frozen model for ``spec``, loaded once per process (thread-safe)."""
-    from sft_actors.sharing import SHARED
     from sft_actors.model import load_model, resolve_spec
+    from sft_actors.sharing import SHARED
 
     get = cache or SHARED.get
     return get(("model", spec, str(dtype)), lambda: load_model(resolve_spec(spec), dtype=dtype))

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from torch import nn
+
+from sft_actors.model import Part
 
 
 def reference_finetune(
-    full: nn.Module,
+    full: Part,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     lr: float,

@@ -29,8 +29,10 @@ class StagePart(Part):
 
     def forward(self, hidden: torch.Tensor, cut: int) -> torch.Tensor:
         if not self.start <= cut < self.end:
-            raise ConfigError(f"activations at cut {cut} cannot enter the stage holding [{self.start}, {self.end})")
-        return self.model.run_blocks(hidden, cut, self.end, self.adapters)  # type: ignore[no-any-return]
+            raise ConfigError(
+                f"activations at cut {cut} cannot enter the stage holding [{self.start}, {self.end})"
+            )
+        return self.model.run_blocks(hidden, cut, self.end, self.adapters)
 
 
 def stage_ranges(starts: list[int], num_blocks: int) -> list[tuple[int, int]]:

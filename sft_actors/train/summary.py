@@ -85,8 +85,21 @@ class RunSummary:
     def headline(self) -> dict[str, Any]:
         """The few numbers a person reads first (``sft run`` prints them as one JSON line)."""
         full = self.to_json()
-        keep = ("name", "mode", "model", "run_dir", "wall_s", "totals", "before", "after", "before_raw", "after_raw")
-        out_planner = {k: v for k, v in self.planner.items() if k in ("measured_round_s", "predicted_round_s")}
+        keep = (
+            "name",
+            "mode",
+            "model",
+            "run_dir",
+            "wall_s",
+            "totals",
+            "before",
+            "after",
+            "before_raw",
+            "after_raw",
+        )
+        out_planner = {
+            k: v for k, v in self.planner.items() if k in ("measured_round_s", "predicted_round_s")
+        }
         out = {k: full[k] for k in keep if k in full}
         for key in ("before", "after", "before_raw", "after_raw"):
             if key in out:

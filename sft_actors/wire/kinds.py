@@ -34,4 +34,4 @@ class MsgKind(IntEnum):
     EVAL_REQUEST = 15  # coordinator -> node: evaluate on a data split after round r
     EVAL_RESULT = 16  # node -> coordinator: the evaluation's values
     ACK = 17  # any -> any: generic reply to a message id; may grant flow-control credits
-    ADAPTERS_REQUEST = 18  # coordinator -> device/server: reply with your LoRA tensors (ADAPTERS_UP); since 1.1
+    ADAPTERS_REQUEST = 18  # coordinator -> device/server: answer ADAPTERS_UP with your LoRA (1.1)
