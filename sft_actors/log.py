@@ -15,6 +15,21 @@ import structlog
 LogFormat = Literal["console", "json"]
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is *now*.
+
+    Binding the stream object at configure time breaks when the stream is later replaced and
+    closed (test runners' capture, a CLI runner): every later log line would raise
+    "I/O operation on closed file" inside the actor that logs it.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(fmt: LogFormat = "console", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog process-wide. Safe to call more than once (last call wins)."""
     numeric = logging.getLevelName(level.upper())
@@ -36,7 +51,7 @@ def configure(fmt: LogFormat = "console", level: str = "info", stream: TextIO | 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream if stream is not None else _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

@@ -51,3 +51,18 @@ def test_a_logger_made_before_configure_follows_it() -> None:
         assert json.loads(buf.getvalue().strip())["component"] == "early"
     finally:
         log.configure("console", level="warning")
+
+
+def test_console_logging_follows_a_replaced_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed, replaced stderr (test capture, CLI runners) must not break later logging."""
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    log.configure("console", level="info")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr("sys.stderr", second)
+    try:
+        log.get_logger().info("still_logging")
+        assert "still_logging" in second.getvalue()
+    finally:
+        log.configure("console", level="warning")
