@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import git_commit  # noqa: E402
 
 from sft_actors import log  # noqa: E402
 from sft_actors.model import load_config, resolve_spec  # noqa: E402
@@ -156,11 +158,6 @@ def run_mode(a: argparse.Namespace, mode: str, work: Path) -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,19 +20,18 @@ import argparse
 import ctypes
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info
 
 from sft_actors.model import (
     LoraConfig,
@@ -47,22 +46,6 @@ from sft_actors.model import (
 M_MMAP_THRESHOLD = -3
 
 
-def machine_info() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "git_commit": commit or "unknown",
-    }
 
 
 def pin_mmap_threshold() -> bool:

@@ -18,17 +18,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info
 
 from sft_actors import log
 from sft_actors.actors.base import Actor
@@ -42,21 +42,6 @@ from sft_actors.wire.tensors import WireTensor
 SHARED: dict[str, Any] = {}  # the frozen base model and the batch, shared by every actor
 
 
-def machine_info() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "git_commit": commit or "unknown",
-    }
 
 
 def rss_mb() -> float:

@@ -24,23 +24,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.multiprocessing as mp
 import zmq
 import zmq.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info
 
 from sft_actors import log
 from sft_actors.actors.base import Actor
@@ -49,24 +48,6 @@ from sft_actors.actors.testing import Idle, actor_env, serving, small_topology
 from sft_actors.model import LoraConfig, load_model, resolve_spec, sample_batch, split_model
 from sft_actors.wire.messages import Activations, Gradients
 from sft_actors.wire.tensors import WireTensor
-
-
-def machine_info() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "git_commit": commit or "unknown",
-        "threads": torch.get_num_threads(),
-    }
 
 
 class Split:

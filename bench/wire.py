@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,31 +31,15 @@ import zmq
 import zmq.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info
 
 from sft_actors import log
 from sft_actors.actors.testing import ArrivalSink, EchoServer, Idle, actor_env, serving, small_topology
 from sft_actors.transport.endpoints import TRANSPORTS, Transport
 from sft_actors.wire.messages import Activations, Gradients
 from sft_actors.wire.tensors import WireTensor
-
-
-def machine_info() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-        "git_commit": commit or "unknown",
-    }
 
 
 def activations(nbytes: int) -> Activations:
