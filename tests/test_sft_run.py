@@ -269,3 +269,19 @@ def test_tiny_topology_as_real_processes(tmp_path: Path, transport: str) -> None
     assert result["totals"]["ratio_up"] > 2.0  # the codec is on across processes too
     summary = json.loads((tmp_path / result["run_dir"] / "summary.json").read_text())
     assert len(summary["rounds"]) == 2 and set(summary["devices"]) == {"dev0", "dev1"}
+
+
+@pytest.mark.asyncio
+async def test_a_missing_dataset_fails_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    path = write_topology(tmp_path, cuts=[1, 2])
+    missing = tmp_path / "no-such-corpus.txt"
+    path.write_text(
+        path.read_text().replace(
+            'dataset = "stdlib-docs"\noptions = { max_documents = 40 }', f'dataset = "text:{missing}"'
+        )
+    )
+    result = await run_topology(load_topology(path), transport="inproc", timeout_s=120)
+    assert not result.ok
+    why = result.failures["coordinator"]
+    assert "DatasetNotFound" in why and str(missing) in why
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("t-*/summary.json"))

@@ -9,7 +9,6 @@ of device adapters weighted by samples → final evaluation → adapters (safete
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ from sft_actors.actors.base import Actor
 from sft_actors.actors.device import RAW_HELDOUT
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.tasks import gather_owned
 from sft_actors.errors import SftError
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
@@ -67,7 +67,7 @@ class CoordinatorActor(Actor):
 
     @property
     def round_timeout_s(self) -> float:
-        return float(getattr(self.train, "round_timeout_s", 3600.0))
+        return self.train.round_timeout_s
 
     async def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -114,7 +114,7 @@ class CoordinatorActor(Actor):
                 )
             )
         # Devices load the model and data now (in-process devices share one copy).
-        await asyncio.gather(*(self._call(p.device, p, self.round_timeout_s) for p in plans))
+        await gather_owned(*(self._call(p.device, p, self.round_timeout_s) for p in plans))
 
     async def _call(self, peer: str, msg: Message, timeout_s: float) -> Message:
         return await self.call(peer, msg, timeout_s=timeout_s)
@@ -135,7 +135,7 @@ class CoordinatorActor(Actor):
                     done.append(await self._call(dev, RoundStart(round=r), self.round_timeout_s))
             else:
                 done = list(
-                    await asyncio.gather(
+                    await gather_owned(
                         *(self._call(dev, RoundStart(round=r), self.round_timeout_s) for dev in self.devices)
                     )
                 )
@@ -150,7 +150,7 @@ class CoordinatorActor(Actor):
         n = sum(m.n_samples for m in results)
         # Close the round on every server (per_round updates apply now).
         close = RoundDone(device=self.name, round=r, n_samples=n, loss=0.0)
-        await asyncio.gather(*(self._call(s, close, self.round_timeout_s) for s in self.servers))
+        await gather_owned(*(self._call(s, close, self.round_timeout_s) for s in self.servers))
         record = RoundRecord(
             round=r,
             loss=sum(m.loss * m.n_samples for m in results) / max(1, n),
@@ -197,7 +197,7 @@ class CoordinatorActor(Actor):
         self._device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
 
     async def _aggregate(self, r: int) -> None:
-        ups = await asyncio.gather(*(self._collect(d, r) for d in self.devices))
+        ups = await gather_owned(*(self._collect(d, r) for d in self.devices))
         contributions = [
             Contribution(
                 device=u.device,
@@ -212,7 +212,7 @@ class CoordinatorActor(Actor):
         for u, c in zip(ups, contributions, strict=True):
             mine = {k: WireTensor.from_torch(averaged[k]) for k in c.tensors if k in averaged}
             sends.append(self._call(u.device, AdaptersDown(round=r, tensors=mine), self.round_timeout_s))
-        acks = await asyncio.gather(*sends)
+        acks = await gather_owned(*sends)
         assert all(isinstance(a, Ack) for a in acks)
         self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
 
@@ -223,7 +223,7 @@ class CoordinatorActor(Actor):
             self.summary.evals_raw.append(await self._evaluate(r, split=RAW_HELDOUT))
 
     async def _evaluate(self, r: int, split: str = "heldout") -> EvalRecord:
-        replies = await asyncio.gather(
+        replies = await gather_owned(
             *(self._call(d, EvalRequest(round=r, split=split), self.round_timeout_s) for d in self.devices)
         )
         parts = [dict(m.values) for m in replies if isinstance(m, EvalResult)]

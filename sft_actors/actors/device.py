@@ -22,6 +22,7 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.tasks import first_error
 from sft_actors.codec import Codec
 from sft_actors.errors import ConfigError, SftError
 from sft_actors.sharing import SHARED
@@ -84,6 +85,8 @@ class DeviceActor(Actor):
             shard=msg.shard,
             mode=self.mode,
             train_samples=self.data.n_train_samples,
+            label_classes=sum(1 for c in self.data.label_histogram if c),
+            label_top=_top_labels(self.data.label_histogram),
         )
         return Ack(of_msg_id=ctx.msg_id)
 
@@ -149,7 +152,7 @@ class DeviceActor(Actor):
                         request = await self._forward(msg.round, stats)
                         tg.create_task(self._exchange(request, window, stats))
             except BaseExceptionGroup as group:  # surface the first real cause to the coordinator
-                raise _first_error(group) from None
+                raise first_error(group) from None
         n_samples = plan.steps_per_round * self.data.train.batch_size
         self._samples_since_aggregation += n_samples
         loss = sum(stats.losses) / max(1, len(stats.losses))
@@ -324,12 +327,10 @@ class DeviceActor(Actor):
         return Ack(of_msg_id=ctx.msg_id)
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_error(exc)
-        return exc
-    return group
+def _top_labels(histogram: list[int], k: int = 5) -> str:
+    """``"3:120 7:88 …"``: this shard's most frequent labels (class index: count), for the log."""
+    top = sorted(((c, i) for i, c in enumerate(histogram) if c), reverse=True)[:k]
+    return " ".join(f"{i}:{c}" for c, i in top)
 
 
 def _median(xs: list[float]) -> float:

@@ -1,0 +1,31 @@
+"""Structured concurrency helpers for actors: every task owned, the real error surfaced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf exception of a (nested) exception group: what a caller should see."""
+    exc = group.exceptions[0]
+    return first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+
+
+async def gather_owned(*coros: Coroutine[Any, Any, T]) -> list[T]:
+    """Await concurrently and return results in order, each task owned by a TaskGroup.
+
+    When one fails the others are cancelled (``asyncio.gather`` would leave them running,
+    unowned), and the first real error is raised rather than an ExceptionGroup, so the caller
+    sees e.g. the device's RemoteError.
+    """
+    tasks: list[asyncio.Task[T]] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coros]
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    return [t.result() for t in tasks]
