@@ -42,3 +42,30 @@ def test_stages_bench_tiny_compares_one_and_two_server_stages() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["one_stage"]["stages"] == 1 and result["two_stages"]["stages"] == 2
     assert result["stage_gain"] > 0
+
+
+@pytest.mark.timeout(200)
+def test_llm_chains_bench_tiny_reports_every_chain() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "llm_chains.py"),
+            "--model",
+            "llama-tiny",
+            "--cut",
+            "2",
+            "--sequences",
+            "4",
+            "--seq",
+            "16",
+            "--max-documents",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=190,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["chains"]["raw"]["ratio"] == 1.0
+    assert all(r["ratio"] > 1.0 for name, r in result["chains"].items() if name != "raw")
