@@ -96,7 +96,6 @@ class DeviceActor(Actor):
 
     def _setup(self, plan: Plan) -> None:
         run = self.topology.run
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.model = load_shared_model(run.model, torch_dtype(run.dtype))
         lora = lora_config(run.lora)
         if modes.whole_model_on_device(self.mode):
