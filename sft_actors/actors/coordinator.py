@@ -19,7 +19,7 @@ from sft_actors.actors.device import RAW_HELDOUT
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import gather_owned
-from sft_actors.errors import SftError
+from sft_actors.errors import ActorFailed, PeerTimeout, SftError
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
 from sft_actors.train.aggregate import Contribution, average_per_block, block_of
@@ -64,13 +64,29 @@ class CoordinatorActor(Actor):
         )
         self._bar: tqdm[Any] | None = None
         self._device_adapters: dict[str, Any] = {}
+        self._running = False
 
     @property
     def round_timeout_s(self) -> float:
         return self.train.round_timeout_s
 
+    async def on_peer_lost(self, peer: str) -> None:
+        """A device or server went silent mid-run: fail the run now instead of waiting for the
+        round timeout (there is no recovery policy yet: the operator restarts the run)."""
+        if self._running and peer in (*self.devices, *self.servers):
+            raise PeerTimeout(
+                f"{peer} has been silent for more than {self.settings.heartbeat_timeout_s}s "
+                f"(heartbeat_timeout_s) during round work; stopping the run. Check that {peer} is "
+                "alive and reachable, then restart the run"
+            )
+
+    async def on_peer_left(self, peer: str) -> None:
+        if self._running and peer in (*self.devices, *self.servers):
+            raise ActorFailed(f"{peer} left (BYE) in the middle of the run; stopping the run")
+
     async def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self._running = True
         await self.wait_for_peers(self.devices + self.servers)
         await self._send_plans()
         self.summary.setup_s = time.perf_counter() - t0
@@ -90,6 +106,7 @@ class CoordinatorActor(Actor):
         await self._evaluate(self.train.rounds)
         await self._evaluate_raw(self.train.rounds)
         self.summary.wall_s = time.perf_counter() - t0
+        self._running = False
         self.summary.planner = await self.offload(self._planner_prediction)
         await self._write_results()
         return self.summary.headline()

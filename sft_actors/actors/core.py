@@ -356,10 +356,18 @@ class ActorCore:
             beat = Heartbeat(node=self.name, seq=seq, sent_at_ns=time.time_ns())
             for link in list(self._links.values()):
                 if link.state in (LinkState.ESTABLISHED, LinkState.LOST):
+                    was_established = link.state is LinkState.ESTABLISHED
                     # Heartbeats bypass link emulation: they model the control channel, and a
                     # 40 MB activation on a slow link must not look like a dead peer.
-                    with contextlib.suppress(UnknownPeer, zmq.ZMQError):
+                    try:
                         await link.send(encode(beat, sender=self.name, msg_id=next(self._ids)), paced=False)
+                    except UnknownPeer:
+                        # The ROUTER says the peer's connection is gone (e.g. its process was
+                        # killed): that is a lost peer too, known before the silence timeout.
+                        if was_established:
+                            self._lost(link, reason="disconnected")
+                    except zmq.ZMQError:
+                        pass
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def _watchdog_loop(self) -> None:
@@ -369,10 +377,15 @@ class ActorCore:
             now = time.monotonic()
             for link in list(self._links.values()):
                 if link.state is LinkState.ESTABLISHED and now - link.last_seen > timeout:
-                    link.state = LinkState.LOST
-                    self._peer_change.set()
-                    self.log.warning("peer_lost", peer=link.peer, silent_s=round(now - link.last_seen, 3))
-                    self._spawn(self.on_peer_lost(link.peer))
+                    self._lost(link, reason="silent")
+
+    def _lost(self, link: PeerLink, *, reason: str) -> None:
+        """Mark ``link`` lost, log it once, and tell the subclass (``on_peer_lost``)."""
+        link.state = LinkState.LOST
+        self._peer_change.set()
+        silent_s = round(time.monotonic() - link.last_seen, 3)
+        self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
+        self._spawn(self.on_peer_lost(link.peer))
 
 
 __all__ = ["ActorCore", "ActorState", "MsgContext"]
