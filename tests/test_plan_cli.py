@@ -95,6 +95,12 @@ def test_plan_prints_json_and_writes_a_loadable_topology(tmp_path: Path) -> None
     assert not any("flops" in a or "bandwidth" in a for a in plan["assumed"])
     planned = load_topology(out)
     assert [d.cut for d in planned.devices] == plan["written"]["cuts"]
+    # Each device runs the chain the plan chose for it (per-device codec tables when they differ).
+    from sft_actors.plan.compression import build_menu
+
+    chains = {o.name: dict(o.chain) for o in build_menu(pareto_only=False).options}
+    for dev, codec_name in zip(planned.devices, plan["written"]["codecs"], strict=True):
+        assert planned.codec_table(dev.name)["up"] == chains[codec_name]
     assert planned.run.train.batch_size == 4 and planned.devices[0].profile.memory_mb == 600
 
     table = runner.invoke(cli(), ["plan", str(source), "--channel-seed", "3"])

@@ -285,3 +285,35 @@ async def test_a_missing_dataset_fails_the_run_with_a_clear_error(tmp_path: Path
     why = result.failures["coordinator"]
     assert "DatasetNotFound" in why and str(missing) in why
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("t-*/summary.json"))
+
+
+@pytest.mark.asyncio
+async def test_each_device_can_carry_its_own_codec(tmp_path: Path) -> None:
+    """dev0 overrides the run's chain with the identity (raw tensors); dev1 inherits Top-K."""
+    path = write_topology(tmp_path, cuts=[1, 2], rounds=1, steps=2)
+    text = path.read_text().replace(
+        'name = "dev0"\nrole = "device"\ncut = 1\nshard = 0\n',
+        'name = "dev0"\nrole = "device"\ncut = 1\nshard = 0\ncodec = { up = {}, down = {} }\n',
+    )
+    path.write_text(text)
+    topo = load_topology(path)
+    assert topo.codec_table("dev0") == {"up": {}, "down": {}}
+    assert topo.codec_table("dev1")["up"]["sparsify"]["keep"] == 0.25
+    s = await _run(path)
+    raw = 2 * 2 * 16 * 64 * 4  # steps x batch x seq x dim x fp32
+    per_device = s["rounds"][0]["per_device_bytes_up"]
+    assert per_device["dev0"] == raw
+    assert per_device["dev1"] < raw / 2
+
+
+def test_a_bad_device_codec_is_a_topology_error(tmp_path: Path) -> None:
+    from sft_actors.errors import TopologyError
+
+    path = write_topology(tmp_path, cuts=[1, 2])
+    path.write_text(
+        path.read_text().replace(
+            'cut = 1\nshard = 0\n', 'cut = 1\nshard = 0\ncodec = { up = { sparsfy = { keep = 0.1 } } }\n'
+        )
+    )
+    with pytest.raises(TopologyError, match=r"dev0.*codec\.up.*did you mean 'sparsify'"):
+        load_topology(path)

@@ -114,9 +114,9 @@ class CoordinatorActor(Actor):
     # --- set-up --------------------------------------------------------------------------
     async def _send_plans(self) -> None:
         run = self.topology.run
-        table = modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down})
         plans = []
         for i, d in enumerate(self.topology.devices):
+            table = modes.policy_table(run.train.mode, self.topology.codec_table(d.name))
             cut = int(d.cut if d.cut is not None else 0)
             plans.append(
                 Plan(
@@ -179,6 +179,7 @@ class CoordinatorActor(Actor):
             step_ms_median=_median([float(m.metrics.get("step_ms_median", 0.0)) for m in results]),
             encode_ms=sum(float(m.metrics.get("encode_ms", 0.0)) for m in results),
             per_device_loss={m.device: round(m.loss, 5) for m in results},
+            per_device_bytes_up={m.device: int(m.metrics.get("bytes_up", 0)) for m in results},
         )
         self.summary.rounds.append(record)
         self.log.info(

@@ -21,6 +21,7 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.codec import Codec
 from sft_actors.errors import ConfigError
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
@@ -81,9 +82,7 @@ class ServerActor(Actor):
                 accumulate=run.train.server_update == "per_round",
             )
             self.trainer: ServerTrainer | None = None
-            _, self.codec_down = modes.codecs(
-                modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down})
-            )
+            self.codec_down = self._down_codecs()
             return
         self.stage_trainer = None
         _, self.part = split_model(
@@ -94,9 +93,15 @@ class ServerActor(Actor):
             seed=run.seed,
         )
         self.trainer = ServerTrainer(self.part, lr=run.train.lr, update=run.train.server_update)
-        _, self.codec_down = modes.codecs(
-            modes.policy_table(run.train.mode, {"up": run.codec.up, "down": run.codec.down})
-        )
+        self.codec_down = self._down_codecs()
+
+    def _down_codecs(self) -> dict[str, Codec | None]:
+        """The gradient codec for each device (its own ``codec`` table, else ``[run.codec]``)."""
+        mode = self.topology.run.train.mode
+        return {
+            d.name: modes.codecs(modes.policy_table(mode, self.topology.codec_table(d.name)))[1]
+            for d in self.topology.devices
+        }
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> Gradients:
         from_stage = ctx.peer in self._stages
@@ -124,7 +129,8 @@ class ServerActor(Actor):
         if res.grad is None:
             grad = WireTensor.from_torch(hidden.new_zeros(0))
         else:
-            codec = None if from_stage else self.codec_down  # stage to stage: raw, same edge server
+            # Stage to stage: raw (same edge server); to a device: that device's down chain.
+            codec = None if from_stage else self.codec_down[msg.device]
             seed = step_seed(self.topology.run.seed, self._device_index[msg.device], msg.round, msg.step, 1)
             grad, _ = await self.offload(pack_tensor, res.grad, codec, seed=seed)
             self.batches_served += 1
@@ -173,7 +179,7 @@ class ServerActor(Actor):
         async with self._compute:
             await self.offload(trainer.backward, key, grad_out)
         assert x.grad is not None
-        codec = None if from_stage else self.codec_down
+        codec = None if from_stage else self.codec_down[msg.device]
         seed = step_seed(self.topology.run.seed, self._device_index[msg.device], msg.round, msg.step, 1)
         grad, _ = await self.offload(pack_tensor, x.grad, codec, seed=seed)
         self.batches_served += 1

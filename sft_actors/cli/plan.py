@@ -2,7 +2,7 @@
 
 Prints one line per device (cut, codec, bandwidth, rates, predicted per-round delay, memory)
 and the totals; ``--json`` prints the plan as one JSON object instead; ``--write OUT.toml``
-writes the topology with the plan filled in (one codec for all devices, as the topology holds).
+writes the topology with the plan filled in (cuts, and each device's codec).
 """
 
 from __future__ import annotations
@@ -66,14 +66,13 @@ def plan_command(
         prediction = predict_topology(topo, problem) if current else None
         written = None
         if write is not None:
-            uniform = plan(problem, channel_seed=channel_seed, uniform_codec=True)
             write.write_text(
                 dumps(
-                    topology_with_plan(topology, uniform),
+                    topology_with_plan(topology, best),
                     header=f"Written by sft plan from {topology} (channel seed {channel_seed}).",
                 )
             )
-            written = uniform
+            written = best
     except SftError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from e
@@ -88,7 +87,7 @@ def plan_command(
     if written is not None:
         result["written"] = {
             "path": str(write),
-            "codec": written.codecs[0],
+            "codecs": written.codecs,
             "cuts": written.cuts,
             "total_delay_s": written.total_delay_s,
             "round_delay_s": written.round_delay_s,
@@ -113,6 +112,6 @@ def plan_command(
         typer.echo(f"assumed: {line}")
     if written is not None:
         typer.echo(
-            f"wrote {write}: one codec for all devices ({written.codecs[0]}), cuts {written.cuts}, "
+            f"wrote {write}: codecs {written.codecs}, cuts {written.cuts}, "
             f"total {written.total_delay_s:.1f} s"
         )

@@ -15,9 +15,9 @@ caller (``sft plan --bandwidth-hz/--server-flops``) or from :data:`DEFAULTS`, an
 taken from a default is listed in the returned assumptions so the CLI can print it.
 
 Writing: :func:`topology_with_plan` sets every device's ``cut``, the server's ``start_block``
-(when the file sets one) and the codec chain in ``[run.codec.up]``/``[run.codec.down]``. The
-schema holds one codec for all devices, so the plan written must use one codec
-(``plan(..., uniform_codec=True)``).
+(when the file sets one) and the codec chain: in ``[run.codec.up]``/``[run.codec.down]`` when
+every device uses the same one, and additionally as each device's own ``codec = {up, down}``
+table when the plan gives devices different chains.
 """
 
 from __future__ import annotations
@@ -160,11 +160,6 @@ def problem_from_topology(
 def topology_with_plan(source: Path | str, planned: Plan) -> dict[str, Any]:
     """The topology file's data with the plan's cuts and codec filled in (a new dict)."""
     codecs = {d.codec.name for d in planned.devices}
-    if len(codecs) != 1:
-        raise ConfigError(
-            f"the topology holds one codec for all devices, the plan uses {sorted(codecs)}; "
-            "plan with uniform_codec=True to write it"
-        )
     with open(source, "rb") as f:
         data = tomllib.load(f)
     out = copy.deepcopy(data)
@@ -178,6 +173,12 @@ def topology_with_plan(source: Path | str, planned: Plan) -> dict[str, Any]:
     codec = out.setdefault("run", {}).setdefault("codec", {})
     codec["up"] = copy.deepcopy(chain)
     codec["down"] = copy.deepcopy(chain)
+    if len(codecs) > 1:  # heterogeneous plan: each device carries its own chain
+        chains = {d.name: dict(d.codec.chain) for d in planned.devices}
+        for actor in out.get("actors", []):
+            if actor.get("role") == "device" and actor.get("name") in chains:
+                mine = chains[actor["name"]]
+                actor["codec"] = {"up": copy.deepcopy(mine), "down": copy.deepcopy(mine)}
     return out
 
 
@@ -198,18 +199,21 @@ def predict_topology(topo: Any, problem: PlanProblem) -> LinkPrediction:
     of the wireless channel model.
     """
     problem = problem.with_menu(build_menu(basis=problem.training.accuracy_basis, pareto_only=False))
-    up_chain = dict(topo.run.codec.up)
     names = [o.name for o in problem.menu.options]
-    matches = [i for i, o in enumerate(problem.menu.options) if dict(o.chain) == up_chain]
-    if not matches:
-        raise ConfigError(
-            f"{topo.source}: [run.codec.up] {up_chain} is not a codec in the planner's table "
-            f"({', '.join(names)}); add it to sft_actors/plan/data/codec_ratios.json to predict its delay"
-        )
+    chosen: list[int] = []
+    for d in topo.devices:
+        up_chain = dict(topo.codec_table(d.name)["up"])
+        matches = [i for i, o in enumerate(problem.menu.options) if dict(o.chain) == up_chain]
+        if not matches:
+            raise ConfigError(
+                f"{topo.source}: the up codec of {d.name} {up_chain} is not a codec in the planner's table "
+                f"({', '.join(names)}); add it to sft_actors/plan/data/codec_ratios.json to predict its delay"
+            )
+        chosen.append(matches[0])
     terms = build_terms(problem, draw_channel(problem.devices, problem.server, problem.channel, mean=True))
     devices = topo.devices
     cuts = np.array([d.cut if d.cut is not None else problem.cut_range[0] for d in devices], dtype=np.int64)
-    opts = np.full(len(devices), matches[0], dtype=np.int64)
+    opts = np.asarray(chosen, dtype=np.int64)
 
     def rate(mbps: float | None) -> float:
         return math.inf if mbps is None else float(mbps) * 1e6
@@ -221,5 +225,5 @@ def predict_topology(topo: Any, problem: PlanProblem) -> LinkPrediction:
     return LinkPrediction(
         device_round_s={d.name: float(x) for d, x in zip(devices, delays, strict=True)},
         round_delay_s=round_s,
-        codec=names[matches[0]],
+        codec=", ".join(sorted({names[i] for i in chosen})),
     )

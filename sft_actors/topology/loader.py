@@ -182,7 +182,7 @@ def _run_config(b: _Builder, table: Mapping[str, Any]) -> RunConfig:
     return run
 
 
-def _validate_codec(b: _Builder, codec: CodecConfig) -> None:
+def _validate_codec(b: _Builder, codec: CodecConfig, where: str = "[run.codec.{}]") -> None:
     """Let the codec package judge its own tables when it is installed."""
     try:
         mod = importlib.import_module("sft_actors.codec")
@@ -197,7 +197,7 @@ def _validate_codec(b: _Builder, codec: CodecConfig) -> None:
         try:
             parse(spec)
         except Exception as exc:
-            b.fail(f"[run.codec.{direction}]", None, f"invalid codec chain: {exc}")
+            b.fail(where.format(direction), None, f"invalid codec chain: {exc}")
 
 
 def _actor(b: _Builder, table: Mapping[str, Any], index: int, hosts: tuple[HostSpec, ...]) -> ActorSpec:
@@ -210,12 +210,20 @@ def _actor(b: _Builder, table: Mapping[str, Any], index: int, hosts: tuple[HostS
         extra["host"] = hosts[0].name if hosts else LOCALHOST
     actor: ActorSpec = b.build(ActorSpec, table, where, **extra)
     if actor.role != "device":
-        device_only = {"cut": None, "shard": None, "link": LinkProfile(), "profile": DeviceProfile()}
+        device_only = {
+            "cut": None,
+            "shard": None,
+            "link": LinkProfile(),
+            "profile": DeviceProfile(),
+            "codec": None,
+        }
         for key, default in device_only.items():
             if getattr(actor, key) != default:
                 b.fail(where, key, f"only devices take {key!r}; remove it from this {actor.role}")
     if actor.role != "server" and actor.start_block is not None:
         b.fail(where, "start_block", "only servers take start_block; remove it")
+    if actor.codec is not None:
+        _validate_codec(b, actor.codec, where=f"{where}, key 'codec.{{}}'")
     return actor
 
 

@@ -151,6 +151,9 @@ class ActorSpec:
     shard: int | None = None
     link: LinkProfile = field(default_factory=LinkProfile)
     profile: DeviceProfile = field(default_factory=DeviceProfile)
+    #: This device's own codec chains (e.g. a slower radio compresses harder); None inherits
+    #: ``[run.codec]``; ``codec = { up = {}, down = {} }`` sends this device's tensors raw.
+    codec: CodecConfig | None = None
     # --- servers ---
     start_block: int | None = None
 
@@ -233,4 +236,13 @@ class Topology:
                 "mlp": run.lora.mlp,
             },
             "codec": {"up": run.codec.up, "down": run.codec.down},
+            "device_codecs": {
+                d.name: {"up": d.codec.up, "down": d.codec.down} for d in self.devices if d.codec is not None
+            },
         }
+
+    def codec_table(self, device: str) -> dict[str, Any]:
+        """The codec policy table (``{up, down}``) that applies to ``device``."""
+        spec = self.actor(device)
+        chosen = spec.codec if spec.codec is not None else self.run.codec
+        return {"up": dict(chosen.up), "down": dict(chosen.down)}

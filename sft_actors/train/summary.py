@@ -25,6 +25,7 @@ class RoundRecord:
     step_ms_median: float
     encode_ms: float
     per_device_loss: dict[str, float] = field(default_factory=dict)
+    per_device_bytes_up: dict[str, int] = field(default_factory=dict)
 
     @property
     def ratio_up(self) -> float:
