@@ -312,7 +312,7 @@ def test_a_bad_device_codec_is_a_topology_error(tmp_path: Path) -> None:
     path = write_topology(tmp_path, cuts=[1, 2])
     path.write_text(
         path.read_text().replace(
-            'cut = 1\nshard = 0\n', 'cut = 1\nshard = 0\ncodec = { up = { sparsfy = { keep = 0.1 } } }\n'
+            "cut = 1\nshard = 0\n", "cut = 1\nshard = 0\ncodec = { up = { sparsfy = { keep = 0.1 } } }\n"
         )
     )
     with pytest.raises(TopologyError, match=r"dev0.*codec\.up.*did you mean 'sparsify'"):
