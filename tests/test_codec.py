@@ -467,3 +467,26 @@ def test_bench_smoke() -> None:
     assert result["chain"].startswith("outliers8+topk0.18/tensor/row_normalized+q4")
     assert ChainSpec.from_dict(result["spec"]) == ChainSpec.from_dict(result["spec"])
     assert result["ratio"] > 2
+
+
+def test_projection_keeps_outlier_channels_and_massive_elements() -> None:
+    """Regression: with outliers + project, the outlier channels were zeroed before projection
+    but never sent (the exclusions were reset for the projected tensor), and the massive-element
+    filter ran again on projected coefficients. A full-rank basis must reconstruct (≈ fp16)."""
+    from sft_actors.codec import Basis, BasisRegistry
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.1, 5, 64)
+    calib = torch.randn(512, 64, generator=gen) * scale + 3.0
+    calib[:, 5] *= 300
+    x = torch.randn(4, 16, 64, generator=gen) * scale + 3.0
+    x[..., 5] *= 300  # a massive channel
+    x[1, 3, 7] = 5000.0  # a massive element
+    registry = BasisRegistry()
+    registry.register("pca", Basis.fit(calib))
+    spec = ChainSpec.parse({"outliers": {"first_tokens": 1}, "project": {"basis": "pca"}})
+    enc = Codec(spec, bases=registry).encode(x, seed=0)
+    assert enc.meta["outliers"]["cols"] >= 1
+    y = Codec.decode(enc.meta, enc.payload, bases=registry)
+    rel_rows = (y - x).norm(dim=-1) / x.norm(dim=-1)
+    assert float(rel_rows.max()) < 1e-3

@@ -245,6 +245,7 @@ class _LossyEncoder:
                 massive = MassiveFilter(above=above, cap=cap, positions=[], values=[])
         s = spec.sparsify
         w = self.x
+        dense_excl = excl  # what the outlier stage sends densely (projection changes ``excl``)
         streaming = spec.project is None and s is not None and s.scope in ("tensor", "token")
         if not streaming:
             # One pass finds massive elements (and NaN/inf); then the lossy stages see a clean copy.
@@ -258,9 +259,11 @@ class _LossyEncoder:
             if spec.project is not None:
                 w = self._project(w, excl)
                 excl = Exclusions(rows=excl.rows, cols=np.zeros(0, dtype=np.int64))
-        sparse_count = self._sparse_and_values(w, excl, massive)
+        # Massive elements live in activation space and were all pulled out by the scan above;
+        # on projected coefficients the filter would remove (and misplace) whole components.
+        sparse_count = self._sparse_and_values(w, excl, None if spec.project is not None else massive)
         if spec.outliers is not None:
-            self._write_dense16(excl, massive)
+            self._write_dense16(dense_excl, massive)
         if sparse_count is None:
             return 1.0
         return (sparse_count + self.dense16_count) / (n * c)
