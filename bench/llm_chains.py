@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header
 
 from sft_actors import log
-from sft_actors.codec import ChainSpec, Codec
+from sft_actors.codec import Basis, BasisRegistry, ChainSpec, Codec
 from sft_actors.data import load_text_corpus
 from sft_actors.model import LoraConfig, load_model, resolve_spec, split_model
 
@@ -62,6 +62,25 @@ CHAINS: dict[str, dict[str, Any] | None] = {
         "quantize": {"bits": 4, "scale": "token"},
         "lossless": {"zstd_level": 3},
     },
+    # Transform coding: PCA basis fitted on training-split activations (sent once per run).
+    "pca-common0.5-ans+first16": {
+        "outliers": {"first_tokens": 1},
+        "project": {"basis": "pca"},
+        "quantize": {"scale": "common", "step": 0.5},
+        "lossless": {"entropy": "ans"},
+    },
+    "pca-common0.7-ans+first16": {
+        "outliers": {"first_tokens": 1},
+        "project": {"basis": "pca"},
+        "quantize": {"scale": "common", "step": 0.7},
+        "lossless": {"entropy": "ans"},
+    },
+    "pca-b4/component+first16": {
+        "outliers": {"first_tokens": 1},
+        "project": {"basis": "pca"},
+        "quantize": {"bits": 4, "scale": "channel"},
+        "lossless": {"zstd_level": 3},
+    },
     "dense-b6+first16": {
         "outliers": {"first_tokens": 1},
         "quantize": {"bits": 6, "scale": "token"},
@@ -77,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--sequences", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--calibration", type=int, default=32, help="training sequences to fit the PCA basis")
     p.add_argument("--max-documents", type=int, default=0, help="cap the corpus (0: all)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -93,17 +113,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids, labels = batch["input_ids"], batch["labels"]
     device, server = split_model(model, a.cut, lora=LoraConfig(rank=8))
     rows: dict[str, dict[str, float]] = {}
+    train = load_text_corpus("stdlib-docs", None, "train", heldout_fraction=0.1, seed=0, **opts)
+    calibration = train.pack(tok.encode, eos_id=eos, seq_len=a.seq, pad_id=tok.pad_id)
+    bases = BasisRegistry()
     with torch.no_grad():
+        calib_ids = calibration.collate(np.arange(min(a.calibration, len(calibration))))["input_ids"]
+        calib = torch.cat([device(calib_ids[i : i + a.batch]) for i in range(0, len(calib_ids), a.batch)])
+        bases.register("pca", Basis.fit(calib[:, 1:, :]))  # first tokens travel in 16 bit anyway
         chunks = [(ids[i : i + a.batch], labels[i : i + a.batch]) for i in range(0, n, a.batch)]
         hidden = [device(x) for x, _ in chunks]
         for name, table in CHAINS.items():
-            codec = None if table is None else Codec(ChainSpec.parse(table))
+            codec = None if table is None else Codec(ChainSpec.parse(table), bases=bases)
             losses, ratios = [], []
             for i, (h, (_, y)) in enumerate(zip(hidden, chunks, strict=True)):
                 if codec is not None:
                     enc = codec.encode(h, seed=i)
                     ratios.append(enc.report.ratio)
-                    h = Codec.decode(enc.meta, enc.payload)
+                    h = Codec.decode(enc.meta, enc.payload, bases=bases)
                 losses.append(float(server.loss(server(h, a.cut), y)))
             ppl = math.exp(sum(losses) / len(losses))
             rows[name] = {"ratio": sum(ratios) / len(ratios) if ratios else 1.0, "perplexity": ppl}
