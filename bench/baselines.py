@@ -56,6 +56,25 @@ quantize = {{ bits = {bits}, scale = "token" }}
 lossless = {{ positions = "bitmap", zstd_level = 3 }}
 """
 
+# Transform coding up (a PCA basis per device, fitted on its own activations and sent once),
+# Top-K down (gradients have no calibration data for a basis).
+PCA_CODEC = """
+[run.codec.up]
+outliers = {{ first_tokens = 1 }}
+project = {{ basis = "pca" }}
+quantize = {{ bits = {bits}, scale = "channel" }}
+lossless = {{ zstd_level = 3 }}
+[run.codec.down]
+sparsify = {{ keep = {keep}, scope = "tensor" }}
+quantize = {{ bits = 8, scale = "token" }}
+lossless = {{ positions = "bitmap", zstd_level = 3 }}
+"""
+
+
+def codec_tables(a: argparse.Namespace) -> str:
+    template = PCA_CODEC if a.codec == "pca" else CODEC
+    return template.format(keep=a.keep, bits=a.bits)
+
 
 def data_options(a: argparse.Namespace) -> str:
     """Text corpora take a size cap; image datasets take no options."""
@@ -98,7 +117,7 @@ alpha = 16.0
 dataset = "{a.dataset}"
 {data_options(a)}
 
-{CODEC.format(keep=a.keep, bits=a.bits)}
+{codec_tables(a)}
 
 [run.runtime]
 heartbeat_interval_s = 1.0
@@ -175,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--max-inflight", type=int, default=1)
     p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--codec", choices=["topk", "pca"], default="topk", help="the sft mode's activation chain")
     p.add_argument("--keep", type=float, default=0.2)
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--uplink-min", type=float, default=10.0)

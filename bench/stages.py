@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tiny", action="store_true", help="llama-tiny, a few steps (CI)")
     a = p.parse_args(argv)
     # Fields topology_text expects but a stage comparison does not vary.
-    a.keep, a.bits, a.uplink_min, a.uplink_max, a.rtt_ms = 0.2, 8, 1000.0, 1000.0, 0.0
+    a.codec, a.keep, a.bits, a.uplink_min, a.uplink_max, a.rtt_ms = "topk", 0.2, 8, 1000.0, 1000.0, 0.0
     if a.tiny:
         a.model, a.dataset, a.cuts, a.stage_start = "llama-tiny", "stdlib-docs", [1, 2], 3
         a.rounds, a.steps, a.batch, a.seq, a.max_documents = 2, 2, 2, 16, 20

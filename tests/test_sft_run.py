@@ -317,3 +317,34 @@ def test_a_bad_device_codec_is_a_topology_error(tmp_path: Path) -> None:
     )
     with pytest.raises(TopologyError, match=r"dev0.*codec\.up.*did you mean 'sparsify'"):
         load_topology(path)
+
+
+PCA_UP = """
+[run.codec.up]
+outliers = { first_tokens = 1 }
+project = { basis = "pca" }
+quantize = { bits = 4, scale = "channel" }
+lossless = { zstd_level = 3 }
+[run.codec.down]
+sparsify = { keep = 0.5, scope = "tensor" }
+quantize = { bits = 8, scale = "token" }
+lossless = { positions = "bitmap", zstd_level = 1 }
+"""
+
+
+@pytest.mark.asyncio
+async def test_transform_coding_fits_a_basis_per_device_and_sends_it_once(tmp_path: Path) -> None:
+    """Devices fit a PCA basis on their own activations; the server decodes with each device's."""
+    s = await _run(write_topology(tmp_path, cuts=[1, 2], rounds=2, steps=2, codec=PCA_UP))
+    assert s["totals"]["ratio_up"] > 3.0
+    assert s["after"]["targets"] > 0
+    # 4 bits per PCA component costs little: the coded eval path stays close to the raw one.
+    assert s["before"]["loss"] == pytest.approx(s["before_raw"]["loss"], rel=0.05)
+
+
+def test_a_projected_gradient_chain_is_refused(tmp_path: Path) -> None:
+    from sft_actors.errors import ConfigError
+    from sft_actors.train import modes
+
+    with pytest.raises(ConfigError, match="activations"):
+        modes.codecs({"up": {}, "down": {"project": {"basis": "pca"}}})

@@ -22,6 +22,7 @@ from sft_actors.wire import (
     Activations,
     AdaptersDown,
     AdaptersRequest,
+    BasisUpload,
     AdaptersUp,
     Bye,
     Error,
@@ -118,6 +119,9 @@ def sample_messages() -> dict[MsgKind, Message]:
         EvalResult(node="server", round=3, values={"ppl": 12.5, "accuracy": 0.25}),
         Ack(of_msg_id=41, credits=1),
         AdaptersRequest(round=3),
+        BasisUpload(
+            device="dev0", key="pca", digest="ab" * 16, vectors=_t(lora_a.T.contiguous()), mean=_t(lora_a[0])
+        ),
     ]
     return {msg.KIND: msg for msg in samples}
 

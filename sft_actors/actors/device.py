@@ -23,7 +23,8 @@ from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import first_error
-from sft_actors.codec import Codec
+from sft_actors.codec import Basis, BasisRegistry, Codec
+from sft_actors.data import ShardBatches
 from sft_actors.errors import ConfigError, SftError
 from sft_actors.sharing import SHARED
 from sft_actors.topology import ActorSpec
@@ -38,6 +39,7 @@ from sft_actors.wire import (
     AdaptersDown,
     AdaptersRequest,
     AdaptersUp,
+    BasisUpload,
     EvalRequest,
     EvalResult,
     Gradients,
@@ -78,6 +80,8 @@ class DeviceActor(Actor):
     # --- set-up --------------------------------------------------------------------------
     async def on_plan(self, msg: Plan, ctx: MsgContext) -> Ack:
         await self.offload(self._setup, msg)
+        if self.basis_upload is not None:  # the server needs the basis before the first activations
+            await self.call(self.server, self.basis_upload, timeout_s=self.topology.run.train.round_timeout_s)
         self.plan = msg
         self.log.info(
             "plan_received",
@@ -109,7 +113,6 @@ class DeviceActor(Actor):
 
             self.part = make_device_part(self.model, plan.cut, lora, seed=run.seed)
             self.trainer = DeviceTrainer(self.part, lr=run.train.lr, max_inflight=run.train.max_inflight)
-        self.codec_up, _ = modes.codecs(plan.codec)
         self.data: DeviceData = build_device_data(
             data_settings(run),
             model=self.model,
@@ -119,6 +122,39 @@ class DeviceActor(Actor):
         )
         self.batches = BatchIterator(self.data.train)
         self.server = self._server_for(plan.cut)
+        self.bases = BasisRegistry()
+        self.basis_upload: BasisUpload | None = None
+        spec = modes.up_spec(plan.codec) if modes.uses_codec(self.mode) else None
+        if spec is not None and spec.project is not None:
+            self.basis_upload = self._fit_basis(spec)
+        self.codec_up, _ = modes.codecs(plan.codec, bases=self.bases)
+
+    def _fit_basis(self, spec: Any) -> BasisUpload:
+        """Fit this device's PCA basis on its own training activations (no update), register it,
+        and return the message that carries it to the server once per run."""
+        run = self.topology.run
+        train = self.data.train
+        # A separate iterator, so calibration does not change which batches training sees.
+        calibration = BatchIterator(
+            ShardBatches(train.dataset, train.shard, batch_size=train.batch_size, seed=run.seed + 7919)
+        )
+        skip = spec.outliers.first_tokens if spec.outliers is not None else 0  # sent densely anyway
+        hidden = [
+            self.trainer.forward_eval(next(calibration)[0]) for _ in range(run.train.calibration_batches)
+        ]
+        basis = Basis.fit(torch.cat(hidden)[:, skip:, :])
+        key = spec.project.basis
+        self.bases.register(key, basis)
+        self.log.info(
+            "basis_fitted", key=key, rank=basis.rank, tokens=sum(h.shape[0] * h.shape[1] for h in hidden)
+        )
+        return BasisUpload(
+            device=self.name,
+            key=key,
+            digest=basis.digest,
+            vectors=WireTensor.from_torch(torch.from_numpy(basis.vectors)),
+            mean=WireTensor.from_torch(torch.from_numpy(basis.mean)),
+        )
 
     def _server_for(self, cut: int) -> str:
         servers = sorted(self.topology.servers, key=lambda s: s.start_block or 0)

@@ -21,8 +21,8 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.codec import Codec
-from sft_actors.errors import ConfigError
+from sft_actors.codec import Basis, BasisRegistry, Codec
+from sft_actors.errors import CodecError, ConfigError
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
 from sft_actors.train.device_trainer import DeviceTrainer
@@ -30,7 +30,16 @@ from sft_actors.train.loading import load_shared_model, lora_config, torch_dtype
 from sft_actors.train.server_trainer import ServerResult, ServerTrainer
 from sft_actors.train.stages import StagePart
 from sft_actors.train.tensors import pack_tensor, step_seed, unpack_tensor
-from sft_actors.wire import Ack, Activations, AdaptersRequest, AdaptersUp, Gradients, RoundDone, WireTensor
+from sft_actors.wire import (
+    Ack,
+    Activations,
+    AdaptersRequest,
+    AdaptersUp,
+    BasisUpload,
+    Gradients,
+    RoundDone,
+    WireTensor,
+)
 
 
 class ServerActor(Actor):
@@ -54,6 +63,8 @@ class ServerActor(Actor):
         self.end_block: int | None = later[0][0] if later else None
         self._stages = set(starts)
         self._keys = itertools.count()
+        # Each device's projection bases (transform coding), received once per run.
+        self._bases: dict[str, BasisRegistry] = {d.name: BasisRegistry() for d in devices}
         self.batches_served = 0
 
     async def on_start(self) -> None:
@@ -99,7 +110,7 @@ class ServerActor(Actor):
         """The gradient codec for each device (its own ``codec`` table, else ``[run.codec]``)."""
         mode = self.topology.run.train.mode
         return {
-            d.name: modes.codecs(modes.policy_table(mode, self.topology.codec_table(d.name)))[1]
+            d.name: modes.down_codec(modes.policy_table(mode, self.topology.codec_table(d.name)))
             for d in self.topology.devices
         }
 
@@ -112,7 +123,7 @@ class ServerActor(Actor):
                 f"device {msg.device} sent activations at cut {msg.cut}, below this server's first block "
                 f"{self.start_block}; set start_block ≤ {msg.cut} for server {self.name}"
             )
-        hidden = await self.offload(unpack_tensor, msg.activations)
+        hidden = await self.offload(unpack_tensor, msg.activations, self._bases[msg.device])
         labels = await self.offload(unpack_tensor, msg.labels)
         if self.stage_trainer is not None:
             return await self._through_next_stage(msg, ctx, hidden, from_stage)
@@ -184,6 +195,18 @@ class ServerActor(Actor):
         grad, _ = await self.offload(pack_tensor, x.grad, codec, seed=seed)
         self.batches_served += 1
         return dataclasses.replace(reply, grad=grad)
+
+    async def on_basis_upload(self, msg: BasisUpload, ctx: MsgContext) -> Ack:
+        """A device's PCA basis: its projected activations decode with it from now on."""
+        if msg.device != ctx.peer or msg.device not in self._bases:
+            raise ConfigError(f"basis for device {msg.device!r} came from {ctx.peer!r}")
+        vectors, mean = unpack_tensor(msg.vectors), unpack_tensor(msg.mean)
+        basis = Basis(vectors=vectors.numpy().astype("float32"), mean=mean.numpy().astype("float32"))
+        if basis.digest != msg.digest:
+            raise CodecError(f"basis from {msg.device} does not match its digest: corrupted in transit")
+        self._bases[msg.device].register(msg.key, basis)
+        self.log.info("basis_received", device=msg.device, key=msg.key, rank=basis.rank)
+        return Ack(of_msg_id=ctx.msg_id)
 
     async def on_round_done(self, msg: RoundDone, ctx: MsgContext) -> Ack:
         """The coordinator closes a round: ``per_round`` applies the accumulated update now."""

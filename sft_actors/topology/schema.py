@@ -35,6 +35,9 @@ class TrainConfig:
     max_inflight: int = 1
     server_update: ServerUpdate = "per_batch"
     eval_batches: int = 4
+    #: Micro-batches each device forwards (no update) to fit its PCA basis when its activation
+    #: codec has a ``project`` stage; the basis then travels to the server once per run.
+    calibration_batches: int = 8
     #: Bound on one round (and on set-up: loading the model and data) before the run fails.
     round_timeout_s: float = 1800.0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sft_actors.codec import Codec, CodecReport
+from sft_actors.codec import BasisRegistry, Codec, CodecReport
 from sft_actors.wire import WireTensor
 
 
@@ -17,12 +17,14 @@ def pack_tensor(t: torch.Tensor, codec: Codec | None, *, seed: int) -> tuple[Wir
     return wt, enc.report
 
 
-def unpack_tensor(wt: WireTensor) -> torch.Tensor:
-    """The tensor a peer sent, decoded if it is coded (raises CodecError on a bad frame)."""
+def unpack_tensor(wt: WireTensor, bases: BasisRegistry | None = None) -> torch.Tensor:
+    """The tensor a peer sent, decoded if it is coded (raises CodecError on a bad frame).
+
+    ``bases``: the sender's projection bases, for chains with a ``project`` stage."""
     if wt.is_raw:
         return wt.to_torch()
     assert wt.desc.codec is not None
-    return Codec.decode(dict(wt.desc.codec), wt.data)
+    return Codec.decode(dict(wt.desc.codec), wt.data, bases=bases)
 
 
 def step_seed(run_seed: int, device_index: int, round_: int, step: int, direction: int) -> int:

@@ -35,3 +35,4 @@ class MsgKind(IntEnum):
     EVAL_RESULT = 16  # node -> coordinator: the evaluation's values
     ACK = 17  # any -> any: generic reply to a message id; may grant flow-control credits
     ADAPTERS_REQUEST = 18  # coordinator -> device/server: answer ADAPTERS_UP with your LoRA (1.1)
+    BASIS = 19  # device -> server: its activation codec's PCA basis, once per run (1.1)

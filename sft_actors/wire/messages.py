@@ -205,6 +205,18 @@ class AdaptersRequest(Message):
     round: int
 
 
+@dataclass(kw_only=True, frozen=True, slots=True)
+class BasisUpload(Message):
+    """A device's transform-coding basis, sent once before its first projected activations."""
+
+    KIND = MsgKind.BASIS
+    device: str
+    key: str  # the name the codec chain's ``project.basis`` refers to
+    digest: str  # content hash; encoded tensors carry it, so a stale basis is refused
+    vectors: WireTensor  # (C, K) orthonormal columns
+    mean: WireTensor  # (C,)
+
+
 ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     Hello,
     Welcome,
@@ -224,6 +236,7 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     EvalResult,
     Ack,
     AdaptersRequest,
+    BasisUpload,
 )
 
 
