@@ -285,11 +285,21 @@ def _validate_run(b: _Builder, topo: Topology) -> None:
     if not run.name or not all(c.isalnum() or c in "-_." for c in run.name):
         b.fail("[run]", "name", f"{run.name!r} must be non-empty letters, digits, '-', '_' or '.'")
     t = run.train
-    for key in ("rounds", "steps_per_round", "batch_size", "seq_len", "aggregate_every", "max_inflight"):
+    for key in (
+        "rounds",
+        "steps_per_round",
+        "batch_size",
+        "seq_len",
+        "aggregate_every",
+        "max_inflight",
+        "calibration_batches",
+    ):
         if getattr(t, key) < 1:
             b.fail("[run.train]", key, f"must be at least 1, got {getattr(t, key)}")
     if t.eval_batches < 0:
         b.fail("[run.train]", "eval_batches", "must be 0 or more")
+    if t.round_timeout_s <= 0:
+        b.fail("[run.train]", "round_timeout_s", f"must be positive, got {t.round_timeout_s}")
     if t.lr <= 0:
         b.fail("[run.train]", "lr", f"must be positive, got {t.lr}")
     lora = run.lora
