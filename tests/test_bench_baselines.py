@@ -1,4 +1,5 @@
-"""bench/baselines.py runs with tiny arguments, so it cannot rot."""
+"""bench/baselines.py, bench/stages.py and bench/llm_chains.py run with tiny arguments, so they
+cannot rot."""
 
 from __future__ import annotations
 
@@ -6,22 +7,29 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(300)
-def test_baselines_bench_tiny_reports_every_mode_and_the_headline_ratios() -> None:
+def run_bench(script: str, *args: str, timeout_s: float = 280) -> dict[str, Any]:
+    """Run ``bench/<script>`` as a subprocess; its last stdout line is the JSON result."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "baselines.py"), "--tiny"],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout_s,
         check=True,
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(300)
+def test_baselines_bench_tiny_reports_every_mode_and_the_headline_ratios() -> None:
+    result = run_bench("baselines.py", "--tiny")
     assert set(result["modes"]) == {"sl", "sfl", "sft", "fedlora"}
     assert result["modes"]["sft"]["bytes_up"] < result["modes"]["sfl"]["bytes_up"]
     assert result["modes"]["fedlora"]["bytes_up"] == 0
@@ -32,40 +40,17 @@ def test_baselines_bench_tiny_reports_every_mode_and_the_headline_ratios() -> No
 
 @pytest.mark.timeout(300)
 def test_stages_bench_tiny_compares_one_and_two_server_stages() -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "stages.py"), "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=True,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_bench("stages.py", "--tiny")
     assert result["one_stage"]["stages"] == 1 and result["two_stages"]["stages"] == 2
     assert result["stage_gain"] > 0
 
 
 @pytest.mark.timeout(200)
 def test_llm_chains_bench_tiny_reports_every_chain() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "llm_chains.py"),
-            "--model",
-            "llama-tiny",
-            "--cut",
-            "2",
-            "--sequences",
-            "4",
-            "--seq",
-            "16",
-            "--max-documents",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=190,
-        check=True,
+    result = run_bench(
+        "llm_chains.py",
+        *("--model", "llama-tiny", "--cut", "2", "--sequences", "4", "--seq", "16", "--max-documents", "20"),
+        timeout_s=190,
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["chains"]["raw"]["ratio"] == 1.0
     assert all(r["ratio"] > 1.0 for name, r in result["chains"].items() if name != "raw")
