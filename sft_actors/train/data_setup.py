@@ -118,7 +118,7 @@ def build_device_data(
             return corpus.pack(tok.encode, eos_id=eos, seq_len=s.seq_len, pad_id=tok.pad_id)
 
         packed = pack(train.subset(mine))
-        heldout_set = cache(("packed-heldout", id(test), s.seq_len), lambda: pack(test))
+        heldout_set = cache(("packed-heldout", id(test), id(tok), s.seq_len), lambda: pack(test))
     elif isinstance(train, ImageDataset):
         if model.family != "vit":
             raise ConfigError(f"dataset {s.dataset!r} holds images; model family {model.family!r} needs text")
