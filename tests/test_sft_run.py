@@ -348,3 +348,19 @@ def test_a_projected_gradient_chain_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="activations"):
         modes.codecs({"up": {}, "down": {"project": {"basis": "pca"}}})
+
+
+@pytest.mark.asyncio
+async def test_vit_classification_run_reports_accuracy(tmp_path: Path) -> None:
+    """The image path: ViT on scikit-learn's digits, trainable head on the server."""
+    path = write_topology(tmp_path, cuts=[1, 2], rounds=1, steps=2)
+    path.write_text(
+        path.read_text()
+        .replace('model = "llama-tiny"', 'model = "vit-tiny"')
+        .replace('dataset = "stdlib-docs"\noptions = { max_documents = 40 }', 'dataset = "digits"')
+    )
+    s = await _run(path)
+    assert s["before"]["perplexity"] is None and 0.0 <= s["after"]["accuracy"] <= 1.0
+    assert s["after"]["targets"] > 0 and s["totals"]["ratio_up"] > 2.0
+    # The server trains the classification head too, and saves it with its adapters.
+    assert any(k.startswith("head.") for k in load_file(s["adapters"]["server"]))

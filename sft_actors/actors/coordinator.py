@@ -245,8 +245,7 @@ class CoordinatorActor(Actor):
             *(self._call(d, EvalRequest(round=r, split=split), self.round_timeout_s) for d in self.devices)
         )
         parts = [dict(m.values) for m in replies if isinstance(m, EvalResult)]
-        is_lm = self._is_lm()
-        rec = eval_record(r, parts, is_lm=is_lm)
+        rec = eval_record(r, parts, is_lm=any(p.get("task") == "lm" for p in parts))
         if split != RAW_HELDOUT:
             self.summary.evals.append(rec)
         self.log.info(
@@ -279,10 +278,6 @@ class CoordinatorActor(Actor):
             "predicted_device_round_s": pred.device_round_s,
             "assumed": assumed,
         }
-
-    def _is_lm(self) -> bool:
-        name = self.topology.run.data.dataset
-        return not name.startswith(("cifar100", "tiny-imagenet", "fashion-mnist", "digits"))
 
     async def _write_results(self) -> None:
         run = self.topology.run

@@ -301,6 +301,8 @@ class DeviceActor(Actor):
                 "targets": targets,
                 "correct": correct,
                 "batches": len(self.data.heldout),
+                # A language model reports perplexity, a classifier accuracy.
+                "task": "lm" if self.model.family == "llama" else "classification",
             },
         )
 
