@@ -63,6 +63,7 @@ class CoordinatorActor(Actor):
             devices={d.name: int(d.cut or 0) for d in self.topology.devices},
         )
         self._bar: tqdm[Any] | None = None
+        self._bar_wire = self._bar_raw = 0  # bytes on the wire / raw, this round (progress bar)
         self._device_adapters: dict[str, Any] = {}
         self._running = False
 
@@ -139,6 +140,7 @@ class CoordinatorActor(Actor):
     # --- rounds --------------------------------------------------------------------------
     async def _round(self, r: int) -> None:
         total = self.train.steps_per_round * len(self.devices)
+        self._bar_wire = self._bar_raw = 0
         self._bar = tqdm(
             total=total, desc=f"round {r}/{self.train.rounds}", unit="step", leave=True, disable=None
         )
@@ -196,8 +198,16 @@ class CoordinatorActor(Actor):
     async def on_metrics(self, msg: Metrics, ctx: MsgContext) -> None:
         """Per-step progress from devices (fire and forget)."""
         if self._bar is not None and "step_loss" in msg.values:
+            self._bar_wire += int(msg.values.get("wire_bytes", 0))
+            self._bar_raw += int(msg.values.get("raw_bytes", 0))
+            ratio = self._bar_raw / self._bar_wire if self._bar_wire else 1.0
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{float(msg.values['step_loss']):.3f}", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{float(msg.values['step_loss']):.3f}",
+                wire=f"{self._bar_wire / 1e6:.2f}MB",
+                ratio=f"{ratio:.1f}x",
+                refresh=False,
+            )
 
     # --- adapters ------------------------------------------------------------------------
     async def _collect(self, peer: str, r: int) -> AdaptersUp:

@@ -246,7 +246,9 @@ class DeviceActor(Actor):
             stats.losses.append(reply.loss)
             stats.targets += reply.n_tokens
             stats.step_ms.append((time.perf_counter() - t0) * 1e3)
-            await self._report_step(msg.round, reply.loss)
+            wire = msg.activations.desc.nbytes + reply.grad.desc.nbytes
+            raw = (grad.numel() * grad.element_size()) * 2  # activations and gradient: same shape
+            await self._report_step(msg.round, reply.loss, wire_bytes=wire, raw_bytes=raw)
         except BaseException:
             self.trainer.abandon(msg.step)
             raise
@@ -273,11 +275,18 @@ class DeviceActor(Actor):
         stats.step_ms.append((time.perf_counter() - t0) * 1e3)
         await self._report_step(-1, loss)
 
-    async def _report_step(self, round_: int, loss: float) -> None:
+    async def _report_step(
+        self, round_: int, loss: float, *, wire_bytes: int = 0, raw_bytes: int = 0
+    ) -> None:
         """Fire-and-forget progress to the coordinator (drives its progress bar)."""
         coordinator = self.topology.coordinator.name
         if coordinator in self.peers:
-            await self.send(coordinator, Metrics(node=self.name, round=round_, values={"step_loss": loss}))
+            values: dict[str, float | int | str] = {
+                "step_loss": loss,
+                "wire_bytes": wire_bytes,
+                "raw_bytes": raw_bytes,
+            }
+            await self.send(coordinator, Metrics(node=self.name, round=round_, values=values))
 
     # --- evaluation ------------------------------------------------------------------------
     async def on_eval_request(self, msg: EvalRequest, ctx: MsgContext) -> EvalResult:
