@@ -241,13 +241,15 @@ class CoordinatorActor(Actor):
             mine = {k: WireTensor.from_torch(averaged[k]) for k in c.tensors if k in averaged}
             sends.append(self._call(u.device, AdaptersDown(round=r, tensors=mine), self.round_timeout_s))
         acks = await gather_owned(*sends)
-        assert all(isinstance(a, Ack) for a in acks)
+        if not all(isinstance(a, Ack) for a in acks):
+            raise SftError(f"round {r}: a device answered ADAPTERS_DOWN with something other than ACK")
         self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
 
     # --- evaluation and results ----------------------------------------------------------------
     async def _evaluate_raw(self, r: int) -> None:
         """With the codec on, also measure the model alone (activations sent uncompressed)."""
-        if modes.uses_codec(self.train.mode) and self.topology.run.codec.up:
+        coded = any(self.topology.codec_table(d)["up"] for d in self.devices)
+        if modes.uses_codec(self.train.mode) and coded:
             self.summary.evals_raw.append(await self._evaluate(r, split=RAW_HELDOUT))
 
     async def _evaluate(self, r: int, split: str = "heldout") -> EvalRecord:
