@@ -364,3 +364,14 @@ async def test_vit_classification_run_reports_accuracy(tmp_path: Path) -> None:
     assert s["after"]["targets"] > 0 and s["totals"]["ratio_up"] > 2.0
     # The server trains the classification head too, and saves it with its adapters.
     assert any(k.startswith("head.") for k in load_file(s["adapters"]["server"]))
+
+
+def test_a_bad_log_format_is_a_usage_error() -> None:
+    from typer.testing import CliRunner
+
+    from sft_actors.cli.main import app
+
+    root = Path(__file__).resolve().parent.parent
+    result = CliRunner().invoke(app, ["run", str(root / "topologies" / "tiny.toml"), "--log-format", "xml"])
+    assert result.exit_code == 2
+    assert "log format" in result.output

@@ -55,8 +55,12 @@ class Actor(ActorCore):
         """Sockets are bound and peers connected; set up state before ``ready``."""
 
     async def run(self) -> Any:
-        """Optional main coroutine, started once ready. A coordinator's return value ends the run."""
-        raise NotImplementedError  # not started unless a subclass overrides it
+        """Optional main coroutine, started once ready. A coordinator's return value ends the run.
+
+        Only an override is started (``serve`` checks ``type(self).run``): an actor that just
+        answers messages has no main coroutine, and this body never runs.
+        """
+        return None
 
     async def cleanup(self, exc: BaseException | None) -> None:
         """Release resources; ``exc`` is why the actor stopped (None = normal stop)."""

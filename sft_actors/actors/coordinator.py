@@ -28,6 +28,7 @@ from sft_actors.train.summary import (
     RoundRecord,
     RunSummary,
     eval_record,
+    median_or_zero,
     new_run_dir,
     write_adapters,
     write_summary,
@@ -40,7 +41,6 @@ from sft_actors.wire import (
     AdaptersUp,
     EvalRequest,
     EvalResult,
-    Message,
     Metrics,
     Plan,
     RoundDone,
@@ -132,10 +132,7 @@ class CoordinatorActor(Actor):
                 )
             )
         # Devices load the model and data now (in-process devices share one copy).
-        await gather_owned(*(self._call(p.device, p, self.round_timeout_s) for p in plans))
-
-    async def _call(self, peer: str, msg: Message, timeout_s: float) -> Message:
-        return await self.call(peer, msg, timeout_s=timeout_s)
+        await gather_owned(*(self.call(p.device, p, timeout_s=self.round_timeout_s) for p in plans))
 
     # --- rounds --------------------------------------------------------------------------
     async def _round(self, r: int) -> None:
@@ -151,11 +148,14 @@ class CoordinatorActor(Actor):
                 for i, dev in enumerate(self.devices):
                     if i > 0 or r > 1:
                         await self._relay(self.devices[i - 1], dev, r)
-                    done.append(await self._call(dev, RoundStart(round=r), self.round_timeout_s))
+                    done.append(await self.call(dev, RoundStart(round=r), timeout_s=self.round_timeout_s))
             else:
                 done = list(
                     await gather_owned(
-                        *(self._call(dev, RoundStart(round=r), self.round_timeout_s) for dev in self.devices)
+                        *(
+                            self.call(dev, RoundStart(round=r), timeout_s=self.round_timeout_s)
+                            for dev in self.devices
+                        )
                     )
                 )
         finally:
@@ -169,7 +169,7 @@ class CoordinatorActor(Actor):
         n = sum(m.n_samples for m in results)
         # Close the round on every server (per_round updates apply now).
         close = RoundDone(device=self.name, round=r, n_samples=n, loss=0.0)
-        await gather_owned(*(self._call(s, close, self.round_timeout_s) for s in self.servers))
+        await gather_owned(*(self.call(s, close, timeout_s=self.round_timeout_s) for s in self.servers))
         record = RoundRecord(
             round=r,
             loss=sum(m.loss * m.n_samples for m in results) / max(1, n),
@@ -178,7 +178,7 @@ class CoordinatorActor(Actor):
             raw_up=sum(int(m.metrics.get("raw_up", 0)) for m in results),
             raw_down=sum(int(m.metrics.get("raw_down", 0)) for m in results),
             seconds=time.perf_counter() - started,
-            step_ms_median=_median([float(m.metrics.get("step_ms_median", 0.0)) for m in results]),
+            step_ms_median=median_or_zero([float(m.metrics.get("step_ms_median", 0.0)) for m in results]),
             encode_ms=sum(float(m.metrics.get("encode_ms", 0.0)) for m in results),
             per_device_loss={m.device: round(m.loss, 5) for m in results},
             per_device_bytes_up={m.device: int(m.metrics.get("bytes_up", 0)) for m in results},
@@ -211,7 +211,7 @@ class CoordinatorActor(Actor):
 
     # --- adapters ------------------------------------------------------------------------
     async def _collect(self, peer: str, r: int) -> AdaptersUp:
-        reply = await self._call(peer, AdaptersRequest(round=r), self.round_timeout_s)
+        reply = await self.call(peer, AdaptersRequest(round=r), timeout_s=self.round_timeout_s)
         if not isinstance(reply, AdaptersUp):
             raise SftError(f"{peer} answered {type(reply).__name__} to ADAPTERS_REQUEST")
         return reply
@@ -221,7 +221,7 @@ class CoordinatorActor(Actor):
         up = await self._collect(src, r)
         cut = self.summary.devices[dst]
         held = {k: v for k, v in up.tensors.items() if (block_of(k) or 0) < cut}  # blocks dst holds
-        await self._call(dst, AdaptersDown(round=r, tensors=held), self.round_timeout_s)
+        await self.call(dst, AdaptersDown(round=r, tensors=held), timeout_s=self.round_timeout_s)
         self._device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
 
     async def _aggregate(self, r: int) -> None:
@@ -239,7 +239,9 @@ class CoordinatorActor(Actor):
         sends = []
         for u, c in zip(ups, contributions, strict=True):
             mine = {k: WireTensor.from_torch(averaged[k]) for k in c.tensors if k in averaged}
-            sends.append(self._call(u.device, AdaptersDown(round=r, tensors=mine), self.round_timeout_s))
+            sends.append(
+                self.call(u.device, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
+            )
         acks = await gather_owned(*sends)
         if not all(isinstance(a, Ack) for a in acks):
             raise SftError(f"round {r}: a device answered ADAPTERS_DOWN with something other than ACK")
@@ -254,7 +256,10 @@ class CoordinatorActor(Actor):
 
     async def _evaluate(self, r: int, split: str = "heldout") -> EvalRecord:
         replies = await gather_owned(
-            *(self._call(d, EvalRequest(round=r, split=split), self.round_timeout_s) for d in self.devices)
+            *(
+                self.call(d, EvalRequest(round=r, split=split), timeout_s=self.round_timeout_s)
+                for d in self.devices
+            )
         )
         parts = [dict(m.values) for m in replies if isinstance(m, EvalResult)]
         rec = eval_record(r, parts, is_lm=any(p.get("task") == "lm" for p in parts))
@@ -278,7 +283,7 @@ class CoordinatorActor(Actor):
         from sft_actors.errors import SftError as _SftError
         from sft_actors.plan.from_topology import predict_topology, problem_from_topology
 
-        measured = _median([r.seconds for r in self.summary.rounds])
+        measured = median_or_zero([r.seconds for r in self.summary.rounds])
         try:
             problem, assumed = problem_from_topology(self.topology)
             pred = predict_topology(self.topology, problem)
@@ -307,10 +312,3 @@ class CoordinatorActor(Actor):
                 self.summary.adapters[s] = str(path)
         path = write_summary(self.summary, run_dir)
         self.log.info("run_written", run_dir=str(run_dir), summary=str(path))
-
-
-def _median(xs: list[float]) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[len(s) // 2]

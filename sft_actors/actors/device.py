@@ -32,6 +32,7 @@ from sft_actors.train import modes
 from sft_actors.train.data_setup import BatchIterator, DeviceData, build_device_data
 from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.loading import data_settings, load_shared_model, lora_config, torch_dtype
+from sft_actors.train.summary import median_or_zero
 from sft_actors.train.tensors import pack_tensor, step_seed, unpack_tensor
 from sft_actors.wire import (
     Ack,
@@ -198,7 +199,7 @@ class DeviceActor(Actor):
             "raw_down": stats.raw_down,
             "encode_ms": round(stats.encode_ms, 3),
             "round_s": round(time.perf_counter() - started, 4),
-            "step_ms_median": round(_median(stats.step_ms), 3),
+            "step_ms_median": round(median_or_zero(stats.step_ms), 3),
             "targets": stats.targets,
         }
         self.log.info("round_finished", round=msg.round, loss=round(loss, 4), **metrics)
@@ -239,16 +240,16 @@ class DeviceActor(Actor):
             if not isinstance(reply, Gradients):
                 raise SftError(f"server {self.server} answered {type(reply).__name__} to ACTIVATIONS")
             grad = await self.offload(unpack_tensor, reply.grad)
+            raw = grad.numel() * grad.element_size()  # = the activations' raw size (same shape)
             stats.bytes_down += reply.grad.desc.nbytes
-            stats.raw_down += grad.numel() * grad.element_size()
+            stats.raw_down += raw
             async with self._compute:
                 await self.offload(self.trainer.backward, msg.step, grad)
             stats.losses.append(reply.loss)
             stats.targets += reply.n_tokens
             stats.step_ms.append((time.perf_counter() - t0) * 1e3)
             wire = msg.activations.desc.nbytes + reply.grad.desc.nbytes
-            raw = (grad.numel() * grad.element_size()) * 2  # activations and gradient: same shape
-            await self._report_step(msg.round, reply.loss, wire_bytes=wire, raw_bytes=raw)
+            await self._report_step(msg.round, reply.loss, wire_bytes=wire, raw_bytes=2 * raw)
         except BaseException:
             self.trainer.abandon(msg.step)
             raise
@@ -377,10 +378,3 @@ def _top_labels(histogram: list[int], k: int = 5) -> str:
     """``"3:120 7:88 …"``: this shard's most frequent labels (class index: count), for the log."""
     top = sorted(((c, i) for i, c in enumerate(histogram) if c), reverse=True)[:k]
     return " ".join(f"{i}:{c}" for c, i in top)
-
-
-def _median(xs: list[float]) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[len(s) // 2]

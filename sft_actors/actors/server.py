@@ -93,17 +93,16 @@ class ServerActor(Actor):
                 accumulate=run.train.server_update == "per_round",
             )
             self.trainer: ServerTrainer | None = None
-            self.codec_down = self._down_codecs()
-            return
-        self.stage_trainer = None
-        _, self.part = split_model(
-            self.model,
-            self.start_block,
-            server_start=self.start_block,
-            lora=lora_config(run.lora),
-            seed=run.seed,
-        )
-        self.trainer = ServerTrainer(self.part, lr=run.train.lr, update=run.train.server_update)
+        else:
+            self.stage_trainer = None
+            _, self.part = split_model(
+                self.model,
+                self.start_block,
+                server_start=self.start_block,
+                lora=lora_config(run.lora),
+                seed=run.seed,
+            )
+            self.trainer = ServerTrainer(self.part, lr=run.train.lr, update=run.train.server_update)
         self.codec_down = self._down_codecs()
 
     def _down_codecs(self) -> dict[str, Codec | None]:

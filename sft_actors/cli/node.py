@@ -16,10 +16,9 @@ from typing import Annotated
 
 import typer
 
-from sft_actors import log
 from sft_actors.actors.roles import parse_role_overrides
+from sft_actors.cli.options import LogFormatOption, LogLevelOption, RoleFactoryOption, setup_logging
 from sft_actors.errors import SftError
-from sft_actors.log import LogFormat
 from sft_actors.topology import load_topology
 from sft_actors.transport.endpoints import Transport
 
@@ -38,19 +37,16 @@ def node(
     ipc_dir: Annotated[
         Path | None, typer.Option(help="socket directory shared by local processes (ipc)")
     ] = None,
-    role_factory: Annotated[
-        list[str] | None, typer.Option(help="ROLE=package.module:Class, replaces a role's implementation")
-    ] = None,
+    role_factory: RoleFactoryOption = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads for this process")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="stop the node after this many seconds")] = None,
-    log_format: Annotated[str, typer.Option(help="console or json")] = "console",
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    log_format: LogFormatOption = "console",
+    log_level: LogLevelOption = "info",
 ) -> None:
     """Run the actor(s) of one role from a topology file."""
     from sft_actors.runtime import run_node
 
-    fmt: LogFormat = "json" if log_format == "json" else "console"
-    log.configure(fmt, log_level)
+    setup_logging(log_format, log_level)
     if threads is not None:
         import torch
 

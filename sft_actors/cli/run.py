@@ -9,10 +9,9 @@ from typing import Annotated
 
 import typer
 
-from sft_actors import log
 from sft_actors.actors.roles import parse_role_overrides
+from sft_actors.cli.options import LogFormatOption, LogLevelOption, RoleFactoryOption, setup_logging
 from sft_actors.errors import SftError
-from sft_actors.log import LogFormat
 from sft_actors.transport.endpoints import TRANSPORTS, Transport
 
 
@@ -22,19 +21,16 @@ def run_command(
     transport: Annotated[
         str | None, typer.Option(help="inproc (default), or ipc/tcp (default ipc with --processes)")
     ] = None,
-    role_factory: Annotated[
-        list[str] | None, typer.Option(help="ROLE=package.module:Class, replaces a role's implementation")
-    ] = None,
+    role_factory: RoleFactoryOption = None,
     timeout_s: Annotated[float | None, typer.Option(help="stop the run after this many seconds")] = None,
-    log_format: Annotated[str, typer.Option(help="console or json")] = "console",
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "info",
+    log_format: LogFormatOption = "console",
+    log_level: LogLevelOption = "info",
 ) -> None:
     """Run every actor of a topology on this machine and print the coordinator's result."""
     from sft_actors.runtime import run_processes, run_topology
     from sft_actors.topology import load_topology
 
-    fmt: LogFormat = "json" if log_format == "json" else "console"
-    log.configure(fmt, log_level)
+    fmt = setup_logging(log_format, log_level)
     chosen = transport or ("ipc" if processes else "inproc")
     if chosen not in TRANSPORTS:
         raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")

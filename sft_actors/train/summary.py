@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def median_or_zero(xs: list[float]) -> float:
+    """The median of a possibly empty list of timings (0.0 when nothing was measured)."""
+    return statistics.median(xs) if xs else 0.0
 
 
 @dataclass(kw_only=True, slots=True)
