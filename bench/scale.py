@@ -33,10 +33,12 @@ from machine import machine_info
 from sft_actors import log
 from sft_actors.actors.base import Actor
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.tasks import gather_owned
 from sft_actors.model import LoraConfig, load_model, make_device_part, resolve_spec, sample_batch, split_model
 from sft_actors.runtime import run_topology
 from sft_actors.topology import ActorSpec, Topology, parse_topology
 from sft_actors.wire.messages import Activations, Gradients, RoundDone, RoundStart
+from sft_actors.wire.plans import RoundStats
 from sft_actors.wire.tensors import WireTensor
 
 SHARED: dict[str, Any] = {}  # the frozen base model and the batch, shared by every actor
@@ -87,7 +89,7 @@ class ScaleDevice(Actor):
         self.part.backward_from(hidden, grad)
         self.opt.step()
 
-    async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> None:
+    async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> RoundDone:
         inputs, labels = SHARED["batch"]
         hidden = await self.offload(self.part, inputs)
         reply = await self.call("server", Activations(
@@ -95,30 +97,23 @@ class ScaleDevice(Actor):
             activations=WireTensor.from_torch(hidden.detach()), labels=WireTensor.from_torch(labels),
             n_samples=int(inputs.shape[0]), sent_at_ns=time.time_ns(),
         ))  # fmt: skip
-        assert isinstance(reply, Gradients)
         await self.offload(self._backward, hidden, reply.grad.to_torch())
-        await self.send(ctx.peer, RoundDone(device=self.name, round=msg.round, n_samples=1, loss=reply.loss))
+        nbytes = hidden.numel() * hidden.element_size()
+        stats = RoundStats(
+            bytes_up=nbytes, bytes_down=nbytes, raw_up=nbytes, raw_down=nbytes, encode_ms=0.0,
+            round_s=0.0, step_ms_median=0.0, targets=int(labels.numel()),
+        )  # fmt: skip
+        return RoundDone(device=self.name, round=msg.round, n_samples=1, loss=reply.loss, stats=stats)
 
 
 class RoundCoordinator(Actor):
-    def __init__(self, spec: ActorSpec, env: Any) -> None:
-        super().__init__(spec, env)
-        self.done: set[str] = set()
-        self.all_done = asyncio.Event()
-
-    async def on_round_done(self, msg: RoundDone, ctx: MsgContext) -> None:
-        self.done.add(msg.device)
-        if len(self.done) == len(self.topology.devices):
-            self.all_done.set()
-
     async def run(self) -> dict[str, Any]:
         devices = [d.name for d in self.topology.devices]
         t0 = time.perf_counter()
         await self.wait_for_peers([*devices, "server"], timeout_s=600)
         connect_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        await self.broadcast(RoundStart(round=0), devices)
-        await self.all_done.wait()
+        await gather_owned(*(self.call(d, RoundStart(round=0)) for d in devices))
         return {"connect_s": connect_s, "round_s": time.perf_counter() - t0, "rss_mb": rss_mb()}
 
 

@@ -37,6 +37,15 @@ class SchemaMismatch(ProtocolError):
     """The peer was configured differently (model, split plan, LoRA, dtype or codec set)."""
 
 
+class UnexpectedReply(ProtocolError):
+    """A request was answered with a message kind other than the one it declares."""
+
+
+class ProtocolViolation(ProtocolError):
+    """A well-formed message that breaks the protocol: wrong sender, no plan yet, a cut below
+    the server's first block, a gradient for a micro-batch that is not in flight."""
+
+
 # --- codec -----------------------------------------------------------------------------
 class CodecError(SftError):
     """A tensor cannot be encoded (e.g. NaN/inf) or a payload cannot be decoded."""

@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from sft_actors.cli.plan import plan_command
+from sft_actors.codec.spec import ChainSpec
 from sft_actors.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,9 +99,9 @@ def test_plan_prints_json_and_writes_a_loadable_topology(tmp_path: Path) -> None
     # Each device runs the chain the plan chose for it (per-device codec tables when they differ).
     from sft_actors.plan.compression import build_menu
 
-    chains = {o.name: dict(o.chain) for o in build_menu(pareto_only=False).options}
+    chains = {o.name: ChainSpec.parse(o.chain) for o in build_menu(pareto_only=False).options}
     for dev, codec_name in zip(planned.devices, plan["written"]["codecs"], strict=True):
-        assert planned.codec_table(dev.name)["up"] == chains[codec_name]
+        assert planned.codec_policy(dev.name).up == chains[codec_name]
     assert planned.run.train.batch_size == 4 and planned.devices[0].profile.memory_mb == 600
 
     table = runner.invoke(cli(), ["plan", str(source), "--channel-seed", "3"])

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sft_actors.codec.spec import ChainSpec, SparsifySpec
 from sft_actors.errors import TopologyError
+from sft_actors.model.config import PRESETS
 from sft_actors.topology import load_topology, parse_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +109,11 @@ def test_split_must_fit_the_model() -> None:
     refused(d, "[[actors]] 'server'", "start_block", "'dev0' cuts at 2", "<= 2")
     d = doc(run={"name": "t", "model": "my-model"})
     d["actors"][2]["cut"] = 7
-    refused(d, "1..6", num_blocks=lambda m: 6 if m == "my-model" else None)
-    parse_topology(d, num_blocks=lambda m: None)  # unknown size: no bound
+    six = PRESETS["llama-tiny"]
+    six = dataclasses.replace(six, num_blocks=6)
+    refused(d, "1..6", model_config=lambda m: six if m == "my-model" else None)
+    parse_topology(d, model_config=lambda m: None)  # unknown architecture: no bound
+    refused(d, "[run], key 'model'", "cannot use model 'my-model'")  # the default reads the spec
 
 
 def test_roles_and_hosts() -> None:
@@ -153,6 +159,7 @@ def test_schema_parts_follow_the_split() -> None:
 def test_codec_tables_are_validated_by_the_codec() -> None:
     d = doc()
     d["run"]["codec"] = {"up": {"sparsfy": {"keep": 0.1}}}
-    refused(d, "[run.codec.up]", "invalid codec chain", "'sparsfy'")
+    refused(d, "[run], key 'codec.up'", "invalid codec chain", "'sparsfy'")
     d["run"]["codec"] = {"up": {"sparsify": {"keep": 0.1}}, "down": {}}
-    assert parse_topology(d).run.codec.up == {"sparsify": {"keep": 0.1}}
+    codec = parse_topology(d).run.codec
+    assert codec.up == ChainSpec(sparsify=SparsifySpec(keep=0.1)) and codec.down.is_identity

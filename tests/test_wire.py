@@ -13,6 +13,7 @@ import pytest
 import torch
 import zmq
 
+from sft_actors.codec.spec import CodecPolicy
 from sft_actors.errors import (
     CodecError,
     ConfigError,
@@ -30,12 +31,15 @@ from sft_actors.wire import (
     Activations,
     AdaptersUp,
     Error,
+    EvalResult,
+    EvalStats,
     Gradients,
     Hello,
     Message,
-    Metrics,
     MsgKind,
-    Plan,
+    RoundDone,
+    RoundStats,
+    ServerPlan,
     TensorDesc,
     WireLimits,
     WireTensor,
@@ -234,14 +238,14 @@ def test_optional_tensor_field_and_tensor_dicts() -> None:
 
 # --- versions, kinds, limits -------------------------------------------------------------------
 def test_other_major_version_is_refused_naming_both() -> None:
-    frames = mutated(lambda h: h.__setitem__("v", [2, 0]))
-    with pytest.raises(VersionMismatch, match=r"2\.0.*1\.1"):
+    frames = mutated(lambda h: h.__setitem__("v", [1, 1]))  # a peer still on protocol 1.x
+    with pytest.raises(VersionMismatch, match=r"1\.1.*2\.0"):
         decode(frames, LIMITS)
 
 
 def test_newer_minor_version_is_accepted() -> None:
     env = decode(mutated(lambda h: h.__setitem__("v", [PROTOCOL_VERSION[0], 9])), LIMITS)
-    assert env.version == (1, 9)
+    assert env.version == (PROTOCOL_VERSION[0], 9)
 
 
 def test_version_is_checked_before_the_rest_of_the_header() -> None:
@@ -259,7 +263,7 @@ def test_unknown_kind() -> None:
 
 
 def test_header_over_limit() -> None:
-    frames = encode(Metrics(node="n", round=0, values={"x" * 200: 1.0}), sender="a", msg_id=1)
+    frames = encode(Error(code="E", message="x" * 200), sender="a", msg_id=1)
     with pytest.raises(FrameTooLarge, match="max_header_bytes"):
         decode(frames, WireLimits(max_header_bytes=100))
 
@@ -406,13 +410,46 @@ def test_int_for_float_field_is_accepted_as_float() -> None:
     assert isinstance(msg, Gradients) and msg.loss == 3.0 and type(msg.loss) is float
 
 
-def test_metric_values_keep_their_type() -> None:
-    msg = Metrics(node="n", round=1, values={"f": 1.0, "i": 1, "s": "x"})
+def test_nested_typed_structs_roundtrip_and_run_their_own_checks() -> None:
+    """A plan's codec travels as a ChainSpec; a peer cannot send one the codec would refuse."""
+    policy = CodecPolicy.parse({"up": {"sparsify": {"keep": 0.25}, "quantize": {"bits": 4}}})
+    msg = RoundDone(
+        device="d",
+        round=1,
+        n_samples=4,
+        loss=1.0,
+        stats=RoundStats(
+            bytes_up=1,
+            bytes_down=2,
+            raw_up=3,
+            raw_down=4,
+            encode_ms=0.5,
+            round_s=1.0,
+            step_ms_median=2.0,
+            targets=5,
+        ),
+    )
     out = roundtrip(msg)
-    assert isinstance(out, Metrics) and [type(v) for v in out.values.values()] == [float, int, str]
-    bad = mutated(lambda h: h["b"]["values"].__setitem__("b", True), msg)
-    with pytest.raises(MalformedFrame, match=r"Metrics\.values\['b'\]"):
-        decode(bad, LIMITS)
+    assert out == msg and isinstance(out, RoundDone) and out.stats.raw_down == 4
+    result = EvalResult(
+        node="d", round=0, stats=EvalStats(task="lm", loss_sum=1.0, targets=2, correct=0, batches=1)
+    )
+    bad_task = mutated(lambda h: h["b"]["stats"].__setitem__("task", "regression"), result)
+    with pytest.raises(MalformedFrame, match=r"EvalResult\.stats.*task.*'lm' \| 'classification'"):
+        decode(bad_task, LIMITS)
+    missing = mutated(lambda h: h["b"]["stats"].pop("targets"), result)
+    with pytest.raises(MalformedFrame, match="targets"):
+        decode(missing, LIMITS)
+    plan = sample_messages()[MsgKind.SERVER_PLAN]
+    assert isinstance(plan, ServerPlan)
+    plan = dataclasses.replace(plan, devices=[dataclasses.replace(plan.devices[0], codec=policy)])
+    assert roundtrip(plan) == plan
+    # keep = 7 passes msgpack's type checks but not the codec's own range check
+    bad_keep = mutated(
+        lambda h: h["b"]["devices"][0]["codec"]["up"]["sparsify"].__setitem__("keep", 7.0), plan
+    )
+    with pytest.raises(MalformedFrame, match=r"keep must be in \(0, 1\]"):
+        decode(bad_keep, LIMITS)
 
 
 # --- encoding mistakes ---------------------------------------------------------------------------
@@ -429,19 +466,9 @@ def test_encode_rejects_bad_input() -> None:
     with pytest.raises(ProtocolError, match=r"WireTensor\.from_torch"):
         encode(bad_tensor, sender="a", msg_id=1)
     with pytest.raises(ProtocolError, match="plain msgpack types"):
-        encode(
-            Plan(
-                device="d",
-                cut=1,
-                shard=0,
-                steps_per_round=1,
-                rounds=1,
-                aggregate_every=1,
-                codec={"x": object()},
-            ),
-            sender="a",
-            msg_id=1,
-        )
+        encode(Error(code="E", message="m", detail={"x": object()}), sender="a", msg_id=1)
+    with pytest.raises(ProtocolError, match="expected RoundStats"):
+        encode(RoundDone(device="d", round=0, n_samples=0, loss=0.0, stats={}), sender="a", msg_id=1)  # type: ignore[arg-type]
 
 
 # --- registry ------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import msgpack
 import pytest
 import torch
 
+from sft_actors.codec.spec import CodecPolicy
+from sft_actors.model.config import LoraConfig
 from sft_actors.wire import (
     Ack,
     Activations,
@@ -25,19 +27,27 @@ from sft_actors.wire import (
     AdaptersUp,
     BasisUpload,
     Bye,
+    DataPlan,
+    DevicePlan,
     Error,
     EvalRequest,
     EvalResult,
+    EvalStats,
     Gradients,
     Heartbeat,
     Hello,
     Message,
     Metrics,
+    ModelPlan,
     MsgKind,
-    Plan,
+    RoundClose,
     RoundDone,
     RoundStart,
+    RoundStats,
+    ServedDevice,
+    ServerPlan,
     Shutdown,
+    TrainPlan,
     Welcome,
     WireLimits,
     WireTensor,
@@ -46,6 +56,13 @@ from sft_actors.wire import (
 )
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "wire"
+CODEC = CodecPolicy.parse(
+    {
+        "up": {"sparsify": {"keep": 0.1}, "quantize": {"bits": 8, "scale": "token"}, "lossless": {}},
+        "down": {"quantize": {"bits": 6, "scale": "channel"}},
+    }
+)
+MODEL = ModelPlan(model="smollm2-135m", dtype="float32", lora=LoraConfig(rank=8, alpha=16.0), seed=1)
 SENDER = "dev0"
 MSG_ID = 42
 REPLY_TO = 7
@@ -88,6 +105,8 @@ def sample_messages() -> dict[MsgKind, Message]:
             ),
             loss=2.25,
             n_tokens=5,
+            correct=0,
+            server_ms=1.5,
         ),
         AdaptersUp(
             device="dev0",
@@ -99,29 +118,85 @@ def sample_messages() -> dict[MsgKind, Message]:
             round=3, tensors={"blocks.0.attn.q.lora_a": _t(lora_a * 2), "scalar": _t(torch.tensor(0.5))}
         ),
         Heartbeat(node="dev0", seq=9, sent_at_ns=123_456_789),
-        Metrics(node="dev0", round=3, values={"loss": 2.5, "steps": 10, "codec": "topk+q8"}),
+        Metrics(node="dev0", round=3, step_loss=2.5, wire_bytes=1024, raw_bytes=16384),
         Error(code="CodecError", message="NaN in activations", detail={"module": "sft_actors.errors"}),
         Shutdown(reason="training finished"),
         Bye(node="dev0", reason="shutdown"),
-        Plan(
+        DevicePlan(
             device="dev0",
+            index=0,
+            num_devices=2,
+            mode="sft",
+            server="server",
             cut=4,
             shard=0,
-            steps_per_round=8,
-            rounds=5,
-            aggregate_every=1,
-            codec={"up": {"chain": ["topk", "quant", "zstd"], "keep": 0.1, "bits": 8}, "down": None},
-            extra={"seed": 1},
+            model=MODEL,
+            data=DataPlan(
+                dataset="stdlib-docs",
+                root=None,
+                partition="dirichlet",
+                alpha=0.5,
+                heldout_fraction=0.1,
+                options={"max_documents": 200},
+                batch_size=4,
+                seq_len=64,
+                eval_batches=4,
+                seed=1,
+            ),
+            train=TrainPlan(
+                rounds=5,
+                steps_per_round=8,
+                lr=0.001,
+                max_inflight=2,
+                aggregate_every=1,
+                calibration_batches=8,
+                round_timeout_s=60.0,
+            ),
+            codec=CODEC,
         ),
         RoundStart(round=3),
-        RoundDone(device="dev0", round=3, n_samples=256, loss=1.75, metrics={"tokens": 4096}),
-        EvalRequest(round=3, split="val"),
-        EvalResult(node="server", round=3, values={"ppl": 12.5, "accuracy": 0.25}),
+        RoundDone(
+            device="dev0",
+            round=3,
+            n_samples=256,
+            loss=1.75,
+            stats=RoundStats(
+                bytes_up=1000,
+                bytes_down=900,
+                raw_up=16384,
+                raw_down=16384,
+                encode_ms=2.5,
+                round_s=1.25,
+                step_ms_median=40.0,
+                targets=4096,
+            ),
+        ),
+        EvalRequest(round=3, through_codec=False),
+        EvalResult(
+            node="dev0",
+            round=3,
+            stats=EvalStats(task="classification", loss_sum=12.5, targets=100, correct=25, batches=2),
+        ),
         Ack(of_msg_id=41, credits=1),
         AdaptersRequest(round=3),
         BasisUpload(
             device="dev0", key="pca", digest="ab" * 16, vectors=_t(lora_a.T.contiguous()), mean=_t(lora_a[0])
         ),
+        ServerPlan(
+            server="server",
+            mode="sft",
+            model=MODEL,
+            start_block=2,
+            end_block=None,
+            next_stage="",
+            upstream=[],
+            update="per_round",
+            lr=0.001,
+            inflight=16,
+            round_timeout_s=60.0,
+            devices=[ServedDevice(name="dev0", index=0, cut=4, codec=CODEC)],
+        ),
+        RoundClose(round=3, n_samples=256, micro_batches=64),
     ]
     return {msg.KIND: msg for msg in samples}
 

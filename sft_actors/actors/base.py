@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import zmq
 
@@ -31,12 +31,13 @@ from sft_actors.errors import (
     PeerTimeout,
     ProtocolError,
     SchemaMismatch,
+    UnexpectedReply,
     UnknownPeer,
     VersionMismatch,
 )
 from sft_actors.transport.sockets import bind_router, connect_dealer
 from sft_actors.wire.envelope import encode, remote_error
-from sft_actors.wire.messages import Bye, Error, Hello, Message, Shutdown, Welcome
+from sft_actors.wire.messages import Bye, Error, Hello, Message, R, Request, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
 
 T = TypeVar("T")
@@ -74,22 +75,29 @@ class Actor(ActorCore):
         if self.state is ActorState.STOPPED and not self._ready_reached:
             raise ActorFailed(f"{self.name} stopped before it was ready")
 
-    async def call(self, peer: str, msg: Message, *, timeout_s: float | None = None) -> Message:
-        """Request/reply: the peer's reply message, :class:`RemoteError` if it answered ERROR,
-        :class:`PeerTimeout` if nothing came back in ``timeout_s`` (default ``request_timeout_s``).
+    async def call(self, peer: str, msg: Request[R], *, timeout_s: float | None = None) -> R:
+        """Request/reply: the peer's reply, of the type the request declares (``msg.REPLY``).
 
-        At most ``link_window`` calls per peer are in flight; more wait for a credit.
+        Raises :class:`RemoteError` if the peer answered ERROR, :class:`PeerTimeout` if nothing
+        came back in ``timeout_s`` (default ``request_timeout_s``), :class:`UnexpectedReply` if
+        it answered with another message kind. At most ``link_window`` calls per peer are in
+        flight; more wait for a credit.
         """
         link = self.link(peer)
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(timeout), link.credits:
-                env = await self._request(link, msg)
+                env = await self._request(link, cast(Message, msg))
         except TimeoutError:
             raise PeerTimeout(f"{peer} did not reply to {type(msg).__name__} within {timeout}s") from None
         if isinstance(env.msg, Error):
             raise remote_error(env.msg, peer=peer)
-        return env.msg
+        if not isinstance(env.msg, msg.REPLY):
+            raise UnexpectedReply(
+                f"{peer} answered {type(env.msg).__name__} to {type(msg).__name__}; "
+                f"expected {msg.REPLY.__name__}"
+            )
+        return cast(R, env.msg)
 
     async def broadcast(self, msg: Message, peers: Iterable[str] | None = None) -> None:
         """Send ``msg`` to each peer (default: every established peer), links in parallel."""

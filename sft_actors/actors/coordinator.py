@@ -15,38 +15,37 @@ from typing import Any
 from tqdm import tqdm
 
 from sft_actors.actors.base import Actor
-from sft_actors.actors.device import RAW_HELDOUT
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import gather_owned
-from sft_actors.errors import ActorFailed, PeerTimeout, SftError
+from sft_actors.errors import ActorFailed, PeerTimeout
+from sft_actors.plan.assign import device_plans, server_plans
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
 from sft_actors.train.aggregate import Contribution, average_per_block, block_of
 from sft_actors.train.summary import (
     EvalRecord,
-    RoundRecord,
     RunSummary,
     eval_record,
     median_or_zero,
     new_run_dir,
+    round_record,
     write_adapters,
     write_summary,
 )
-from sft_actors.train.tensors import unpack_tensor
 from sft_actors.wire import (
-    Ack,
     AdaptersDown,
     AdaptersRequest,
     AdaptersUp,
+    DevicePlan,
     EvalRequest,
-    EvalResult,
     Metrics,
-    Plan,
+    RoundClose,
     RoundDone,
     RoundStart,
     WireTensor,
 )
+from sft_actors.wire.coded import unpack_tensor
 
 
 class CoordinatorActor(Actor):
@@ -66,6 +65,11 @@ class CoordinatorActor(Actor):
         self._bar_wire = self._bar_raw = 0  # bytes on the wire / raw, this round (progress bar)
         self._device_adapters: dict[str, Any] = {}
         self._running = False
+        # The one place a run's configuration becomes what each actor does.
+        self._device_plans: list[DevicePlan] = device_plans(self.topology)
+        self._server_plans = server_plans(self.topology)
+        # Raw (uncompressed) evaluation beside the coded one, when any device codes.
+        self._codes = any(not p.codec.up.is_identity for p in self._device_plans)
 
     @property
     def round_timeout_s(self) -> float:
@@ -114,27 +118,30 @@ class CoordinatorActor(Actor):
 
     # --- set-up --------------------------------------------------------------------------
     async def _send_plans(self) -> None:
-        run = self.topology.run
-        plans = []
-        for i, d in enumerate(self.topology.devices):
-            table = modes.policy_table(run.train.mode, self.topology.codec_table(d.name))
-            cut = int(d.cut if d.cut is not None else 0)
-            plans.append(
-                Plan(
-                    device=d.name,
-                    cut=cut,
-                    shard=int(d.shard if d.shard is not None else i),
-                    steps_per_round=run.train.steps_per_round,
-                    rounds=run.train.rounds,
-                    aggregate_every=run.train.aggregate_every,
-                    codec=table,
-                    extra={"mode": run.train.mode},
-                )
-            )
-        # Devices load the model and data now (in-process devices share one copy).
-        await gather_owned(*(self.call(p.device, p, timeout_s=self.round_timeout_s) for p in plans))
+        """Servers first (devices send a basis to theirs while setting up), then devices; each
+        loads its model and data now (in-process actors share one copy of the base)."""
+        await gather_owned(
+            *(self.call(p.server, p, timeout_s=self.round_timeout_s) for p in self._server_plans)
+        )
+        await gather_owned(
+            *(self.call(p.device, p, timeout_s=self.round_timeout_s) for p in self._device_plans)
+        )
 
     # --- rounds --------------------------------------------------------------------------
+    async def _run_devices(self, r: int) -> list[RoundDone]:
+        """Every device's round: one after the other with the adapters relayed (``sl``), else
+        all in parallel."""
+        start = RoundStart(round=r)
+        if not modes.sequential(self.train.mode):
+            calls = (self.call(dev, start, timeout_s=self.round_timeout_s) for dev in self.devices)
+            return list(await gather_owned(*calls))
+        done = []
+        for i, dev in enumerate(self.devices):
+            if i > 0 or r > 1:
+                await self._relay(self.devices[i - 1], dev, r)
+            done.append(await self.call(dev, start, timeout_s=self.round_timeout_s))
+        return done
+
     async def _round(self, r: int) -> None:
         total = self.train.steps_per_round * len(self.devices)
         self._bar_wire = self._bar_raw = 0
@@ -143,46 +150,14 @@ class CoordinatorActor(Actor):
         )
         started = time.perf_counter()
         try:
-            if modes.sequential(self.train.mode):
-                done = []
-                for i, dev in enumerate(self.devices):
-                    if i > 0 or r > 1:
-                        await self._relay(self.devices[i - 1], dev, r)
-                    done.append(await self.call(dev, RoundStart(round=r), timeout_s=self.round_timeout_s))
-            else:
-                done = list(
-                    await gather_owned(
-                        *(
-                            self.call(dev, RoundStart(round=r), timeout_s=self.round_timeout_s)
-                            for dev in self.devices
-                        )
-                    )
-                )
+            done = await self._run_devices(r)
         finally:
             self._bar.close()
             self._bar = None
-        results = [m for m in done if isinstance(m, RoundDone)]
-        if len(results) != len(self.devices):
-            raise SftError(
-                f"round {r}: expected ROUND_DONE from {len(self.devices)} devices, got {len(results)}"
-            )
-        n = sum(m.n_samples for m in results)
-        # Close the round on every server (per_round updates apply now).
-        close = RoundDone(device=self.name, round=r, n_samples=n, loss=0.0)
+        steps = self.train.steps_per_round * len(done)  # training micro-batches this round
+        close = RoundClose(round=r, n_samples=sum(m.n_samples for m in done), micro_batches=steps)
         await gather_owned(*(self.call(s, close, timeout_s=self.round_timeout_s) for s in self.servers))
-        record = RoundRecord(
-            round=r,
-            loss=sum(m.loss * m.n_samples for m in results) / max(1, n),
-            bytes_up=sum(int(m.metrics.get("bytes_up", 0)) for m in results),
-            bytes_down=sum(int(m.metrics.get("bytes_down", 0)) for m in results),
-            raw_up=sum(int(m.metrics.get("raw_up", 0)) for m in results),
-            raw_down=sum(int(m.metrics.get("raw_down", 0)) for m in results),
-            seconds=time.perf_counter() - started,
-            step_ms_median=median_or_zero([float(m.metrics.get("step_ms_median", 0.0)) for m in results]),
-            encode_ms=sum(float(m.metrics.get("encode_ms", 0.0)) for m in results),
-            per_device_loss={m.device: round(m.loss, 5) for m in results},
-            per_device_bytes_up={m.device: int(m.metrics.get("bytes_up", 0)) for m in results},
-        )
+        record = round_record(r, done, seconds=time.perf_counter() - started)
         self.summary.rounds.append(record)
         self.log.info(
             "round_done",
@@ -197,13 +172,13 @@ class CoordinatorActor(Actor):
 
     async def on_metrics(self, msg: Metrics, ctx: MsgContext) -> None:
         """Per-step progress from devices (fire and forget)."""
-        if self._bar is not None and "step_loss" in msg.values:
-            self._bar_wire += int(msg.values.get("wire_bytes", 0))
-            self._bar_raw += int(msg.values.get("raw_bytes", 0))
+        if self._bar is not None:
+            self._bar_wire += msg.wire_bytes
+            self._bar_raw += msg.raw_bytes
             ratio = self._bar_raw / self._bar_wire if self._bar_wire else 1.0
             self._bar.update(1)
             self._bar.set_postfix(
-                loss=f"{float(msg.values['step_loss']):.3f}",
+                loss=f"{msg.step_loss:.3f}",
                 wire=f"{self._bar_wire / 1e6:.2f}MB",
                 ratio=f"{ratio:.1f}x",
                 refresh=False,
@@ -211,10 +186,7 @@ class CoordinatorActor(Actor):
 
     # --- adapters ------------------------------------------------------------------------
     async def _collect(self, peer: str, r: int) -> AdaptersUp:
-        reply = await self.call(peer, AdaptersRequest(round=r), timeout_s=self.round_timeout_s)
-        if not isinstance(reply, AdaptersUp):
-            raise SftError(f"{peer} answered {type(reply).__name__} to ADAPTERS_REQUEST")
-        return reply
+        return await self.call(peer, AdaptersRequest(round=r), timeout_s=self.round_timeout_s)
 
     async def _relay(self, src: str, dst: str, r: int) -> None:
         """Vanilla split learning: the next device starts from the previous device's adapters."""
@@ -242,33 +214,27 @@ class CoordinatorActor(Actor):
             sends.append(
                 self.call(u.device, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
             )
-        acks = await gather_owned(*sends)
-        if not all(isinstance(a, Ack) for a in acks):
-            raise SftError(f"round {r}: a device answered ADAPTERS_DOWN with something other than ACK")
+        await gather_owned(*sends)
         self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
 
     # --- evaluation and results ----------------------------------------------------------------
     async def _evaluate_raw(self, r: int) -> None:
-        """With the codec on, also measure the model alone (activations sent uncompressed)."""
-        coded = any(self.topology.codec_table(d)["up"] for d in self.devices)
-        if modes.uses_codec(self.train.mode) and coded:
-            self.summary.evals_raw.append(await self._evaluate(r, split=RAW_HELDOUT))
+        """With a codec on, also measure the model alone (activations sent uncompressed)."""
+        if self._codes:
+            self.summary.evals_raw.append(await self._evaluate(r, through_codec=False))
 
-    async def _evaluate(self, r: int, split: str = "heldout") -> EvalRecord:
+    async def _evaluate(self, r: int, *, through_codec: bool = True) -> EvalRecord:
+        request = EvalRequest(round=r, through_codec=through_codec)
         replies = await gather_owned(
-            *(
-                self.call(d, EvalRequest(round=r, split=split), timeout_s=self.round_timeout_s)
-                for d in self.devices
-            )
+            *(self.call(d, request, timeout_s=self.round_timeout_s) for d in self.devices)
         )
-        parts = [dict(m.values) for m in replies if isinstance(m, EvalResult)]
-        rec = eval_record(r, parts, is_lm=any(p.get("task") == "lm" for p in parts))
-        if split != RAW_HELDOUT:
+        rec = eval_record(r, [m.stats for m in replies])
+        if through_codec:
             self.summary.evals.append(rec)
         self.log.info(
             "heldout_evaluated",
             round=r,
-            codec=split != RAW_HELDOUT and modes.uses_codec(self.train.mode),
+            codec=through_codec and self._codes,
             loss=round(rec.loss, 4),
             perplexity=None if rec.perplexity is None else round(rec.perplexity, 3),
             accuracy=rec.accuracy,

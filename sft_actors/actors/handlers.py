@@ -66,6 +66,23 @@ def _check_return(cls: type, name: str, tp: Any) -> None:
         )
 
 
+def _check_reply(where: str, msg_cls: type[Message], tp: Any) -> None:
+    """A request's handler answers with the reply the request declares (``REPLY``), or returns
+    None when the kind is only ever *sent* to it (e.g. a sink that measures arrivals); a
+    message that expects no reply gets none."""
+    expected = getattr(msg_cls, "REPLY", None)
+    arms = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    arms.discard(type(None))
+    arms.discard(None)
+    if expected is None and arms:
+        raise TypeError(f"{where}: {msg_cls.__name__} expects no reply; annotate '-> None'")
+    if expected is not None and arms - {expected}:
+        raise TypeError(
+            f"{where}: {msg_cls.__name__} is answered with {expected.__name__}; annotate "
+            f"'-> {expected.__name__}' (got {tp!r})"
+        )
+
+
 def build_handler_table(cls: type, inherited: Mapping[MsgKind, HandlerSpec]) -> Mapping[MsgKind, HandlerSpec]:
     """The handler table of ``cls``: its base's table plus the ``on_*`` methods it defines."""
     table = dict(inherited)
@@ -93,6 +110,7 @@ def build_handler_table(cls: type, inherited: Mapping[MsgKind, HandlerSpec]) -> 
         if msg_cls is None or REGISTRY.get(msg_cls.KIND) is None or REGISTRY[msg_cls.KIND].cls is not msg_cls:
             raise TypeError(f"{where}: {hints[msg_param]!r} is not a wire message class")
         _check_return(cls, name, hints["return"])
+        _check_reply(where, msg_cls, hints["return"])
         kind = msg_cls.KIND
         if kind in RESERVED_KINDS:
             raise TypeError(f"{where}: {kind.name} is handled by the runtime; actors cannot handle it")

@@ -17,7 +17,7 @@ from sft_actors.errors import ConfigError
 
 DEFAULT_ROLE_FACTORIES: Mapping[str, str] = {
     "coordinator": "sft_actors.actors.coordinator:CoordinatorActor",
-    "server": "sft_actors.actors.server:ServerActor",
+    "server": "sft_actors.actors.server:server_actor",
     "device": "sft_actors.actors.device:DeviceActor",
 }
 

@@ -22,12 +22,12 @@ import zmq.asyncio
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv, topology_schema_hash, wire_limits
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.tasks import gather_owned
 from sft_actors.errors import ActorFailed
 from sft_actors.topology import Topology, parse_topology
 from sft_actors.transport.endpoints import Endpoints, Transport
 from sft_actors.transport.link import fitted_mbps
 from sft_actors.wire.messages import (
-    Ack,
     Activations,
     EvalRequest,
     EvalResult,
@@ -36,15 +36,18 @@ from sft_actors.wire.messages import (
     RoundDone,
     RoundStart,
 )
+from sft_actors.wire.plans import EvalStats, RoundStats
 from sft_actors.wire.tensors import WireTensor
 
 
 class EchoServer(Actor):
-    """Echoes activations back as gradients; ``Metrics`` with ``fail`` set raises in the handler."""
+    """Echoes activations back as gradients; an ``EvalRequest`` for a negative round raises in
+    the handler (the caller gets a RemoteError); ``Metrics`` are recorded."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.metrics_seen: list[tuple[str, dict[str, Any]]] = []
+        self.metrics_seen: list[tuple[str, Metrics]] = []
+        self.evals_seen: list[tuple[str, int]] = []
         self.activations_seen = 0
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> Gradients:
@@ -59,21 +62,22 @@ class EchoServer(Actor):
         )
 
     async def on_eval_request(self, msg: EvalRequest, ctx: MsgContext) -> EvalResult:
-        return EvalResult(node=self.name, round=msg.round, values={"peer": ctx.peer, "split": msg.split})
+        if msg.round < 0:
+            raise ValueError(f"asked to fail: round {msg.round}")
+        self.evals_seen.append((ctx.peer, msg.round))
+        empty = EvalStats(task="lm", loss_sum=0.0, targets=0, correct=0, batches=0)
+        return EvalResult(node=self.name, round=msg.round, stats=empty)
 
-    async def on_metrics(self, msg: Metrics, ctx: MsgContext) -> Ack:
-        if "fail" in msg.values:
-            raise ValueError(f"asked to fail: {msg.values['fail']}")
-        self.metrics_seen.append((ctx.peer, dict(msg.values)))
-        return Ack(of_msg_id=ctx.msg_id)
+    async def on_metrics(self, msg: Metrics, ctx: MsgContext) -> None:
+        self.metrics_seen.append((ctx.peer, msg))
 
 
 class PingDevice(Actor):
-    """On ``RoundStart`` sends ``steps_per_round`` small activations to each server, then reports."""
+    """On ``RoundStart`` sends ``steps_per_round`` small activations to each server, then answers."""
 
     payload_shape: tuple[int, ...] = (2, 4, 8)
 
-    async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> None:
+    async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> RoundDone:
         t0 = time.perf_counter()
         tensor = torch.full(self.payload_shape, float(msg.round))
         for server in (s.name for s in self.topology.servers):
@@ -91,19 +95,19 @@ class PingDevice(Actor):
                         sent_at_ns=time.time_ns(),
                     ),
                 )
-                assert isinstance(reply, Gradients)
                 if not torch.equal(reply.grad.to_torch(), tensor):
                     raise AssertionError("echo mismatch")
-        await self.send(
-            ctx.peer,
-            RoundDone(
-                device=self.name,
-                round=msg.round,
-                n_samples=2,
-                loss=0.0,
-                metrics={"round_s": time.perf_counter() - t0},
-            ),
+        stats = RoundStats(
+            bytes_up=0,
+            bytes_down=0,
+            raw_up=0,
+            raw_down=0,
+            encode_ms=0.0,
+            round_s=time.perf_counter() - t0,
+            step_ms_median=0.0,
+            targets=0,
         )
+        return RoundDone(device=self.name, round=msg.round, n_samples=2, loss=0.0, stats=stats)
 
 
 class CollectorCoordinator(Actor):
@@ -112,20 +116,13 @@ class CollectorCoordinator(Actor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.done: dict[int, set[str]] = {}
-        self._round_done = asyncio.Event()
-
-    async def on_round_done(self, msg: RoundDone, ctx: MsgContext) -> None:
-        self.done.setdefault(msg.round, set()).add(msg.device)
-        self._round_done.set()
 
     async def run(self) -> dict[str, Any]:
         devices = [d.name for d in self.topology.devices]
         await self.wait_for_peers([a.name for a in self.topology.actors if a.name != self.name])
         for r in range(self.topology.run.train.rounds):
-            await self.broadcast(RoundStart(round=r), devices)
-            while self.done.get(r, set()) != set(devices):
-                self._round_done.clear()
-                await self._round_done.wait()
+            replies = await gather_owned(*(self.call(d, RoundStart(round=r)) for d in devices))
+            self.done[r] = {m.device for m in replies}
         return {"rounds": self.topology.run.train.rounds, "devices": sorted(devices)}
 
 
@@ -192,7 +189,7 @@ def small_topology(
         "run": {"name": "test", "model": "llama-tiny", "runtime": rt, "lora": {"rank": lora_rank}},
         "actors": actors,
     }
-    return parse_topology(doc, source="<test>", num_blocks=lambda _: None)
+    return parse_topology(doc, source="<test>", model_config=lambda _: None)
 
 
 @contextlib.contextmanager

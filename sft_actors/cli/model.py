@@ -9,8 +9,7 @@ import torch
 import typer
 
 from sft_actors.errors import SftError
-from sft_actors.model.config import LlamaConfig, ModelConfig
-from sft_actors.model.lora import LoraConfig
+from sft_actors.model.config import LlamaConfig, LoraConfig, ModelConfig
 from sft_actors.model.memory import (
     MemoryEstimate,
     Optimizer,

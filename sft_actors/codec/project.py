@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from sft_actors.codec.spec import ChainSpec
 from sft_actors.errors import CodecError, ConfigError
 
 F32 = npt.NDArray[np.float32]
@@ -92,6 +93,22 @@ class Basis:
         if basis.digest != digest:
             raise CodecError("basis digest does not match its bytes: the basis was corrupted in transit")
         return basis
+
+
+def fit_basis(chain: ChainSpec, calibration: torch.Tensor) -> Basis:
+    """The PCA (KLT) basis ``chain``'s ``project`` stage needs, from calibration activations.
+
+    ``calibration`` is (N, T, C): N sequences of T tokens at the cut. The first
+    ``outliers.first_tokens`` tokens of every sequence are left out of the fit, because the
+    chain sends them densely anyway (attention sinks would otherwise dominate the covariance).
+    Raises :class:`ConfigError` if the chain has no ``project`` stage, or (from
+    :meth:`Basis.fit`) if fewer than 2 tokens remain or they are not finite.
+    """
+    if chain.project is None:
+        raise ConfigError("this codec chain has no project stage: there is no basis to fit")
+    skip = chain.outliers.first_tokens if chain.outliers is not None else 0
+    # Full rank: the chain truncates to project.rank when it encodes, so one basis serves any rank.
+    return Basis.fit(calibration[:, skip:, :])
 
 
 class BasisRegistry:

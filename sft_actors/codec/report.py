@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sft_actors.codec.spec import ChainSpec
-
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class CodecReport:
@@ -53,36 +51,3 @@ class EncodedTensor:
     meta: dict[str, Any]
     payload: bytes
     report: CodecReport = field(compare=False)
-
-
-@dataclass(kw_only=True, frozen=True, slots=True)
-class CodecPolicy:
-    """Chain per role: activations travel ``up`` (device → server), gradients ``down``."""
-
-    up: ChainSpec = field(default_factory=ChainSpec.identity)
-    down: ChainSpec = field(default_factory=ChainSpec.identity)
-
-    def for_role(self, role: str) -> ChainSpec:
-        if role in ("activations", "up"):
-            return self.up
-        if role in ("gradients", "down"):
-            return self.down
-        from sft_actors.errors import ConfigError
-
-        raise ConfigError(f"unknown codec role {role!r}: use 'activations' (up) or 'gradients' (down)")
-
-    @classmethod
-    def parse(cls, table: dict[str, Any]) -> CodecPolicy:
-        """From a TOML table ``{up = {...}, down = {...}}``; a missing role is the identity."""
-        from sft_actors.errors import ConfigError
-
-        unknown = set(table) - {"up", "down"}
-        if unknown:
-            raise ConfigError(f"unknown codec policy keys {sorted(unknown)}: use 'up' and 'down'")
-        return cls(
-            up=ChainSpec.parse(table.get("up", {})),
-            down=ChainSpec.parse(table.get("down", {})),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"up": self.up.to_dict(), "down": self.down.to_dict()}

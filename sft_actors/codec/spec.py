@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypeVar, cast, get_args
 
 from sft_actors.errors import ConfigError
@@ -282,3 +282,55 @@ def _validate(spec: ChainSpec) -> None:
     lo = spec.lossless
     if lo is not None and not 0 <= lo.zstd_level <= 22:
         raise ConfigError(f"codec.lossless.zstd_level must be in [0, 22], got {lo.zstd_level}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class CodecPolicy:
+    """The chain per role: activations travel ``up`` (device → server), gradients ``down``.
+
+    Parsed once from a topology's ``[run.codec]`` (or a device's ``codec``) table and passed on
+    typed: the coordinator's plan carries it to the device and the server. Raises
+    :class:`ConfigError` for a ``project`` stage on the gradient chain (transform coding needs
+    calibration activations to fit its basis; gradients have none).
+    """
+
+    up: ChainSpec = field(default_factory=ChainSpec.identity)
+    down: ChainSpec = field(default_factory=ChainSpec.identity)
+
+    def __post_init__(self) -> None:
+        if self.down.project is not None:
+            raise ConfigError(
+                "codec.down has a project stage; transform coding is for activations (codec.up) only: "
+                "remove 'project' from the gradient chain"
+            )
+
+    @classmethod
+    def identity(cls) -> CodecPolicy:
+        """Raw tensors both ways (what ``sl``, ``sfl`` and ``fedlora`` send)."""
+        return cls()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.up.is_identity and self.down.is_identity
+
+    @classmethod
+    def parse(cls, table: Mapping[str, Any]) -> CodecPolicy:
+        """From a TOML table ``{up = {...}, down = {...}}``; a missing role is the identity."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"a codec policy must be a table with 'up' and 'down', got {table!r}")
+        unknown = set(table) - {"up", "down"}
+        if unknown:
+            raise ConfigError(f"unknown codec policy keys {sorted(unknown)}: use 'up' and 'down'")
+        try:
+            up = ChainSpec.parse(table.get("up", {}))
+        except ConfigError as exc:
+            raise ConfigError(f"up: {exc}") from None
+        try:
+            down = ChainSpec.parse(table.get("down", {}))
+        except ConfigError as exc:
+            raise ConfigError(f"down: {exc}") from None
+        return cls(up=up, down=down)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML/msgpack table :meth:`parse` reads back into an equal policy."""
+        return {"up": self.up.to_dict(), "down": self.down.to_dict()}

@@ -12,10 +12,10 @@ Pure torch: nothing here imports actors, transport or runtime.
 """
 
 from sft_actors.model.base import SplitLM
-from sft_actors.model.config import PRESETS, LlamaConfig, ModelConfig, ViTConfig
+from sft_actors.model.config import PRESETS, LlamaConfig, LoraConfig, ModelConfig, ViTConfig
 from sft_actors.model.export import export_hf_llama, export_peft, load_lora, merge_lora, save_lora
 from sft_actors.model.llama import IGNORE_INDEX, Llama
-from sft_actors.model.lora import LoraAdapter, LoraConfig, randomize_lora_B
+from sft_actors.model.lora import LoraAdapter, randomize_lora_B
 from sft_actors.model.memory import (
     MemoryEstimate,
     block_param_count,

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from sft_actors.errors import ConfigError
-from sft_actors.model.config import Family, ModelConfig
-from sft_actors.model.lora import BlockAdapters, LoraConfig
+from sft_actors.model.config import Family, LoraConfig, ModelConfig
+from sft_actors.model.lora import BlockAdapters
 from sft_actors.model.memory import lora_shapes
 from sft_actors.model.tokenizer import Tokenizer
 

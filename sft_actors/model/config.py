@@ -7,10 +7,12 @@ init). Presets are small, fixed and documented so tests and planners agree on th
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from sft_actors.errors import ModelSpecError
+from sft_actors.errors import ConfigError, ModelSpecError
 
 Family = Literal["llama", "vit"]
 
@@ -155,3 +157,63 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     family = fields.pop("family", "llama")
     cls: type[LlamaConfig] | type[ViTConfig] = LlamaConfig if family == "llama" else ViTConfig
     return cls(**fields)
+
+
+LLAMA_ATTENTION = ("q", "k", "v", "o")
+LLAMA_MLP = ("gate", "up", "down")
+VIT_ATTENTION = ("qkv", "proj")
+VIT_MLP = ("fc1", "fc2")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LoraConfig:
+    """Rank, scaling and placement of LoRA adapters (Hu et al. 2021, ``scale = alpha / rank``).
+
+    ``targets`` names attention projections. For a ViT, whose q/k/v projection is fused, any of
+    ``q``, ``k``, ``v`` selects ``qkv`` and ``o`` selects ``proj``. ``mlp`` adds the MLP
+    projections (Llama: gate/up/down, ViT: fc1/fc2). Torch-free, so a topology file parses into
+    it without loading torch. Raises :class:`ConfigError` for a rank < 1, a dropout outside
+    [0, 1), a non-positive alpha or an unknown target.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LLAMA_ATTENTION
+    mlp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be ≥ 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        allowed = set(LLAMA_ATTENTION) | set(VIT_ATTENTION)
+        bad = [t for t in self.targets if t not in allowed]
+        if bad or not self.targets:
+            close = difflib.get_close_matches(bad[0], sorted(allowed), n=1) if bad else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"LoRA targets {list(self.targets)} invalid{hint}; choose from {sorted(allowed)}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def projections(self, family: str) -> tuple[str, ...]:
+        """The projection names that get an adapter in one block of ``family``."""
+        if family == "llama":
+            attn = tuple(t for t in LLAMA_ATTENTION if t in self.targets)
+            if not attn:
+                raise ConfigError(f"LoRA targets {list(self.targets)} select no Llama projection (q,k,v,o)")
+            return attn + (LLAMA_MLP if self.mlp else ())
+        if family == "vit":
+            vit: list[str] = []
+            if {"q", "k", "v", "qkv"} & set(self.targets):
+                vit.append("qkv")
+            if {"o", "proj"} & set(self.targets):
+                vit.append("proj")
+            return tuple(vit) + (VIT_MLP if self.mlp else ())
+        raise ConfigError(f"unknown model family {family!r}")

@@ -22,9 +22,8 @@ from torch import nn
 
 from sft_actors.errors import ConfigError
 from sft_actors.model.base import SplitLM
-from sft_actors.model.config import LlamaConfig
+from sft_actors.model.config import LlamaConfig, LoraConfig
 from sft_actors.model.hf_loader import HF_LLAMA_NAMES
-from sft_actors.model.lora import LoraConfig
 from sft_actors.model.tokenizer import BpeTokenizer
 
 _KEY = re.compile(r"blocks\.(\d+)\.(\w+)\.(lora_A|lora_B)")

@@ -15,63 +15,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sft_actors.errors import ConfigError
-
-LLAMA_ATTENTION = ("q", "k", "v", "o")
-LLAMA_MLP = ("gate", "up", "down")
-VIT_ATTENTION = ("qkv", "proj")
-VIT_MLP = ("fc1", "fc2")
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class LoraConfig:
-    """Rank, scaling and placement of LoRA adapters.
-
-    ``targets`` names attention projections. For a ViT, whose q/k/v projection is fused, any of
-    ``q``, ``k``, ``v`` selects ``qkv`` and ``o`` selects ``proj``. ``mlp`` adds the MLP
-    projections (Llama: gate/up/down, ViT: fc1/fc2).
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = LLAMA_ATTENTION
-    mlp: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"LoRA rank must be ≥ 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        allowed = set(LLAMA_ATTENTION) | set(VIT_ATTENTION)
-        bad = [t for t in self.targets if t not in allowed]
-        if bad or not self.targets:
-            raise ConfigError(f"LoRA targets {list(self.targets)} invalid; choose from {sorted(allowed)}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def projections(self, family: str) -> tuple[str, ...]:
-        """The projection names that get an adapter in one block of ``family``."""
-        if family == "llama":
-            attn = tuple(t for t in LLAMA_ATTENTION if t in self.targets)
-            if not attn:
-                raise ConfigError(f"LoRA targets {list(self.targets)} select no Llama projection (q,k,v,o)")
-            return attn + (LLAMA_MLP if self.mlp else ())
-        if family == "vit":
-            vit: list[str] = []
-            if {"q", "k", "v", "qkv"} & set(self.targets):
-                vit.append("qkv")
-            if {"o", "proj"} & set(self.targets):
-                vit.append("proj")
-            return tuple(vit) + (VIT_MLP if self.mlp else ())
-        raise ConfigError(f"unknown model family {family!r}")
+from sft_actors.model.config import LoraConfig
 
 
 class LoraAdapter(nn.Module):

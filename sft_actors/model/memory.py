@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sft_actors.errors import ConfigError
-from sft_actors.model.config import LlamaConfig, ModelConfig, ViTConfig
-from sft_actors.model.lora import LoraConfig
+from sft_actors.model.config import LlamaConfig, LoraConfig, ModelConfig, ViTConfig
 
 Optimizer = Literal["adam", "adamw", "sgd", "sgd_momentum"]
 _OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd_momentum": 1}

@@ -23,7 +23,8 @@ from torch import nn
 
 from sft_actors.errors import ConfigError
 from sft_actors.model.base import SplitLM
-from sft_actors.model.lora import LoraAdapter, LoraConfig, adapter_items, build_block_adapters
+from sft_actors.model.config import LoraConfig
+from sft_actors.model.lora import LoraAdapter, adapter_items, build_block_adapters
 
 
 class AbsentBlock(nn.Module):

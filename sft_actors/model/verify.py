@@ -16,9 +16,9 @@ import torch
 
 from sft_actors.errors import ConfigError
 from sft_actors.model.base import SplitLM
-from sft_actors.model.config import LlamaConfig
+from sft_actors.model.config import LlamaConfig, LoraConfig
 from sft_actors.model.llama import IGNORE_INDEX
-from sft_actors.model.lora import LoraConfig, randomize_lora_B
+from sft_actors.model.lora import randomize_lora_B
 from sft_actors.model.split import (
     Part,
     head_state_dict,

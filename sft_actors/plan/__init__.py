@@ -32,7 +32,7 @@ from sft_actors.plan.compression import (
 )
 from sft_actors.plan.costs import ModelCosts, TrainingShape
 from sft_actors.plan.model import PlanProblem, Terms, build_terms, score
-from sft_actors.plan.planner import DevicePlan, Plan, channel_for, plan, replan_bandwidth
+from sft_actors.plan.planner import DeviceChoice, PlanSolution, channel_for, plan, replan_bandwidth
 from sft_actors.plan.scenarios import random_devices, random_problem
 
 __all__ = [
@@ -45,11 +45,11 @@ __all__ = [
     "CodecTable",
     "CompressionMenu",
     "CompressionOption",
-    "DevicePlan",
+    "DeviceChoice",
     "DeviceProfile",
     "ModelCosts",
-    "Plan",
     "PlanProblem",
+    "PlanSolution",
     "ServerProfile",
     "Terms",
     "TrainingShape",

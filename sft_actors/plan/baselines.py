@@ -1,4 +1,4 @@
-"""Baselines the planner is measured against, each a :class:`Plan` under the same models.
+"""Baselines the planner is measured against, each a :class:`PlanSolution` under the same models.
 
 - :func:`equal_bandwidth_plan`: the planner's cuts and codecs, the band split equally;
 - :func:`fixed_cut_plan`: one cut for every device (default: the deepest every device can
@@ -18,12 +18,12 @@ from sft_actors.errors import ConfigError
 from sft_actors.plan.channel import ChannelState
 from sft_actors.plan.compression import CompressionMenu
 from sft_actors.plan.model import PlanProblem, build_terms, score
-from sft_actors.plan.planner import Plan, allocate, assemble, channel_for, plan
+from sft_actors.plan.planner import PlanSolution, allocate, assemble, channel_for, plan
 
 IDENTITY = "identity"
 
 
-def equal_bandwidth_plan(problem: PlanProblem, planned: Plan, channel: ChannelState) -> Plan:
+def equal_bandwidth_plan(problem: PlanProblem, planned: PlanSolution, channel: ChannelState) -> PlanSolution:
     """``planned``'s cuts and codecs with ``B_total / N`` for each device."""
     terms = build_terms(problem, channel)
     names = [o.name for o in problem.menu.options]
@@ -40,14 +40,14 @@ def equal_bandwidth_plan(problem: PlanProblem, planned: Plan, channel: ChannelSt
     )
 
 
-def fixed_cut_plan(problem: PlanProblem, channel: ChannelState, cut: int | None = None) -> Plan:
+def fixed_cut_plan(problem: PlanProblem, channel: ChannelState, cut: int | None = None) -> PlanSolution:
     """Every device cut at ``cut`` (default: the deepest cut all devices can hold)."""
     if cut is None:
         cut = int(np.min(build_terms(problem, channel).cut_cap))
     return plan(problem, channel=channel, fixed_cut=cut)
 
 
-def no_compression_plan(problem: PlanProblem, channel: ChannelState) -> Plan:
+def no_compression_plan(problem: PlanProblem, channel: ChannelState) -> PlanSolution:
     """The planner restricted to the identity codec."""
     identity = [o for o in problem.menu.options if o.name == IDENTITY or o.ratio == 1.0]
     if not identity:
@@ -62,7 +62,7 @@ def exhaustive_plan(
     channel_seed: int | None = 0,
     max_plans: int = 500_000,
     chunk: int = 20_000,
-) -> Plan:
+) -> PlanSolution:
     """The best integer plan by enumeration (raises ConfigError beyond ``max_plans`` plans)."""
     start = time.perf_counter()
     state = channel_for(problem, channel, channel_seed)

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from sft_actors.codec.spec import ChainSpec
 from sft_actors.errors import ConfigError, ModelSpecError, TopologyError
 from sft_actors.plan.channel import ChannelConfig, DeviceProfile, ServerProfile, draw_channel
 from sft_actors.plan.compression import build_menu
 from sft_actors.plan.costs import ModelCosts, TrainingShape
 from sft_actors.plan.model import PlanProblem, build_terms, fixed_link_delays
-from sft_actors.plan.planner import Plan
+from sft_actors.plan.planner import PlanSolution
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,7 +158,7 @@ def problem_from_topology(
     return problem, assumed
 
 
-def topology_with_plan(source: Path | str, planned: Plan) -> dict[str, Any]:
+def topology_with_plan(source: Path | str, planned: PlanSolution) -> dict[str, Any]:
     """The topology file's data with the plan's cuts and codec filled in (a new dict)."""
     codecs = {d.codec.name for d in planned.devices}
     with open(source, "rb") as f:
@@ -169,17 +170,22 @@ def topology_with_plan(source: Path | str, planned: Plan) -> dict[str, Any]:
             actor["cut"] = cuts[actor["name"]]
         elif actor.get("role") == "server" and "start_block" in actor:
             actor["start_block"] = min(cuts.values())
-    chain = dict(planned.devices[0].codec.chain)
-    codec = out.setdefault("run", {}).setdefault("codec", {})
-    codec["up"] = copy.deepcopy(chain)
-    codec["down"] = copy.deepcopy(chain)
+    out.setdefault("run", {})["codec"] = codec_tables(planned.devices[0].codec.chain)
     if len(codecs) > 1:  # heterogeneous plan: each device carries its own chain
-        chains = {d.name: dict(d.codec.chain) for d in planned.devices}
+        chains = {d.name: d.codec.chain for d in planned.devices}
         for actor in out.get("actors", []):
             if actor.get("role") == "device" and actor.get("name") in chains:
-                mine = chains[actor["name"]]
-                actor["codec"] = {"up": copy.deepcopy(mine), "down": copy.deepcopy(mine)}
+                actor["codec"] = codec_tables(chains[actor["name"]])
     return out
+
+
+def codec_tables(chain: Mapping[str, Any]) -> dict[str, Any]:
+    """``{up, down}`` tables for a planned activation chain. The gradients get the same chain
+    without its ``project`` stage: a basis is fitted on activations and means nothing for
+    gradients (the codec refuses a projected gradient chain)."""
+    up = copy.deepcopy(dict(chain))
+    down = {stage: params for stage, params in copy.deepcopy(up).items() if stage != "project"}
+    return {"up": up, "down": down}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -202,11 +208,12 @@ def predict_topology(topo: Any, problem: PlanProblem) -> LinkPrediction:
     names = [o.name for o in problem.menu.options]
     chosen: list[int] = []
     for d in topo.devices:
-        up_chain = dict(topo.codec_table(d.name)["up"])
-        matches = [i for i, o in enumerate(problem.menu.options) if dict(o.chain) == up_chain]
+        up_chain = topo.codec_policy(d.name).up
+        matches = [i for i, o in enumerate(problem.menu.options) if ChainSpec.parse(o.chain) == up_chain]
         if not matches:
             raise ConfigError(
-                f"{topo.source}: the up codec of {d.name} {up_chain} is not a codec in the planner's table "
+                f"{topo.source}: the up codec of {d.name} {up_chain.to_dict()} is not a codec in the "
+                "planner's table "
                 f"({', '.join(names)}); add it to sft_actors/plan/data/codec_ratios.json to predict its delay"
             )
         chosen.append(matches[0])

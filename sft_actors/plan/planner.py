@@ -1,4 +1,4 @@
-"""The planner: slow timescale (cuts, codecs), then fast timescale (bandwidth), into a Plan.
+"""The planner: slow timescale (cuts, codecs), then fast timescale (bandwidth), into a PlanSolution.
 
 :func:`plan` draws (or takes) the channel, solves the relaxed problem by the augmented
 Lagrangian, rounds and repairs it (``slow``), splits the band by SLSQP (``bandwidth``) and
@@ -40,7 +40,7 @@ BandwidthMethod = Literal["slsqp", "newton", "equal"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DevicePlan:
+class DeviceChoice:
     """One device's share of the plan (seconds per round, bytes, Hz, bit/s)."""
 
     name: str
@@ -74,10 +74,10 @@ class DevicePlan:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Plan:
+class PlanSolution:
     """A full plan and its predicted cost; ``total_delay_s = rounds · round_delay_s``."""
 
-    devices: tuple[DevicePlan, ...]
+    devices: tuple[DeviceChoice, ...]
     round_delay_s: float
     server_floor_s: float
     rounds: float
@@ -132,8 +132,8 @@ def assemble(
     channel_seed: int | None,
     solve_s: float = 0.0,
     stats: dict[str, Any] | None = None,
-) -> Plan:
-    """A Plan for integer ``cuts``/``opts`` under a given bandwidth ``allocation``."""
+) -> PlanSolution:
+    """A PlanSolution for integer ``cuts``/``opts`` under a given bandwidth ``allocation``."""
     p = path_terms(terms, cuts, opts)
     bw = allocation.bandwidth_hz
     r_up, r_dn = shannon_rate(bw, terms.snr_up), shannon_rate(bw, terms.snr_down)
@@ -145,7 +145,7 @@ def assemble(
     mem = memory_bytes(terms, cuts)
     slowest = int(np.argmax(delays))
     devices = tuple(
-        DevicePlan(
+        DeviceChoice(
             name=d.name,
             cut=int(cuts[i]),
             codec=problem.menu.options[int(opts[i])],
@@ -161,7 +161,7 @@ def assemble(
         )
         for i, d in enumerate(problem.devices)
     )
-    return Plan(
+    return PlanSolution(
         devices=devices,
         round_delay_s=round_s,
         server_floor_s=floor,
@@ -209,8 +209,8 @@ def plan(
     fixed_cut: int | None = None,
     bandwidth: BandwidthMethod = "slsqp",
     uniform_codec: bool = False,
-) -> Plan:
-    """Plan cuts, codecs and bandwidth for ``problem`` (see the module doc).
+) -> PlanSolution:
+    """PlanSolution cuts, codecs and bandwidth for ``problem`` (see the module doc).
 
     ``fixed_cut`` pins every device's cut (the fixed-cut baseline); ``uniform_codec`` makes every
     device use the same codec (the best single menu option: what a topology file can hold).
@@ -263,7 +263,7 @@ def _plan(
     slow_channel: SlowChannel,
     fixed_cut: int | None,
     bandwidth: BandwidthMethod,
-) -> Plan:
+) -> PlanSolution:
     start = time.perf_counter()
     fast_channel = channel_for(problem, channel, channel_seed)
     slow_state = (
@@ -330,8 +330,8 @@ def _check_fixed_cut(problem: PlanProblem, terms: Terms, cut: int) -> None:
 
 
 def replan_bandwidth(
-    problem: PlanProblem, current: Plan, channel: ChannelState, method: BandwidthMethod = "slsqp"
-) -> Plan:
+    problem: PlanProblem, current: PlanSolution, channel: ChannelState, method: BandwidthMethod = "slsqp"
+) -> PlanSolution:
     """Fast timescale only: keep ``current``'s cuts and codecs, re-split the band for ``channel``."""
     terms = build_terms(problem, channel)
     names = [o.name for o in problem.menu.options]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
+import math
 import tomllib
 import types
 import typing
@@ -17,34 +17,27 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sft_actors.errors import TopologyError
+from sft_actors.codec.spec import ChainSpec, CodecPolicy
+from sft_actors.errors import ConfigError, ModelSpecError, TopologyError
+from sft_actors.model.config import ModelConfig
 from sft_actors.topology.schema import (
     LOCALHOST,
     ROLES,
     ActorSpec,
-    CodecConfig,
-    DeviceProfile,
+    DeviceHardware,
     HostSpec,
     LinkProfile,
     RunConfig,
     Topology,
 )
 
-#: Block counts of the models known by name (``sft_actors.model.PRESETS`` and SmolLM2), so
-#: loading a topology needs neither torch nor the weights.
-KNOWN_NUM_BLOCKS: dict[str, int] = {
-    "smollm2-135m": 30,
-    "llama-tiny": 4,
-    "vit-tiny": 4,
-    "vit-small": 12,
-    "vit-base": 12,
-}
-
-NumBlocksHint = Callable[[str], int | None]
+#: ``model_config(spec) -> config | None``: the architecture a ``[run] model`` names (None: unknown,
+#: skip the checks that need it). The default reads the config only (no weights, ~0.1 s).
+ModelConfigHint = Callable[[str], ModelConfig | None]
 
 
-def load_topology(path: str | Path, *, num_blocks: NumBlocksHint | None = None) -> Topology:
-    """Load and validate ``path``. ``num_blocks(model) -> int | None`` bounds device cuts."""
+def load_topology(path: str | Path, *, model_config: ModelConfigHint | None = None) -> Topology:
+    """Load and validate ``path``; every problem is one :class:`TopologyError` line."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -54,11 +47,11 @@ def load_topology(path: str | Path, *, num_blocks: NumBlocksHint | None = None) 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{p}: not valid TOML: {exc}; fix the syntax at that line") from exc
-    return parse_topology(data, source=str(p), num_blocks=num_blocks)
+    return parse_topology(data, source=str(p), model_config=model_config)
 
 
 def parse_topology(
-    data: Mapping[str, Any], *, source: str = "<topology>", num_blocks: NumBlocksHint | None = None
+    data: Mapping[str, Any], *, source: str = "<topology>", model_config: ModelConfigHint | None = None
 ) -> Topology:
     """Validate an already-parsed TOML document (tests build them inline)."""
     b = _Builder(source)
@@ -73,20 +66,22 @@ def parse_topology(
     raw_actors = b.array(data.get("actors", []), "[[actors]]")
     actors = tuple(_actor(b, b.table(a, f"[[actors]] #{i + 1}"), i, hosts) for i, a in enumerate(raw_actors))
     topo = Topology(source=source, run=run, hosts=hosts or (HostSpec(name=LOCALHOST),), actors=actors)
-    _validate(b, topo, num_blocks or default_num_blocks)
+    _validate(b, topo, model_config or _model_config_of(b))
     return dataclasses.replace(topo, actors=_resolve_defaults(topo))
 
 
-def default_num_blocks(model: str) -> int | None:
-    """The table above, else ask ``sft_actors.model`` lazily (imports torch; reads a config only)."""
-    if model in KNOWN_NUM_BLOCKS:
-        return KNOWN_NUM_BLOCKS[model]
-    try:
-        spec = importlib.import_module("sft_actors.model.spec")
-        n = spec.load_config(model).num_blocks
-    except Exception:  # unknown spec, missing file: the model loader reports it properly later
-        return None
-    return n if isinstance(n, int) else None
+def _model_config_of(b: _Builder) -> ModelConfigHint:
+    """The model layer's own reading of a spec, its errors as one topology line."""
+
+    def resolve(spec: str) -> ModelConfig:
+        from sft_actors.model.spec import load_config
+
+        try:
+            return load_config(spec)
+        except (ModelSpecError, ConfigError, OSError) as exc:
+            b.fail("[run]", "model", f"cannot use model {spec!r}: {exc}")
+
+    return resolve
 
 
 # --- building ----------------------------------------------------------------------------
@@ -135,7 +130,25 @@ class _Builder:
         ]
         if missing:
             self.fail(where, missing[0], "required key is missing; add it")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:  # the component's own validation (e.g. LoraConfig)
+            self.fail(where, None, f"{exc}; fix the value")
+
+    def codec_policy(self, value: Any, where: str, key: str) -> CodecPolicy:
+        """``{up = {...}, down = {...}}``: each chain judged by the codec's own parser."""
+        table = self.table(value, f"{where}, key {key!r}")
+        self.check_keys(table, {"up", "down"}, f"{where}, table {key!r}")
+        chains: dict[str, ChainSpec] = {}
+        for role in ("up", "down"):
+            try:
+                chains[role] = ChainSpec.parse(table.get(role, {}))
+            except ConfigError as exc:
+                self.fail(where, f"{key}.{role}", f"invalid codec chain: {exc}")
+        try:
+            return CodecPolicy(**chains)
+        except ConfigError as exc:  # checks across the two roles
+            self.fail(where, f"{key}.down", str(exc))
 
     def coerce(self, value: Any, tp: Any, where: str, key: str) -> Any:
         origin = typing.get_origin(tp)
@@ -153,6 +166,12 @@ class _Builder:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 self.fail(where, key, f"expected a list of strings, got {value!r}")
             return tuple(value)
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                self.fail(where, key, f"expected a finite number, got {value!r}")
+            return float(value)
+        if tp is CodecPolicy:
+            return self.codec_policy(value, where, key)
         if origin is dict or tp is dict:
             return dict(self.table(value, f"{where}.{key}"))
         if dataclasses.is_dataclass(tp):
@@ -165,10 +184,6 @@ class _Builder:
             if isinstance(value, bool) or not isinstance(value, int):
                 self.fail(where, key, f"expected an integer, got {value!r}")
             return value
-        if tp is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                self.fail(where, key, f"expected a number, got {value!r}")
-            return float(value)
         if tp is str:
             if not isinstance(value, str):
                 self.fail(where, key, f"expected a string, got {value!r}")
@@ -178,26 +193,7 @@ class _Builder:
 
 def _run_config(b: _Builder, table: Mapping[str, Any]) -> RunConfig:
     run: RunConfig = b.build(RunConfig, table, "[run]")
-    _validate_codec(b, run.codec)
     return run
-
-
-def _validate_codec(b: _Builder, codec: CodecConfig, where: str = "[run.codec.{}]") -> None:
-    """Let the codec package judge its own tables when it is installed."""
-    try:
-        mod = importlib.import_module("sft_actors.codec")
-    except ImportError:
-        return
-    parse = getattr(getattr(mod, "ChainSpec", None), "parse", None)
-    if not callable(parse):
-        return
-    for direction, spec in (("up", codec.up), ("down", codec.down)):
-        if not spec:
-            continue
-        try:
-            parse(spec)
-        except Exception as exc:
-            b.fail(where.format(direction), None, f"invalid codec chain: {exc}")
 
 
 def _actor(b: _Builder, table: Mapping[str, Any], index: int, hosts: tuple[HostSpec, ...]) -> ActorSpec:
@@ -214,7 +210,7 @@ def _actor(b: _Builder, table: Mapping[str, Any], index: int, hosts: tuple[HostS
             "cut": None,
             "shard": None,
             "link": LinkProfile(),
-            "profile": DeviceProfile(),
+            "profile": DeviceHardware(),
             "codec": None,
         }
         for key, default in device_only.items():
@@ -222,15 +218,13 @@ def _actor(b: _Builder, table: Mapping[str, Any], index: int, hosts: tuple[HostS
                 b.fail(where, key, f"only devices take {key!r}; remove it from this {actor.role}")
     if actor.role != "server" and actor.start_block is not None:
         b.fail(where, "start_block", "only servers take start_block; remove it")
-    if actor.codec is not None:
-        _validate_codec(b, actor.codec, where=f"{where}, key 'codec.{{}}'")
     return actor
 
 
 # --- cross-table validation -------------------------------------------------------------
 
 
-def _validate(b: _Builder, topo: Topology, num_blocks: NumBlocksHint) -> None:
+def _validate(b: _Builder, topo: Topology, model_config: ModelConfigHint) -> None:
     run = topo.run
     _validate_run(b, topo)
     host_names = [h.name for h in topo.hosts]
@@ -277,7 +271,8 @@ def _validate(b: _Builder, topo: Topology, num_blocks: NumBlocksHint) -> None:
             f"mode {run.train.mode!r} needs a server; add an [[actors]] table with "
             'role = "server" (only fedlora runs without one)',
         )
-    _validate_split(b, topo, num_blocks(run.model))
+    config = model_config(run.model)
+    _validate_split(b, topo, None if config is None else config.num_blocks)
 
 
 def _validate_run(b: _Builder, topo: Topology) -> None:
@@ -302,15 +297,6 @@ def _validate_run(b: _Builder, topo: Topology) -> None:
         b.fail("[run.train]", "round_timeout_s", f"must be positive, got {t.round_timeout_s}")
     if t.lr <= 0:
         b.fail("[run.train]", "lr", f"must be positive, got {t.lr}")
-    lora = run.lora
-    if lora.rank < 1:
-        b.fail("[run.lora]", "rank", f"must be at least 1, got {lora.rank}")
-    if lora.alpha <= 0:
-        b.fail("[run.lora]", "alpha", "must be positive")
-    if not 0 <= lora.dropout < 1:
-        b.fail("[run.lora]", "dropout", f"must be in [0, 1), got {lora.dropout}")
-    if not lora.targets:
-        b.fail("[run.lora]", "targets", 'list at least one projection, e.g. ["q", "v"]')
     d = run.data
     if d.alpha <= 0:
         b.fail("[run.data]", "alpha", "the Dirichlet concentration must be positive")
@@ -422,4 +408,4 @@ def _unique(b: _Builder, names: list[str], where: str, key: str) -> None:
         seen.add(n)
 
 
-__all__ = ["KNOWN_NUM_BLOCKS", "ROLES", "default_num_blocks", "load_topology", "parse_topology"]
+__all__ = ["ROLES", "ModelConfigHint", "load_topology", "parse_topology"]

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sft_actors.codec.spec import CodecPolicy
+from sft_actors.model.config import LoraConfig
+
 Role = Literal["coordinator", "server", "device"]
 ROLES: tuple[Role, ...] = ("coordinator", "server", "device")
 #: Roles that bind a ROUTER and are addressed by name; devices only connect.
@@ -43,15 +46,6 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
-class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o")
-    mlp: bool = False
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
 class DataConfig:
     #: A name ``sft_actors.data.load_dataset`` knows: stdlib-docs, text:<path>, jsonl:<path>,
     #: cifar100, tiny-imagenet, fashion-mnist, digits.
@@ -62,14 +56,6 @@ class DataConfig:
     heldout_fraction: float = 0.1
     #: Loader options, e.g. ``{max_documents = 200}`` for stdlib-docs (see ``sft data info``).
     options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class CodecConfig:
-    """Free-form chain descriptions handed to ``sft_actors.codec`` (``ChainSpec.parse``)."""
-
-    up: dict[str, Any] = field(default_factory=dict)
-    down: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -104,7 +90,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    #: The codec chain per role, parsed once (``[run.codec.up]`` / ``[run.codec.down]``).
+    codec: CodecPolicy = field(default_factory=CodecPolicy)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -133,7 +120,7 @@ class LinkProfile:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
-class DeviceProfile:
+class DeviceHardware:
     """Hardware and radio facts the planner uses; the runtime ignores them."""
 
     memory_mb: float | None = None
@@ -153,10 +140,10 @@ class ActorSpec:
     cut: int | None = None
     shard: int | None = None
     link: LinkProfile = field(default_factory=LinkProfile)
-    profile: DeviceProfile = field(default_factory=DeviceProfile)
+    profile: DeviceHardware = field(default_factory=DeviceHardware)
     #: This device's own codec chains (e.g. a slower radio compresses harder); None inherits
     #: ``[run.codec]``; ``codec = { up = {}, down = {} }`` sends this device's tensors raw.
-    codec: CodecConfig | None = None
+    codec: CodecPolicy | None = None
     # --- servers ---
     start_block: int | None = None
 
@@ -231,21 +218,12 @@ class Topology:
                 "devices": {d.name: d.cut for d in self.devices},
                 "servers": {s.name: s.start_block for s in self.servers},
             },
-            "lora": {
-                "rank": run.lora.rank,
-                "alpha": run.lora.alpha,
-                "dropout": run.lora.dropout,
-                "targets": list(run.lora.targets),
-                "mlp": run.lora.mlp,
-            },
-            "codec": {"up": run.codec.up, "down": run.codec.down},
-            "device_codecs": {
-                d.name: {"up": d.codec.up, "down": d.codec.down} for d in self.devices if d.codec is not None
-            },
+            "lora": run.lora,
+            "codec": run.codec,
+            "device_codecs": {d.name: d.codec for d in self.devices if d.codec is not None},
         }
 
-    def codec_table(self, device: str) -> dict[str, Any]:
-        """The codec policy table (``{up, down}``) that applies to ``device``."""
+    def codec_policy(self, device: str) -> CodecPolicy:
+        """The codec chains that apply to ``device``: its own ``codec`` table, else ``[run.codec]``."""
         spec = self.actor(device)
-        chosen = spec.codec if spec.codec is not None else self.run.codec
-        return {"up": dict(chosen.up), "down": dict(chosen.down)}
+        return spec.codec if spec.codec is not None else self.run.codec

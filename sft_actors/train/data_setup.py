@@ -13,7 +13,7 @@ run's evaluation uses every device's path through the model and costs each devic
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from sft_actors.data import (
     partition,
 )
 from sft_actors.errors import ConfigError
+from sft_actors.wire.plans import DataPlan
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels)
 Cache = Callable[[Hashable, Callable[[], Any]], Any]
@@ -35,20 +36,6 @@ Cache = Callable[[Hashable, Callable[[], Any]], Any]
 
 def _no_cache(key: Hashable, make: Callable[[], Any]) -> Any:
     return make()
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataSettings:
-    dataset: str
-    root: str | None
-    partition: str  # "iid" | "dirichlet"
-    alpha: float
-    heldout_fraction: float
-    options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int
-    seq_len: int
-    eval_batches: int
-    seed: int
 
 
 @dataclass(kw_only=True, slots=True)
@@ -74,7 +61,7 @@ class BatchIterator:
         return _split(next(self.batches))
 
 
-def _load(s: DataSettings, split: str, cache: Cache) -> Any:
+def _load(s: DataPlan, split: str, cache: Cache) -> Any:
     key = ("dataset", s.dataset, s.root, split, s.heldout_fraction, s.seed, tuple(sorted(s.options.items())))
 
     def make() -> Any:
@@ -88,7 +75,7 @@ def _load(s: DataSettings, split: str, cache: Cache) -> Any:
 
 
 def build_device_data(
-    s: DataSettings,
+    s: DataPlan,
     *,
     model: Any,
     num_devices: int,

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
-from sft_actors.errors import ConfigError, SftError
+from sft_actors.errors import ConfigError, ProtocolViolation
+from sft_actors.model import Part
 
 
-class StepOrderError(SftError):
+class StepOrderError(ProtocolViolation):
     """A gradient arrived for a micro-batch that is not in flight (duplicate, unknown or late)."""
 
 
@@ -40,7 +40,7 @@ class DeviceTrainer:
 
     def __init__(
         self,
-        part: nn.Module,
+        part: Part,
         *,
         lr: float,
         max_inflight: int = 1,
@@ -104,14 +104,16 @@ class DeviceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
 
-    def end_round(self) -> int:
-        """Apply the mean of the accumulated gradients (``accumulate=True``); returns their count."""
+    def end_round(self, micro_batches: int | None = None) -> int:
+        """Apply the accumulated gradients (``accumulate=True``) divided by ``micro_batches``
+        (default: how many were accumulated); returns how many were accumulated."""
         n, self._accumulated = self._accumulated, 0
         if not self.accumulate or n == 0:
             return 0
+        divisor = n if micro_batches is None else max(micro_batches, n)
         for p in self.params.values():
             if p.grad is not None:
-                p.grad /= n
+                p.grad /= divisor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1

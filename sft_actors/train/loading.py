@@ -1,4 +1,4 @@
-"""From a topology's ``[run]`` settings to the objects training needs (model, LoRA, data).
+"""From a plan's model description to the frozen model every part of the split shares.
 
 Frozen models are loaded once per process and shared (see ``sft_actors.sharing``): in-process
 devices and the server all reference the same base tensors.
@@ -9,52 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import torch
+from sft_actors.dtypes import torch_dtype
+from sft_actors.model import SplitLM, load_model, resolve_spec
+from sft_actors.sharing import SHARED
+from sft_actors.wire.plans import ModelPlan
 
-from sft_actors.errors import ConfigError
-from sft_actors.train.data_setup import DataSettings
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+Cache = Callable[[Hashable, Callable[[], Any]], Any]
 
 
-def load_shared_model(
-    spec: str, dtype: torch.dtype, cache: Callable[[Hashable, Callable[[], Any]], Any] | None = None
-) -> Any:
-    """The frozen model for ``spec``, loaded once per process (thread-safe)."""
-    from sft_actors.model import load_model, resolve_spec
-    from sft_actors.sharing import SHARED
-
+def load_shared_model(plan: ModelPlan, cache: Cache | None = None) -> SplitLM:
+    """The frozen base model of ``plan``, loaded once per process (thread-safe)."""
     get = cache or SHARED.get
-    return get(("model", spec, str(dtype)), lambda: load_model(resolve_spec(spec), dtype=dtype))
-
-
-def lora_config(cfg: Any) -> Any:
-    """The model layer's LoraConfig from the topology's ``[run.lora]`` table."""
-    from sft_actors.model import LoraConfig
-
-    return LoraConfig(
-        rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=tuple(cfg.targets), mlp=cfg.mlp
+    dtype = torch_dtype(plan.dtype)
+    model: SplitLM = get(
+        ("model", plan.model, str(dtype)), lambda: load_model(resolve_spec(plan.model), dtype=dtype)
     )
-
-
-def data_settings(run: Any) -> DataSettings:
-    d, t = run.data, run.train
-    return DataSettings(
-        dataset=d.dataset,
-        root=d.root,
-        partition=d.partition,
-        alpha=d.alpha,
-        heldout_fraction=d.heldout_fraction,
-        options=dict(getattr(d, "options", {}) or {}),
-        batch_size=t.batch_size,
-        seq_len=t.seq_len,
-        eval_batches=t.eval_batches,
-        seed=run.seed,
-    )
+    return model

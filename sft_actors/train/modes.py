@@ -8,55 +8,35 @@ sfl      in parallel             off          shared; device adapters averaged p
 sft      in parallel             on           shared; device adapters averaged per block
 fedlora  in parallel, whole      n/a          unused: each device trains every block itself
 ======== ======================= ============ ==========================================
+
+Whether a mode codes is decided once, when the coordinator builds the plans
+(``sft_actors.plan.assign``): a plan's codec policy is the identity in every mode but ``sft``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from sft_actors.codec import BasisRegistry, Codec, CodecPolicy
-from sft_actors.errors import ConfigError
-
-
-def uses_codec(mode: str) -> bool:
-    return mode == "sft"
+from sft_actors.codec.spec import ChainSpec
 
 
 def sequential(mode: str) -> bool:
+    """Devices train one after the other, each starting from the previous one's adapters."""
     return mode == "sl"
 
 
 def whole_model_on_device(mode: str) -> bool:
+    """Each device holds every block (federated LoRA); no server takes part in training."""
     return mode == "fedlora"
 
 
-def policy_table(mode: str, codec_table: dict[str, Any]) -> dict[str, Any]:
-    """The codec policy (as a plain table) a mode actually uses: identity unless ``sft``."""
-    return dict(codec_table) if uses_codec(mode) else {}
+def codec_for(chain: ChainSpec, *, bases: BasisRegistry | None = None) -> Codec | None:
+    """The codec of one chain; None for the identity (raw tensors, bit-exact).
 
-
-def codecs(table: dict[str, Any], *, bases: BasisRegistry | None = None) -> tuple[Codec | None, Codec | None]:
-    """(up, down) codecs from a policy table; None where the chain is the identity (raw bytes).
-
-    A ``project`` stage needs ``bases`` (the device fits its basis, the server receives it);
-    it applies to activations only: gradients have no calibration data to fit a basis on.
+    A ``project`` stage needs ``bases`` (the device fits its basis, the server receives it).
     """
-    policy = CodecPolicy.parse(table)
-    up = None if policy.up.is_identity else Codec(policy.up, bases=bases)
-    return up, down_codec(table)
+    return None if chain.is_identity else Codec(chain, bases=bases)
 
 
-def down_codec(table: dict[str, Any]) -> Codec | None:
-    """The gradient codec alone (what a server needs; it never encodes activations)."""
-    policy = CodecPolicy.parse(table)
-    if policy.down.project is not None:
-        raise ConfigError(
-            "codec.down has a project stage; transform coding is for activations (codec.up) only: "
-            "remove 'project' from the gradient chain"
-        )
-    return None if policy.down.is_identity else Codec(policy.down)
-
-
-def up_spec(table: dict[str, Any]) -> Any:
-    """The activation chain (a ``ChainSpec``) of a policy table."""
-    return CodecPolicy.parse(table).up
+def codecs(policy: CodecPolicy, *, bases: BasisRegistry | None = None) -> tuple[Codec | None, Codec | None]:
+    """(up, down) codecs of a policy; None where the chain is the identity."""
+    return codec_for(policy.up, bases=bases), codec_for(policy.down)

@@ -9,14 +9,12 @@ devices' micro-batches (``per_round``, the mean of the accumulated gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from torch import nn
 
 from sft_actors.errors import ConfigError
-
-ServerUpdate = Literal["per_batch", "per_round"]
+from sft_actors.model import Part
+from sft_actors.topology.schema import ServerUpdate
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -28,7 +26,7 @@ class ServerResult:
 
 
 class ServerTrainer:
-    def __init__(self, part: nn.Module, *, lr: float, update: ServerUpdate = "per_batch") -> None:
+    def __init__(self, part: Part, *, lr: float, update: ServerUpdate = "per_batch") -> None:
         if update not in ("per_batch", "per_round"):
             raise ConfigError(f"server_update must be 'per_batch' or 'per_round', got {update!r}")
         self.part = part
@@ -61,15 +59,17 @@ class ServerTrainer:
         n, correct = _targets(out, labels)
         return ServerResult(grad=None, loss=float(loss), n_targets=n, correct=correct)
 
-    def end_round(self) -> int:
-        """Apply the round's accumulated gradient (``per_round``); returns batches applied."""
+    def end_round(self, micro_batches: int | None = None) -> int:
+        """Apply the round's accumulated gradient (``per_round``) divided by ``micro_batches``
+        (default: the micro-batches this trainer saw); returns the micro-batches accumulated."""
         if self.optimizer is None or self.update != "per_round" or self._accumulated == 0:
             return 0
         n = self._accumulated
+        divisor = n if micro_batches is None else max(micro_batches, n)
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.grad /= n
+                    p.grad /= divisor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._accumulated = 0

@@ -7,11 +7,15 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sft_actors.wire.messages import RoundDone
+from sft_actors.wire.plans import EvalStats
 
 
 def median_or_zero(xs: list[float]) -> float:
@@ -51,11 +55,12 @@ class EvalRecord:
     perplexity: float | None  # language models only
 
 
-def eval_record(round_: int, parts: list[dict[str, Any]], *, is_lm: bool) -> EvalRecord:
+def eval_record(round_: int, parts: Sequence[EvalStats]) -> EvalRecord:
     """Merge per-device held-out results (token- or sample-weighted)."""
-    targets = sum(int(p["targets"]) for p in parts)
-    loss_sum = sum(float(p["loss_sum"]) for p in parts)
-    correct = sum(int(p["correct"]) for p in parts)
+    targets = sum(p.targets for p in parts)
+    loss_sum = sum(p.loss_sum for p in parts)
+    correct = sum(p.correct for p in parts)
+    is_lm = any(p.task == "lm" for p in parts)
     loss = loss_sum / targets if targets else float("nan")
     return EvalRecord(
         round=round_,
@@ -63,6 +68,25 @@ def eval_record(round_: int, parts: list[dict[str, Any]], *, is_lm: bool) -> Eva
         targets=targets,
         accuracy=None if is_lm else (correct / targets if targets else None),
         perplexity=math.exp(min(loss, 50.0)) if is_lm else None,
+    )
+
+
+def round_record(round_: int, done: Sequence[RoundDone], *, seconds: float) -> RoundRecord:
+    """One round over all devices: sample-weighted loss, summed bytes, median step time."""
+    n = sum(m.n_samples for m in done)
+    stats = [m.stats for m in done]
+    return RoundRecord(
+        round=round_,
+        loss=sum(m.loss * m.n_samples for m in done) / max(1, n),
+        bytes_up=sum(st.bytes_up for st in stats),
+        bytes_down=sum(st.bytes_down for st in stats),
+        raw_up=sum(st.raw_up for st in stats),
+        raw_down=sum(st.raw_down for st in stats),
+        seconds=seconds,
+        step_ms_median=median_or_zero([st.step_ms_median for st in stats]),
+        encode_ms=sum(st.encode_ms for st in stats),
+        per_device_loss={m.device: round(m.loss, 5) for m in done},
+        per_device_bytes_up={m.device: m.stats.bytes_up for m in done},
     )
 
 

@@ -6,7 +6,10 @@ and raises :class:`MalformedFrame` naming the field, and an encoder that lifts
 :class:`WireTensor` values out of the body into separate buffers, leaving their buffer index.
 
 Supported annotations: ``int``, ``float`` (an int is accepted and converted), ``str``, ``bool``,
-``bytes``, ``None``, ``Any`` (any msgpack value), ``list[T]``, ``dict[str, T]``, unions of those,
+``bytes``, ``None``, ``Any`` (any msgpack value), ``Literal[...]`` of str/int values,
+``list[T]``, ``tuple[T, ...]`` (a list on the wire), ``dict[str, T]``, unions of those,
+frozen dataclasses whose fields are all supported (a map on the wire: typed configs such as a
+codec ``ChainSpec`` travel as themselves, and their own validation runs on decode),
 ``WireTensor`` and ``dict[str, WireTensor]`` (optionally ``| None``). Anything else is a
 ``TypeError`` at import, so a bad message definition never reaches the wire. Decoding recurses
 only as deep as the annotation, never as deep as the (untrusted) value.
@@ -21,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sft_actors.errors import MalformedFrame, ProtocolError
+from sft_actors.errors import ConfigError, MalformedFrame, ProtocolError
 from sft_actors.wire.tensors import WireTensor
 
 _SCALARS: Final[tuple[type, ...]] = (int, float, str, bool, bytes, type(None))
@@ -193,6 +196,53 @@ def _union(arms: list[TypeCodec], allows_none: bool, exact: tuple[type, ...]) ->
     return TypeCodec(decode=decode_union, encode=encode_union, label=label)
 
 
+def _literal(values: tuple[Any, ...]) -> TypeCodec:
+    if not values or not all(type(v) in (str, int) for v in values):
+        raise TypeError(f"Literal values on the wire must be str or int, got {values!r}")
+    label = " | ".join(repr(v) for v in values)
+
+    def decode_literal(value: object, path: str, _: BufferTable) -> Any:
+        for allowed in values:
+            if type(value) is type(allowed) and value == allowed:
+                return value
+        raise MalformedFrame(f"{path}: expected one of {label}, got {value!r}")
+
+    return TypeCodec(decode=decode_literal, encode=None, label=label)
+
+
+def _tuple(elem: TypeCodec) -> TypeCodec:
+    inner = _list(elem)
+
+    def decode_tuple(value: object, path: str, table: BufferTable) -> Any:
+        return tuple(inner.decode(value, path, table))
+
+    return TypeCodec(decode=decode_tuple, encode=inner.encode, label=f"tuple[{elem.label}, ...]")
+
+
+def _struct(cls: type) -> TypeCodec:
+    """A frozen dataclass as a map of its fields; decoding runs the class's own validation."""
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls!r} is not a frozen dataclass")
+    specs = compile_fields(cls)
+    label = cls.__name__
+
+    def decode_struct(value: object, path: str, table: BufferTable) -> Any:
+        if type(value) is not dict:
+            raise _fail(path, label, value)
+        kwargs = decode_fields(f"{path}<{label}>", value, specs, table)
+        try:
+            return cls(**kwargs)
+        except (ConfigError, TypeError, ValueError) as exc:  # the type's own checks refused it
+            raise MalformedFrame(f"{path}: invalid {label}: {exc}") from None
+
+    def encode_struct(value: Any, path: str, sink: BufferSink) -> Any:
+        if not isinstance(value, cls):
+            raise ProtocolError(f"{path}: expected {label}, got {type(value).__name__}")
+        return encode_body(value, specs, sink, path=path)
+
+    return TypeCodec(decode=decode_struct, encode=encode_struct, label=label)
+
+
 def compile_type(tp: Any) -> TypeCodec:
     """Compile a field annotation into its checks; ``TypeError`` if it cannot go on the wire."""
     if tp is Any:
@@ -203,8 +253,14 @@ def compile_type(tp: Any) -> TypeCodec:
         return _scalar(tp)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        return _literal(args)
     if origin is list and len(args) == 1:
         return _list(compile_type(args[0]))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _tuple(compile_type(args[0]))
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _struct(tp)
     if origin is dict and len(args) == 2:
         if args[0] is not str:
             raise TypeError(f"map keys must be str on the wire, got {tp!r}")
@@ -238,9 +294,11 @@ def compile_fields(cls: type) -> tuple[FieldSpec, ...]:
     return tuple(specs)
 
 
-def encode_body(obj: object, specs: tuple[FieldSpec, ...], sink: BufferSink) -> dict[str, Any]:
+def encode_body(
+    obj: object, specs: tuple[FieldSpec, ...], sink: BufferSink, *, path: str | None = None
+) -> dict[str, Any]:
     """The msgpack-ready body of ``obj``, with its tensors moved into ``sink``."""
-    name = type(obj).__name__
+    name = type(obj).__name__ if path is None else path
     body: dict[str, Any] = {}
     for spec in specs:
         value = getattr(obj, spec.name)

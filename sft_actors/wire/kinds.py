@@ -28,11 +28,13 @@ class MsgKind(IntEnum):
     SHUTDOWN = 10  # coordinator -> any: stop politely (drain, then exit)
     BYE = 11  # any -> any: this node is leaving; forget it without waiting for timeouts
     # --- training protocol -------------------------------------------------------------------
-    PLAN = 12  # coordinator -> device: cut, data shard, round schedule, codec policy
+    PLAN = 12  # coordinator -> device: its whole plan (cut, shard, model, data, schedule, codec)
     ROUND_START = 13  # coordinator -> devices: begin round r
-    ROUND_DONE = 14  # device -> coordinator: round r finished, with samples, loss and metrics
+    ROUND_DONE = 14  # device -> coordinator: round r finished, with samples, loss and stats
     EVAL_REQUEST = 15  # coordinator -> node: evaluate on a data split after round r
     EVAL_RESULT = 16  # node -> coordinator: the evaluation's values
     ACK = 17  # any -> any: generic reply to a message id; may grant flow-control credits
     ADAPTERS_REQUEST = 18  # coordinator -> device/server: answer ADAPTERS_UP with your LoRA (1.1)
     BASIS = 19  # device -> server: its activation codec's PCA basis, once per run (1.1)
+    SERVER_PLAN = 20  # coordinator -> server: block range, next stage, per-device codecs (2.0)
+    ROUND_CLOSE = 21  # coordinator -> server: every device finished round r (2.0)

@@ -15,15 +15,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar, get_args, get_origin
 
+from sft_actors.codec.spec import CodecPolicy
 from sft_actors.errors import UnknownMessageKind
 from sft_actors.wire.fields import FieldSpec, compile_fields
 from sft_actors.wire.kinds import MsgKind
+from sft_actors.wire.plans import (
+    DataPlan,
+    EvalStats,
+    ModelPlan,
+    RoundStats,
+    ServedDevice,
+    ServerUpdate,
+    TrainMode,
+    TrainPlan,
+)
 from sft_actors.wire.tensors import WireTensor
-
-# A measurement: numbers, or a short label (e.g. the name of the codec chain in use).
-Scalar = float | int | str
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -31,6 +39,29 @@ class Message:
     """Base of all messages. ``KIND`` is the class's code on the wire."""
 
     KIND: ClassVar[MsgKind]
+
+
+R = TypeVar("R", bound=Message)
+
+
+class Request(Generic[R]):
+    """Mixin of a message that expects a reply of type ``R``: ``class X(Message, Request[Y])``.
+
+    ``Actor.call`` returns exactly ``R`` (or raises one typed error), and a handler for ``X``
+    must be annotated to return ``R``; both read ``REPLY``, set here from the class's bases.
+    """
+
+    __slots__ = ()
+    REPLY: ClassVar[type[Message]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            if get_origin(base) is Request:
+                (reply,) = get_args(base)
+                if not (isinstance(reply, type) and issubclass(reply, Message)):
+                    raise TypeError(f"{cls.__name__}: Request[...] needs a message class, got {reply!r}")
+                cls.REPLY = reply
 
 
 # --- session -------------------------------------------------------------------------------
@@ -54,9 +85,32 @@ class Welcome(Message):
     credits: int  # how many requests the peer may have in flight on this link
 
 
+# --- generic replies -----------------------------------------------------------------------
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Ack(Message):
+    KIND = MsgKind.ACK
+    of_msg_id: int
+    credits: int = 0  # flow-control credits granted back to the receiver; 0 = none
+
+
 # --- split training step -------------------------------------------------------------------
 @dataclass(kw_only=True, frozen=True, slots=True)
-class Activations(Message):
+class Gradients(Message):
+    """Reply to :class:`Activations` (envelope ``reply_to`` = its msg_id)."""
+
+    KIND = MsgKind.GRADIENTS
+    device: str
+    round: int
+    step: int
+    grad: WireTensor  # d loss / d activations, same shape as the activations (empty for eval)
+    loss: float  # mean over ``n_tokens``
+    n_tokens: int  # tokens (or samples) the loss was averaged over
+    correct: int = 0  # classification: arg-max hits in this micro-batch
+    server_ms: float = 0.0  # server compute for this micro-batch (forward + backward)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Activations(Message, Request[Gradients]):
     """One micro-batch's activations at the device's cut; the server continues from ``cut``."""
 
     KIND = MsgKind.ACTIVATIONS
@@ -69,21 +123,7 @@ class Activations(Message):
     n_samples: int
     sent_at_ns: int  # sender's time.time_ns(), for latency telemetry
     attention_mask: WireTensor | None = None  # (B, T) for padded batches; None = all valid
-    phase: str = "train"  # "train": backward and update; "eval": loss only, no update (since 1.1)
-
-
-@dataclass(kw_only=True, frozen=True, slots=True)
-class Gradients(Message):
-    """Reply to :class:`Activations` (envelope ``reply_to`` = its msg_id)."""
-
-    KIND = MsgKind.GRADIENTS
-    device: str
-    round: int
-    step: int
-    grad: WireTensor  # d loss / d activations, same shape as the activations; raw or coded
-    loss: float
-    n_tokens: int  # tokens (or samples) the loss was averaged over
-    metrics: dict[str, Scalar] = field(default_factory=dict)  # e.g. correct, server_ms (since 1.1)
+    phase: Literal["train", "eval"] = "train"  # eval: loss only, no backward, no update
 
 
 # --- adapter aggregation -------------------------------------------------------------------
@@ -97,7 +137,15 @@ class AdaptersUp(Message):
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
-class AdaptersDown(Message):
+class AdaptersRequest(Message, Request[AdaptersUp]):
+    """Ask a node for its current LoRA tensors; it answers ADAPTERS_UP."""
+
+    KIND = MsgKind.ADAPTERS_REQUEST
+    round: int
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class AdaptersDown(Message, Request[Ack]):
     KIND = MsgKind.ADAPTERS_DOWN
     round: int
     tensors: dict[str, WireTensor]  # averaged LoRA tensors for the blocks this device holds
@@ -114,10 +162,14 @@ class Heartbeat(Message):
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class Metrics(Message):
+    """Progress of one micro-batch (fire and forget; drives the coordinator's progress bar)."""
+
     KIND = MsgKind.METRICS
     node: str
     round: int
-    values: dict[str, Scalar]
+    step_loss: float
+    wire_bytes: int  # activations + gradient as sent
+    raw_bytes: int  # the same as raw tensors
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -145,41 +197,71 @@ class Bye(Message):
 
 # --- training protocol ---------------------------------------------------------------------
 @dataclass(kw_only=True, frozen=True, slots=True)
-class Plan(Message):
-    """The coordinator's assignment for one device."""
+class DevicePlan(Message, Request[Ack]):
+    """The coordinator's assignment for one device: everything it builds and runs."""
 
     KIND = MsgKind.PLAN
     device: str
-    cut: int  # the device runs blocks [0, cut)
+    index: int  # position among the run's devices (seeds derive from it)
+    num_devices: int  # every device derives the same data partition from it
+    mode: TrainMode
+    server: str  # the server actor that takes this device's activations ("" in fedlora)
+    cut: int  # the device runs blocks [0, cut) (every block in fedlora)
     shard: int  # index of its data shard
-    steps_per_round: int
-    rounds: int
-    aggregate_every: int  # rounds between adapter averaging
-    codec: dict[str, Any]  # codec policy per role (activation up, gradient down)
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: ModelPlan
+    data: DataPlan
+    train: TrainPlan
+    codec: CodecPolicy  # identity when the mode sends raw tensors
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
-class RoundStart(Message):
-    KIND = MsgKind.ROUND_START
-    round: int
+class ServerPlan(Message, Request[Ack]):
+    """The coordinator's assignment for one server actor: a head, or a middle stage."""
+
+    KIND = MsgKind.SERVER_PLAN
+    server: str
+    mode: TrainMode
+    model: ModelPlan
+    start_block: int  # first block this actor runs
+    end_block: int | None  # None: runs to the head (loss); else a middle stage [start, end)
+    next_stage: str  # the stage that takes this one's output ("" for the head)
+    upstream: list[str]  # server stages allowed to send activations on behalf of a device
+    update: ServerUpdate  # per micro-batch, or once per round over all devices
+    lr: float
+    inflight: int  # micro-batches a middle stage holds between forward and backward
+    round_timeout_s: float
+    devices: list[ServedDevice]
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class RoundDone(Message):
+    """A device finished round ``round``."""
+
     KIND = MsgKind.ROUND_DONE
     device: str
     round: int
     n_samples: int
     loss: float  # mean training loss over the round
-    metrics: dict[str, Scalar] = field(default_factory=dict)
+    stats: RoundStats
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
-class EvalRequest(Message):
-    KIND = MsgKind.EVAL_REQUEST
+class RoundStart(Message, Request[RoundDone]):
+    KIND = MsgKind.ROUND_START
     round: int
-    split: str  # e.g. "val", "test"
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class RoundClose(Message, Request[Ack]):
+    """Coordinator → server: every device finished ``round`` (``per_round`` updates apply now)."""
+
+    KIND = MsgKind.ROUND_CLOSE
+    round: int
+    n_samples: int  # samples trained over all devices this round
+    # Training micro-batches over all devices this round: a ``per_round`` update applies the
+    # accumulated gradient divided by this, in every stage alike (a stage that only some
+    # devices' activations pass through must not weight them more than the head does).
+    micro_batches: int
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -187,26 +269,22 @@ class EvalResult(Message):
     KIND = MsgKind.EVAL_RESULT
     node: str
     round: int
-    values: dict[str, Scalar]
+    stats: EvalStats
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
-class Ack(Message):
-    KIND = MsgKind.ACK
-    of_msg_id: int
-    credits: int = 0  # flow-control credits granted back to the receiver; 0 = none
+class EvalRequest(Message, Request[EvalResult]):
+    """Evaluate this device's share of the held-out batches after round ``round``."""
 
-
-@dataclass(kw_only=True, frozen=True, slots=True)
-class AdaptersRequest(Message):
-    """Ask a node for its current LoRA tensors; it answers ADAPTERS_UP."""
-
-    KIND = MsgKind.ADAPTERS_REQUEST
+    KIND = MsgKind.EVAL_REQUEST
     round: int
+    # True: activations go through the device's codec, as the deployed system runs; False:
+    # uncompressed, to measure the model alone.
+    through_codec: bool = True
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
-class BasisUpload(Message):
+class BasisUpload(Message, Request[Ack]):
     """A device's transform-coding basis, sent once before its first projected activations."""
 
     KIND = MsgKind.BASIS
@@ -229,7 +307,7 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     Error,
     Shutdown,
     Bye,
-    Plan,
+    DevicePlan,
     RoundStart,
     RoundDone,
     EvalRequest,
@@ -237,6 +315,8 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     Ack,
     AdaptersRequest,
     BasisUpload,
+    ServerPlan,
+    RoundClose,
 )
 
 

@@ -19,26 +19,15 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
+from sft_actors.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from sft_actors.errors import CodecError, MalformedFrame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-# Name on the wire -> torch dtype. The names are part of the protocol: never rename one.
-TORCH_DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+# Name on the wire -> torch dtype (one table for the package: sft_actors.dtypes).
 ITEMSIZES: Final[dict[str, int]] = {name: dt.itemsize for name, dt in TORCH_DTYPES.items()}
-_NAMES_BY_TORCH: Final[dict[torch.dtype, str]] = {dt: name for name, dt in TORCH_DTYPES.items()}
+_NAMES_BY_TORCH: Final[dict[torch.dtype, str]] = DTYPE_NAMES
 # Sizes must fit torch's int64 arithmetic; anything larger is a hostile or corrupt header.
 MAX_DIM: Final[int] = 2**63 - 1
 

@@ -1,11 +1,15 @@
-"""Tensors across the cut: raw wire tensors when the chain is off, codec frames when it is on."""
+"""Tensors across the cut: raw wire tensors when the chain is off, codec frames when it is on.
+
+The glue between the codec (tensor → meta + payload) and the wire (a tensor frame with its
+descriptor); training code hands tensors to the actors, which pack and unpack them here.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from sft_actors.codec import BasisRegistry, Codec, CodecReport
-from sft_actors.wire import WireTensor
+from sft_actors.wire.tensors import WireTensor
 
 
 def pack_tensor(t: torch.Tensor, codec: Codec | None, *, seed: int) -> tuple[WireTensor, CodecReport | None]:

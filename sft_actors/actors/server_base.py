@@ -1,0 +1,157 @@
+"""What every server actor shares: its plan, the devices it serves and their codecs.
+
+A server actor is built empty and becomes useful when the coordinator's SERVER_PLAN arrives:
+the plan says which blocks it runs, which stage comes next, and, per device, the cut and the
+codec chains. Activations are accepted only from the device they claim to be from (or from an
+upstream stage of this server), only at or above this actor's first block, and decoded with that
+device's own basis. Subclasses: :class:`~sft_actors.actors.server.HeadServerActor` (runs to the
+loss) and :class:`~sft_actors.actors.stage.StageServerActor` (a middle block range).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from sft_actors.actors.base import Actor
+from sft_actors.actors.env import ActorEnv
+from sft_actors.actors.handlers import MsgContext
+from sft_actors.codec import Basis, BasisRegistry, Codec
+from sft_actors.errors import CodecError, ProtocolViolation
+from sft_actors.model import Part, SplitLM, head_state_dict, lora_state_dict
+from sft_actors.topology import ActorSpec
+from sft_actors.train.loading import load_shared_model
+from sft_actors.train.modes import codec_for
+from sft_actors.wire import (
+    Ack,
+    Activations,
+    AdaptersRequest,
+    AdaptersUp,
+    BasisUpload,
+    RoundClose,
+    ServerPlan,
+    WireTensor,
+)
+from sft_actors.wire.coded import pack_tensor, step_seed, unpack_tensor
+from sft_actors.wire.plans import ServedDevice
+
+
+class ServerBase(Actor, ABC):
+    """Plan, per-device bases and codecs, sender checks; subclasses add ``on_activations``."""
+
+    handler_concurrency = 4
+
+    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
+        super().__init__(spec, env)
+        self._plan: ServerPlan | None = None
+        self._compute = asyncio.Lock()
+        self._devices: dict[str, ServedDevice] = {}
+        self._bases: dict[str, BasisRegistry] = {}
+        self._codec_down: dict[str, Codec | None] = {}
+        self.batches_served = 0
+
+    @property
+    def plan(self) -> ServerPlan:
+        return self._require_plan()
+
+    def _require_plan(self) -> ServerPlan:
+        if self._plan is None:
+            raise ProtocolViolation(
+                f"server {self.name} has no plan yet: the coordinator must send SERVER_PLAN first"
+            )
+        return self._plan
+
+    async def on_server_plan(self, msg: ServerPlan, ctx: MsgContext) -> Ack:
+        if msg.server != self.name:
+            raise ProtocolViolation(f"plan for {msg.server!r} sent to server {self.name!r}")
+        model = await self.offload(load_shared_model, msg.model)
+        await self.offload(self._build, msg, model)
+        self._devices = {d.name: d for d in msg.devices}
+        self._bases = {d.name: BasisRegistry() for d in msg.devices}
+        self._codec_down = {d.name: codec_for(d.codec.down) for d in msg.devices}
+        self._plan = msg
+        self.log.info(
+            "server_ready",
+            start_block=msg.start_block,
+            end_block=msg.end_block,
+            next_stage=msg.next_stage or None,
+            update=msg.update,
+            devices=len(msg.devices),
+        )
+        return Ack(of_msg_id=ctx.msg_id)
+
+    @abstractmethod
+    def _build(self, plan: ServerPlan, model: SplitLM) -> None:
+        """Build the part and trainer this actor runs (called in the offload pool)."""
+
+    @property
+    @abstractmethod
+    def part(self) -> Part:
+        """The server part whose LoRA (and head) this actor trains."""
+
+    @abstractmethod
+    def _end_round(self, micro_batches: int) -> int:
+        """Apply a ``per_round`` update over ``micro_batches`` (all devices' this round);
+        returns the micro-batches whose gradient this actor accumulated (0: no update)."""
+
+    # --- checks and tensors ------------------------------------------------------------------
+    def _check_sender(self, msg: Activations, ctx: MsgContext) -> bool:
+        """True if an upstream stage relayed ``msg``; raises for a device speaking as another."""
+        plan = self.plan
+        from_stage = ctx.peer in plan.upstream
+        if msg.device not in self._devices or (msg.device != ctx.peer and not from_stage):
+            raise ProtocolViolation(f"activations claim device {msg.device!r} but came from {ctx.peer!r}")
+        if msg.cut < plan.start_block:
+            raise ProtocolViolation(
+                f"device {msg.device} sent activations at cut {msg.cut}, below this server's first block "
+                f"{plan.start_block}; set start_block ≤ {msg.cut} for server {self.name}"
+            )
+        return from_stage
+
+    async def _inputs(self, msg: Activations) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = await self.offload(unpack_tensor, msg.activations, self._bases[msg.device])
+        labels = await self.offload(unpack_tensor, msg.labels)
+        return hidden, labels
+
+    async def _pack_grad(self, msg: Activations, grad: torch.Tensor, from_stage: bool) -> WireTensor:
+        """Stage to stage: raw (same edge server); to a device: that device's gradient chain."""
+        codec = None if from_stage else self._codec_down[msg.device]
+        seed = step_seed(self.plan.model.seed, self._devices[msg.device].index, msg.round, msg.step, 1)
+        packed, _ = await self.offload(pack_tensor, grad, codec, seed=seed)
+        self.batches_served += 1
+        return packed
+
+    # --- shared handlers ---------------------------------------------------------------------
+    async def on_basis_upload(self, msg: BasisUpload, ctx: MsgContext) -> Ack:
+        """A device's PCA basis: its projected activations decode with it from now on."""
+        if msg.device != ctx.peer or msg.device not in self._bases:
+            raise ProtocolViolation(f"basis for device {msg.device!r} came from {ctx.peer!r}")
+        vectors, mean = unpack_tensor(msg.vectors), unpack_tensor(msg.mean)
+        basis = Basis(vectors=vectors.numpy().astype("float32"), mean=mean.numpy().astype("float32"))
+        if basis.digest != msg.digest:
+            raise CodecError(f"basis from {msg.device} does not match its digest: corrupted in transit")
+        self._bases[msg.device].register(msg.key, basis)
+        self.log.info("basis_received", device=msg.device, key=msg.key, rank=basis.rank)
+        return Ack(of_msg_id=ctx.msg_id)
+
+    async def on_round_close(self, msg: RoundClose, ctx: MsgContext) -> Ack:
+        """Every device finished the round: ``per_round`` applies the accumulated update now."""
+        self._require_plan()
+        async with self._compute:
+            applied = await self.offload(self._end_round, msg.micro_batches)
+        self.log.debug("round_closed", round=msg.round, batches_applied=applied, samples=msg.n_samples)
+        return Ack(of_msg_id=ctx.msg_id)
+
+    async def on_adapters_request(self, msg: AdaptersRequest, ctx: MsgContext) -> AdaptersUp:
+        self._require_plan()
+        async with self._compute:
+            state: dict[str, Any] = {**lora_state_dict(self.part), **head_state_dict(self.part)}
+        return AdaptersUp(
+            device=self.name,
+            round=msg.round,
+            n_samples=self.batches_served,
+            tensors={k: WireTensor.from_torch(v) for k, v in state.items()},
+        )

@@ -1,0 +1,241 @@
+"""One device's side of a run, built from its plan alone: a pure state machine (no sockets).
+
+The device actor is a protocol shell around a :class:`DeviceSession`: it asks the session for
+the next micro-batch's cut activations, sends them, and hands back the gradient the server
+returned. Pipelining (up to ``max_inflight`` micro-batches between forward and gradient, each
+on a private snapshot of the LoRA tensors) lives in :class:`DeviceTrainer`; what a round
+measured accumulates in a :class:`RoundMeter`. Two strategies, chosen by the plan's mode:
+
+- split (``sl``, ``sfl``, ``sft``): blocks ``[0, cut)`` here, the rest on the server;
+- local (``fedlora``): every block here; a step is a whole forward, loss and update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sft_actors.codec import Basis, BasisRegistry, Codec, fit_basis
+from sft_actors.data import ShardBatches
+from sft_actors.errors import ProtocolViolation
+from sft_actors.model import Part, load_lora_state_dict, lora_state_dict, make_device_part, make_full_part
+from sft_actors.sharing import SHARED
+from sft_actors.train.data_setup import Batch, BatchIterator, DeviceData, build_device_data
+from sft_actors.train.device_trainer import DeviceTrainer
+from sft_actors.train.loading import load_shared_model
+from sft_actors.train.modes import codec_for, whole_model_on_device
+from sft_actors.train.summary import median_or_zero
+from sft_actors.wire.messages import DevicePlan
+from sft_actors.wire.plans import EvalStats, EvalTask, RoundStats
+
+Cache = Callable[[Hashable, Callable[[], Any]], Any]
+#: Steps of held-out batches are numbered from here, so their quantization seeds never repeat a
+#: training step's.
+EVAL_STEP_BASE = 1_000_000
+#: Seeds the calibration iterator apart from the training one (calibration never changes which
+#: batches training sees).
+CALIBRATION_SEED_OFFSET = 7919
+
+
+@dataclass(slots=True)
+class RoundMeter:
+    """What one device measures over one round; :meth:`stats` freezes it for the wire."""
+
+    losses: list[float] = field(default_factory=list)
+    targets: int = 0
+    bytes_up: int = 0
+    raw_up: int = 0
+    bytes_down: int = 0
+    raw_down: int = 0
+    encode_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+
+    def sent(self, *, raw: int, coded: int, encode_ms: float = 0.0) -> None:
+        """Activations of one micro-batch left: ``raw`` bytes as a tensor, ``coded`` on the wire."""
+        self.raw_up += raw
+        self.bytes_up += coded
+        self.encode_ms += encode_ms
+
+    def received(self, *, raw: int, coded: int) -> None:
+        self.raw_down += raw
+        self.bytes_down += coded
+
+    def step_done(self, *, loss: float, targets: int, step_ms: float) -> None:
+        self.losses.append(loss)
+        self.targets += targets
+        self.step_ms.append(step_ms)
+
+    @property
+    def loss(self) -> float:
+        """Mean training loss over the round's micro-batches (0.0 before the first)."""
+        return sum(self.losses) / max(1, len(self.losses))
+
+    def stats(self, round_s: float) -> RoundStats:
+        return RoundStats(
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            raw_up=self.raw_up,
+            raw_down=self.raw_down,
+            encode_ms=round(self.encode_ms, 3),
+            round_s=round(round_s, 4),
+            step_ms_median=round(median_or_zero(self.step_ms), 3),
+            targets=self.targets,
+        )
+
+
+@dataclass(slots=True)
+class EvalMeter:
+    """Sums over this device's held-out batches (shares of all devices merge exactly)."""
+
+    task: EvalTask
+    loss_sum: float = 0.0
+    targets: int = 0
+    correct: int = 0
+    batches: int = 0
+
+    def add(self, loss: float, targets: int, correct: int) -> None:
+        self.loss_sum += loss * targets
+        self.targets += targets
+        self.correct += correct
+        self.batches += 1
+
+    def stats(self) -> EvalStats:
+        return EvalStats(
+            task=self.task,
+            loss_sum=self.loss_sum,
+            targets=self.targets,
+            correct=self.correct,
+            batches=self.batches,
+        )
+
+
+class DeviceSession:
+    """Model part, data shard, trainer and activation codec of one device, from its plan.
+
+    Heavy (loads the model and data): construct it off the event loop. Every method is
+    synchronous and CPU-bound; the actor runs them in its offload pool, one at a time.
+    """
+
+    def __init__(self, plan: DevicePlan, *, cache: Cache = SHARED.get) -> None:
+        self.plan = plan
+        self.model = load_shared_model(plan.model, cache)
+        self.whole_model = whole_model_on_device(plan.mode)
+        lora, seed = plan.model.lora, plan.model.seed
+        self.part: Part = (
+            make_full_part(self.model, lora, seed=seed)
+            if self.whole_model
+            else make_device_part(self.model, plan.cut, lora, seed=seed)
+        )
+        self.trainer = DeviceTrainer(self.part, lr=plan.train.lr, max_inflight=plan.train.max_inflight)
+        self.data: DeviceData = build_device_data(
+            plan.data, model=self.model, num_devices=plan.num_devices, shard=plan.shard, cache=cache
+        )
+        self.batches = BatchIterator(self.data.train)
+        self.bases = BasisRegistry()
+        self.codec_up: Codec | None = codec_for(plan.codec.up, bases=self.bases)
+        self.eval_task: EvalTask = "lm" if self.model.family == "llama" else "classification"
+        self._global_step = 0
+        self._samples_since_aggregation = 0
+
+    # --- set-up ------------------------------------------------------------------------------
+    def fit_basis(self) -> Basis | None:
+        """Fit and register this device's PCA basis when its up chain projects (else None).
+
+        ``calibration_batches`` forward passes (no update) over its own training shard, through
+        a separate iterator so training sees the same batches as without calibration.
+        """
+        chain = self.plan.codec.up
+        if chain.project is None:
+            return None
+        train = self.data.train
+        calibration = BatchIterator(
+            ShardBatches(
+                train.dataset,
+                train.shard,
+                batch_size=train.batch_size,
+                seed=self.plan.data.seed + CALIBRATION_SEED_OFFSET,
+            )
+        )
+        hidden = [
+            self.trainer.forward_eval(next(calibration)[0])
+            for _ in range(self.plan.train.calibration_batches)
+        ]
+        basis = fit_basis(chain, torch.cat(hidden))
+        self.bases.register(chain.project.basis, basis)
+        return basis
+
+    # --- training ------------------------------------------------------------------------------
+    def next_batch(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(step, inputs, labels) of the next training micro-batch; steps count over the run."""
+        step = self._global_step
+        self._global_step += 1
+        inputs, labels = next(self.batches)
+        return step, inputs, labels
+
+    def forward(self, step: int, inputs: torch.Tensor) -> torch.Tensor:
+        """Cut activations (B, T, C) of micro-batch ``step``, kept in flight until its gradient."""
+        return self.trainer.forward(step, inputs)
+
+    def backward(self, step: int, grad: torch.Tensor) -> None:
+        """Finish micro-batch ``step`` with the server's gradient (B, T, C) and step the optimizer."""
+        self.trainer.backward(step, grad)
+
+    def abandon(self, step: int) -> None:
+        self.trainer.abandon(step)
+
+    def local_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """Federated LoRA: forward, loss, backward and update on the whole model; (loss, targets)."""
+        out = self.part(inputs)
+        loss = self.model.loss(out, labels)
+        torch.autograd.backward(loss)
+        self.trainer.optimizer.step()
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), int(labels.numel())
+
+    def finish_round(self) -> int:
+        """Samples trained this round (also counted towards the next averaging weight)."""
+        n = self.plan.train.steps_per_round * self.data.train.batch_size
+        self._samples_since_aggregation += n
+        return n
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @property
+    def heldout(self) -> list[Batch]:
+        return self.data.heldout
+
+    def forward_eval(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Cut activations without autograd (held-out batches)."""
+        return self.trainer.forward_eval(inputs)
+
+    @torch.no_grad()
+    def local_eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """(mean loss, targets, correct) of one held-out batch on the whole model (fedlora)."""
+        out = self.part(inputs)
+        loss = float(self.model.loss(out, labels))
+        if out.dim() == 3:
+            return loss, int((labels[:, 1:] != -100).sum()), 0
+        return loss, int(labels.numel()), int((out.argmax(-1) == labels).sum())
+
+    # --- adapters ------------------------------------------------------------------------------
+    def adapters(self) -> tuple[dict[str, torch.Tensor], int]:
+        """This part's LoRA tensors and the samples trained since the last averaging (its weight)."""
+        n, self._samples_since_aggregation = self._samples_since_aggregation, 0
+        return lora_state_dict(self.part), n
+
+    def load_adapters(self, state: dict[str, torch.Tensor]) -> int:
+        """Load averaged LoRA tensors; returns how many of this part's tensors were not given.
+
+        Raises :class:`ProtocolViolation` for tensors of blocks this device does not hold."""
+        missing, unexpected = load_lora_state_dict(self.part, state, strict=False)
+        if unexpected:
+            raise ProtocolViolation(f"adapters for blocks this device does not hold: {unexpected[:3]}")
+        return len(missing)
+
+
+def elapsed_ms(t0: float) -> float:
+    """Milliseconds since ``t0`` (a ``time.perf_counter()`` reading)."""
+    return (time.perf_counter() - t0) * 1e3
