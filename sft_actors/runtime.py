@@ -1,10 +1,11 @@
-"""Run actors: a whole topology in one process, one node's actors, or one process per actor.
+"""Run actors in this process: a whole topology, or one node's actors.
 
 ``run_topology`` and ``run_node`` share :func:`run_actors`: one zmq Context (required for
 ``inproc://``), one bounded offload thread pool and one TaskGroup per process. The run ends
 when the coordinator finishes (its SHUTDOWN stops everyone), when every local actor has
 stopped, or when an actor fails (the others are then stopped). SIGINT/SIGTERM begin the
-staged shutdown; a second signal cancels at once.
+staged shutdown; a second signal cancels at once. One OS process per actor is
+:mod:`sft_actors.processes`; the process entry point is :mod:`sft_actors.node_process`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -65,6 +65,36 @@ class RunResult:
         if self.error:
             out["<run>"] = self.error
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``result`` must be JSON-able, or is stringified by the caller's encoder)."""
+        return {
+            "result": self.result,
+            "outcomes": {
+                n: {"role": o.role, "state": o.state, "error": o.error} for n, o in self.outcomes.items()
+            },
+            "elapsed_s": self.elapsed_s,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunResult:
+        """Inverse of :meth:`to_dict`; :class:`ValueError` when ``data`` does not have its shape."""
+        try:
+            outcomes = {
+                str(n): ActorOutcome(
+                    name=str(n), role=str(o["role"]), state=str(o["state"]), error=o["error"]
+                )
+                for n, o in data["outcomes"].items()
+            }
+            return cls(
+                result=data["result"],
+                outcomes=outcomes,
+                elapsed_s=float(data["elapsed_s"]),
+                error=data["error"],
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a run result: {exc!r}") from exc
 
     def raise_for_failures(self) -> RunResult:
         if not self.ok:
@@ -298,93 +328,11 @@ def _terminate(ctx: zmq.asyncio.Context) -> None:
         ctx.destroy(linger=0)
 
 
-# --- one process per actor ------------------------------------------------------------------
-
-
-async def run_processes(
-    topology_path: str | Path,
-    topology: Topology,
-    *,
-    transport: Transport = "ipc",
-    role_factories: Sequence[str] = (),
-    threads_per_process: int = 1,
-    log_format: str = "console",
-    log_level: str = "info",
-    timeout_s: float | None = None,
-) -> int:
-    """Start ``sft-node`` for every actor as a local process and wait; 0 when all exit 0.
-
-    The first process to fail stops the others (SIGTERM: staged shutdown; SIGKILL after the
-    drain timeout). Each process's output goes to this process's stdout/stderr.
-    """
-    if transport == "inproc":
-        raise ConfigError("--processes needs ipc or tcp; inproc only works inside one process")
-    grace = topology.run.runtime.drain_timeout_s + 5.0
-    with tempfile.TemporaryDirectory(prefix="sft-") as ipc_dir:
-        procs: dict[str, asyncio.subprocess.Process] = {}
-        try:
-            for spec in topology.actors:
-                args = [
-                    sys.executable, "-m", "sft_actors.cli.node", "--role", spec.role,
-                    "--topology", str(topology_path), "--name", spec.name, "--transport", transport,
-                    "--ipc-dir", ipc_dir, "--threads", str(threads_per_process),
-                    "--log-format", log_format, "--log-level", log_level,
-                ]  # fmt: skip
-                for ref in role_factories:
-                    args += ["--role-factory", ref]
-                procs[spec.name] = await asyncio.create_subprocess_exec(*args)
-            failed = await _watch_processes(procs, timeout_s)
-        finally:
-            await _stop_processes(procs, grace)
-        return 0 if not failed and all(p.returncode == 0 for p in procs.values()) else 1
-
-
-async def _watch_processes(procs: Mapping[str, asyncio.subprocess.Process], timeout_s: float | None) -> bool:
-    """Wait for every process; True as soon as one fails (or the timeout passes)."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    async with asyncio.TaskGroup() as tg:
-        waits = {tg.create_task(p.wait()): name for name, p in procs.items()}
-        pending = set(waits)
-        while pending:
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                log.error("processes_timeout", timeout_s=timeout_s)
-                break
-            bad = {waits[t]: t.result() for t in done if t.result() != 0}
-            if bad:
-                log.error("process_failed", returncodes=bad)
-                break
-        else:
-            return False
-        for task in pending:
-            task.cancel()  # the processes themselves are stopped by the caller
-        return True
-
-
-async def _stop_processes(procs: Mapping[str, asyncio.subprocess.Process], grace_s: float) -> None:
-    alive = [p for p in procs.values() if p.returncode is None]
-    for p in alive:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
-    if alive:
-        try:
-            async with asyncio.timeout(grace_s):
-                await asyncio.gather(*(p.wait() for p in alive))
-        except TimeoutError:
-            for p in alive:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-            await asyncio.gather(*(p.wait() for p in alive))
-
-
 __all__ = [
     "ActorOutcome",
     "RunResult",
     "run_actors",
     "run_node",
-    "run_processes",
     "run_topology",
     "select_actors",
 ]

@@ -1,4 +1,4 @@
-"""CLI surfaces: ``sft topology check|hosts``, ``sft run`` in one process, ``sft-node`` errors."""
+"""CLI surfaces: ``sft topology check|hosts``, ``sft run`` in one process, ``sft-node`` errors and help."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_sft_run_in_one_process() -> None:
         args += ["--role-factory", f"{role}={ref}"]
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
-    line = json.loads(out.output.strip().splitlines()[-1])
+    line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["ok"] is True and line["result"] == {"rounds": 2, "devices": ["dev0", "dev1"]}
 
 
@@ -63,3 +63,34 @@ def test_sft_node_errors_are_clear() -> None:
     assert out.exit_code == 2 and "package.module:Attribute" in out.output
     out = runner.invoke(node_app, ["--role", "server", "--topology", tiny, "--transport", "inproc"])
     assert out.exit_code == 2
+
+
+def test_sft_node_help_shows_the_toml_tables() -> None:
+    """Rich markup would read ``[[hosts]]`` as a style tag and print ``[]``."""
+    out = runner.invoke(node_app, ["--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "which [[hosts]] entry this machine is" in out.output
+    assert "run only this [[actors]] entry" in out.output
+
+
+def test_the_process_entry_point_takes_the_flags_of_sft_node() -> None:
+    """``run_processes`` starts ``python -m sft_actors.node_process``, not the CLI; its argparse
+    flags must stay those of ``sft-node`` (plus the internal ``--outcome-file``)."""
+    import typer.main
+
+    from sft_actors.node_process import build_parser
+
+    typer_flags = {o for p in typer.main.get_command(node_app).params for o in p.opts}
+    argparse_flags = {o for a in build_parser()._actions for o in a.option_strings}
+    assert argparse_flags - {"-h", "--help", "--outcome-file"} == typer_flags
+
+
+def test_sft_run_reports_a_bad_topology_as_one_json_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    for extra in ([], ["--processes"]):
+        out = runner.invoke(app, ["run", str(missing), "--log-level", "warning", *extra])
+        assert out.exit_code == 2, out.output
+        lines = out.stdout.strip().splitlines()
+        assert len(lines) == 1, lines
+        line = json.loads(lines[0])
+        assert line["ok"] is False and line["type"] == "TopologyError" and str(missing) in line["error"]

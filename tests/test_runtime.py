@@ -124,7 +124,45 @@ def test_sft_run_processes(tmp_path: Path) -> None:
     proc = subprocess.run(args, capture_output=True, text=True, timeout=85, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert line == {"result": {"rounds": 2, "devices": ["dev0", "dev1"]}}
+    assert line["ok"] is True and line["result"] == {"rounds": 2, "devices": ["dev0", "dev1"]}
+
+
+def _sft_run(tmp_path: Path, topology: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    """``sft run`` as a user runs it; (exit code, its stdout parsed: exactly one JSON line)."""
+    args = [sys.executable, "-m", "sft_actors.cli.main", "run", str(topology), "--log-level", "warning"]
+    proc = subprocess.run(
+        [*args, "--timeout-s", "100", *extra],
+        capture_output=True, text=True, timeout=110, cwd=tmp_path, env=_env(),
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc.returncode, json.loads(lines[0])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param([], id="in-process"),
+        pytest.param(["--processes"], id="processes", marks=pytest.mark.slow),
+    ],
+)
+def test_sft_run_prints_one_json_line_with_ok(tmp_path: Path, mode: list[str]) -> None:
+    """The real tiny model, once succeeding and once with a dataset that does not exist: the same
+    line shape both ways (``ok`` always; ``result``, or ``type``/``error``/``failures``)."""
+    code, line = _sft_run(tmp_path, TINY, *mode)
+    assert code == 0 and line["ok"] is True, line
+    assert line["result"]["mode"] == "sft" and line["result"]["after"]["perplexity"] > 1
+
+    missing = tmp_path / "no-such-corpus.txt"
+    bad = tmp_path / "bad.toml"
+    text = TINY.read_text().replace('dataset = "stdlib-docs"', f'dataset = "text:{missing}"')
+    bad.write_text(text.replace("options = { max_documents = 40 }\n", ""))
+    code, line = _sft_run(tmp_path, bad, *mode)
+    assert code == 1, line
+    assert line["ok"] is False and line["type"] == "ActorFailed", line
+    assert "DatasetNotFound" in line["error"] and str(missing) in line["error"]
+    assert "DatasetNotFound" in line["failures"]["coordinator"]
 
 
 class StuckInCleanup(Actor):

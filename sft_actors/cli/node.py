@@ -3,26 +3,23 @@
     sft-node --role device --topology topologies/lab.toml            # every device of this host
     sft-node --role server --topology topologies/lab.toml --name server
 
-Exits 0 when every actor stopped cleanly, 1 otherwise. A coordinator's result is printed
-as one JSON line on stdout.
+Exits 0 when every actor stopped cleanly, 1 when one failed, 2 on a configuration error and
+130 when a second signal forced the stop. A coordinator's result is printed as one JSON line
+on stdout. The work is :func:`sft_actors.node_process.run_node_process` (also what
+``run_processes`` starts); this module only parses the flags.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from sft_actors.actors.roles import parse_role_overrides
 from sft_actors.cli.options import LogFormatOption, LogLevelOption, RoleFactoryOption, setup_logging
-from sft_actors.errors import SftError
-from sft_actors.topology import load_topology
-from sft_actors.transport.endpoints import Transport
 
-app = typer.Typer(add_completion=False, help=__doc__)
+# No rich markup: it would read the TOML table names in the help ([[hosts]]) as style tags.
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 
 @app.command()
@@ -30,7 +27,8 @@ def node(
     role: Annotated[str, typer.Option(help="coordinator, server or device")],
     topology: Annotated[Path, typer.Option(help="topology TOML file")],
     name: Annotated[
-        str | None, typer.Option(help="run only this actor (default: all of ROLE on this host)")
+        str | None,
+        typer.Option(help="run only this [[actors]] entry (default: all of ROLE on this host)"),
     ] = None,
     host: Annotated[str | None, typer.Option(help="which [[hosts]] entry this machine is")] = None,
     transport: Annotated[str, typer.Option(help="tcp (across hosts) or ipc (local processes)")] = "tcp",
@@ -44,42 +42,25 @@ def node(
     log_level: LogLevelOption = "info",
 ) -> None:
     """Run the actor(s) of one role from a topology file."""
-    from sft_actors.runtime import run_node
+    from sft_actors.node_process import NodeOptions, run_node_process  # zmq, torch: not for --help
 
     setup_logging(log_format, log_level)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     if transport not in ("tcp", "ipc"):
         raise typer.BadParameter("use tcp or ipc (inproc only works inside one process: sft run)")
-    tp: Transport = "tcp" if transport == "tcp" else "ipc"
-    try:
-        topo = load_topology(topology)
-        result = asyncio.run(
-            run_node(
-                topo,
-                role,
-                name,
-                host=host,
-                transport=tp,
-                roles=parse_role_overrides(role_factory or []),
-                ipc_dir=ipc_dir,
-                timeout_s=timeout_s,
-            )
-        )
-    except SftError as exc:
-        typer.echo(f"sft-node: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    except (asyncio.CancelledError, KeyboardInterrupt) as exc:  # a second signal forced the stop
-        typer.echo("sft-node: forced stop", err=True)
-        raise typer.Exit(130) from exc
-    if result.result is not None:
-        typer.echo(json.dumps({"result": result.result}, default=str))
-    if not result.ok:
-        for who, why in result.failures.items():
-            typer.echo(f"sft-node: {who}: {why}", err=True)
-        raise typer.Exit(1)
+    opts = NodeOptions(
+        role=role,
+        topology=topology,
+        name=name,
+        host=host,
+        transport="tcp" if transport == "tcp" else "ipc",
+        ipc_dir=ipc_dir,
+        role_factories=role_factory or [],
+        threads=threads,
+        timeout_s=timeout_s,
+    )
+    code = run_node_process(opts, prog="sft-node")
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

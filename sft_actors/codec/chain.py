@@ -13,83 +13,28 @@ channels. Stages, each optional:
 
 The payload is a list of named sections (see ``container``); the metadata holds the spec, the
 tensor's dtype/shape, the seed, the section table and a few per-stage numbers.
+
+:class:`Codec` is the entry point; the stages live in ``encode`` and ``decode``, which share
+only ``format`` (neither imports the other or this module).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
-from sft_actors.codec import bitpack, quantize
 from sft_actors.codec.container import SectionWriter
+from sft_actors.codec.decode import decode
+from sft_actors.codec.encode import LossyEncoder
 from sft_actors.codec.entropy import require_ans
-from sft_actors.codec.outliers import encode_dense8, scaled_float16
-from sft_actors.codec.project import BasisRegistry, project
+from sft_actors.codec.format import DEFAULT_MAX_ELEMENTS, DTYPE_NAMES, FORMAT_VERSION, RAW_VIEW
+from sft_actors.codec.project import BasisRegistry
 from sft_actors.codec.report import CodecReport, EncodedTensor
-from sft_actors.codec.sparse import (
-    Exclusions,
-    MassiveFilter,
-    first_token_rows,
-    outlier_channels,
-    row_normalized_threshold,
-    scan_rows,
-    select_elements,
-    structured_scores,
-    tensor_threshold,
-    top_indices,
-)
-from sft_actors.codec.spec import ChainSpec, SparsifySpec
+from sft_actors.codec.spec import ChainSpec
 from sft_actors.errors import CodecError, ConfigError
-
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-U8 = npt.NDArray[np.uint8]
-
-FORMAT_VERSION: Final[int] = 1
-DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-_DTYPE_NAMES: Final[dict[torch.dtype, str]] = {v: k for k, v in DTYPES.items()}
-# Raw-bytes view of each dtype (numpy has no bfloat16).
-RAW_VIEW: Final[dict[str, tuple[torch.dtype, type[np.generic]]]] = {
-    "float32": (torch.int32, np.int32),
-    "bfloat16": (torch.int16, np.int16),
-    "float16": (torch.int16, np.int16),
-    "float64": (torch.int64, np.int64),
-}
-# Salt that separates the selection's random sample from the rounding noise.
-_SAMPLE_SALT: Final[int] = 0x5EED_5A3F
-
-
-def rows_view(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(tokens N, channels C, tokens per sequence T) of the 2-D view of a tensor of ``shape``."""
-    if len(shape) == 0:
-        return 1, 1, 1
-    channels = shape[-1]
-    numel = math.prod(shape)
-    rows = numel // channels if channels else 0
-    seq_len = shape[-2] if len(shape) >= 2 else rows
-    return rows, channels, seq_len
-
-
-def per_row_lo(s: SparsifySpec) -> bool:
-    """Whether the sparsifier's threshold differs per row (then each row's ``lo`` is sent)."""
-    return s.scope == "token" or s.score == "row_normalized"
-
-
-def seed_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """(sampling, rounding) generators; independent streams from the one seed in the metadata."""
-    sampling = np.random.Generator(np.random.PCG64([seed & 0xFFFF_FFFF_FFFF_FFFF, _SAMPLE_SALT]))
-    rounding = np.random.Generator(np.random.PCG64(seed & 0xFFFF_FFFF_FFFF_FFFF))
-    return sampling, rounding
 
 
 class Codec:
@@ -110,7 +55,7 @@ class Codec:
             raise CodecError(f"encode expects a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
             raise CodecError(f"encode expects a CPU tensor, got device {x.device}: call .cpu() first")
-        dtype = _DTYPE_NAMES.get(x.dtype)
+        dtype = DTYPE_NAMES.get(x.dtype)
         if dtype is None:
             raise CodecError(f"cannot encode dtype {x.dtype}: use float32, bfloat16, float16 or float64")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
@@ -133,7 +78,7 @@ class Codec:
         elif self.spec.is_identity:
             _encode_identity(x, dtype, writer)
         else:
-            kept = _LossyEncoder(self, x, seed, writer, meta, stage_bytes).run()
+            kept = LossyEncoder(self.spec, self.bases, x, seed, writer, meta, stage_bytes).run()
         meta["sections"] = writer.sections
         payload = writer.payload()
         stage_bytes["lossless" if self.spec.lossless is not None else "payload"] = len(payload)
@@ -163,8 +108,6 @@ class Codec:
         Raises :class:`CodecError` on any malformed or inconsistent input; never allocates
         more than ``max_elements`` (default 2^28) output elements' worth of memory.
         """
-        from sft_actors.codec.decode import DEFAULT_MAX_ELEMENTS
-
         return decode_tensor(
             meta,
             payload,
@@ -178,14 +121,14 @@ def decode_tensor(
     payload: bytes | memoryview,
     *,
     bases: BasisRegistry | None,
-    max_elements: int = 1 << 28,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    from sft_actors.codec.decode import decode
-
+    """Decode ``payload`` described by ``meta``; :class:`CodecError` on malformed input."""
     return decode(meta, payload, bases=bases, max_elements=max_elements)
 
 
 def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """||x_hat - x|| / ||x|| (L2, in float64); the absolute error when ``x`` is all zeros."""
     ref = x.double()
     norm = float(torch.linalg.vector_norm(ref))
     err = float(torch.linalg.vector_norm(x_hat.double() - ref))
@@ -197,316 +140,3 @@ def _encode_identity(x: torch.Tensor, dtype: str, writer: SectionWriter) -> None
         raise CodecError("tensor contains NaN or inf: fix the producer (e.g. lower the learning rate)")
     view_dtype, _ = RAW_VIEW[dtype]
     writer.add("raw", x.contiguous().reshape(-1).view(view_dtype).numpy().view(np.uint8))
-
-
-def _as_rows(x: torch.Tensor) -> F32:
-    rows, channels, _ = rows_view(tuple(x.shape))
-    flat = x.reshape(rows, channels)
-    if flat.dtype != torch.float32:
-        flat = flat.to(torch.float32)
-    return np.ascontiguousarray(flat.numpy())
-
-
-class _LossyEncoder:
-    """One encode of a non-identity chain (a short-lived object so helpers share state)."""
-
-    def __init__(
-        self,
-        codec: Codec,
-        x: torch.Tensor,
-        seed: int,
-        writer: SectionWriter,
-        meta: dict[str, Any],
-        stage_bytes: dict[str, int],
-    ) -> None:
-        self.spec = codec.spec
-        self.bases = codec.bases
-        self.x = _as_rows(x)
-        self.rows, self.channels, self.seq_len = rows_view(tuple(x.shape))
-        self.sampling, self.rounding = seed_generators(seed)
-        self.writer = writer
-        self.meta = meta
-        self.stage_bytes = stage_bytes
-        self.dense16_bytes = 0
-        self.dense16_count = 0
-
-    def run(self) -> float:
-        spec = self.spec
-        n, c = self.rows, self.channels
-        excl = Exclusions(rows=np.zeros(n, dtype=np.bool_), cols=np.zeros(0, dtype=np.int64))
-        massive = None
-        if spec.outliers is not None:
-            first = first_token_rows(n, self.seq_len, spec.outliers.first_tokens)
-            cols, reference = outlier_channels(self.x, spec.outliers, self.sampling, first)
-            excl = Exclusions(rows=first, cols=cols)
-            cap = int(spec.outliers.max_elements_fraction * n * c)
-            if cap and reference > 0:
-                above = spec.outliers.element_factor * reference
-                massive = MassiveFilter(above=above, cap=cap, positions=[], values=[])
-        s = spec.sparsify
-        w = self.x
-        dense_excl = excl  # what the outlier stage sends densely (projection changes ``excl``)
-        streaming = spec.project is None and s is not None and s.scope in ("tensor", "token")
-        if not streaming:
-            # One pass finds massive elements (and NaN/inf); then the lossy stages see a clean copy.
-            _check_finite(scan_rows(self.x, excl, massive))
-            if massive is not None or excl.any:
-                w = self.x.copy()
-                w[excl.rows] = 0
-                w[:, excl.cols] = 0
-                if massive is not None:
-                    w.reshape(-1)[massive.result()[0]] = 0
-            if spec.project is not None:
-                w = self._project(w, excl)
-                excl = Exclusions(rows=excl.rows, cols=np.zeros(0, dtype=np.int64))
-        # Massive elements live in activation space and were all pulled out by the scan above;
-        # on projected coefficients the filter would remove (and misplace) whole components.
-        sparse_count = self._sparse_and_values(w, excl, None if spec.project is not None else massive)
-        if spec.outliers is not None:
-            self._write_dense16(dense_excl, massive)
-        if sparse_count is None:
-            return 1.0
-        return (sparse_count + self.dense16_count) / (n * c)
-
-    # --- stage 1: dense 16-bit outliers --------------------------------------------------
-    def _write_dense16(self, excl: Exclusions, massive: MassiveFilter | None) -> None:
-        rows = np.flatnonzero(excl.rows)
-        positions, elements = massive.result() if massive is not None else (np.zeros(0, np.int64), None)
-        assert self.spec.outliers is not None
-        if self.spec.outliers.bits == 8:
-            _check_finite(self.x[rows])
-            _check_finite(self.x[:, excl.cols])
-            table, stored, count = encode_dense8(
-                self.x,
-                rows.astype(np.int64),
-                excl.cols,
-                (positions, elements if elements is not None else np.zeros(0, np.float32)),
-                element_factor=self.spec.outliers.element_factor,
-                rng=self.rounding,
-                writer=self.writer,
-            )
-            self.meta["outliers"] = table
-            self.dense16_bytes, self.dense16_count = stored, count
-            self.stage_bytes["outliers"] = stored
-            return
-        parts = [self.x[rows].reshape(-1), self.x[:, excl.cols][~excl.rows].reshape(-1)]
-        if elements is not None:
-            parts.append(elements)
-        dense = np.concatenate(parts)
-        _check_finite(dense)
-        scaled, exponent = scaled_float16(dense)
-        self.meta["outliers"] = {
-            "rows": int(rows.size),
-            "cols": int(excl.cols.size),
-            "elements": int(positions.size),
-            "exp": exponent,
-        }
-        self.writer.add("o_rows", rows.astype(np.uint32).view(np.uint8))
-        self.writer.add("o_cols", excl.cols.astype(np.uint32).view(np.uint8))
-        self.writer.add("o_pos", positions.astype("<i8").view(np.uint8))
-        self.writer.add("o_vals", scaled.view(np.uint8))
-        self.dense16_bytes = 4 * (rows.size + excl.cols.size) + 8 * positions.size + scaled.nbytes
-        self.dense16_count = int(dense.size)
-        self.stage_bytes["outliers"] = self.dense16_bytes
-
-    # --- stage 2: projection -----------------------------------------------------------
-    def _project(self, clean: F32, excl: Exclusions) -> F32:
-        assert self.spec.project is not None and self.bases is not None
-        key = self.spec.project.basis
-        basis = self.bases.get(key)
-        if basis.channels != self.channels:
-            raise CodecError(f"basis {key!r} has {basis.channels} channels, the tensor has {self.channels}")
-        rank = basis.rank if self.spec.project.rank is None else min(self.spec.project.rank, basis.rank)
-        coeffs = project(clean, basis, rank)
-        coeffs[excl.rows] = 0
-        self.meta["project"] = {"rank": rank, "digest": basis.digest}
-        self.stage_bytes["project"] = coeffs.nbytes
-        return coeffs
-
-    # --- stages 3-5 ----------------------------------------------------------------------
-    def _sparse_and_values(self, w: F32, excl: Exclusions, massive: MassiveFilter | None) -> int | None:
-        """Write positions and values; return how many values were kept (None: all of them)."""
-        spec = self.spec
-        s = spec.sparsify
-        layout = spec.lossless.positions if spec.lossless is not None else "bitmap"
-        n, k = w.shape
-        if s is None or s.scope in ("tokens", "channels"):
-            dense = w
-            if s is not None:
-                axis = 1 if s.scope == "tokens" else 0
-                chosen = top_indices(structured_scores(w, excl, axis), s.keep)
-                flags = np.zeros(n if axis == 1 else k, dtype=np.bool_)
-                flags[chosen] = True
-                self.writer.add("pos", np.packbits(flags))
-                self.meta["sparsify"] = {"kept": int(chosen.size)}
-                # Excluded rows/columns score -1, so none is chosen; zero the other axis's ones.
-                if axis == 1:
-                    dense = w[chosen]
-                    dense[:, excl.cols] = 0
-                else:
-                    dense = w[:, chosen]
-                    dense[excl.rows] = 0
-            self.stage_bytes["sparsify"] = 4 * dense.size + self.writer.raw_bytes.get("pos", 0)
-            self._write_dense_values(np.ascontiguousarray(dense, dtype=np.float32))
-            if s is None:
-                return None
-            live = (k - excl.cols.size) if s.scope == "tokens" else int(np.count_nonzero(~excl.rows))
-            return int(chosen.size) * live
-        live_k = k - excl.cols.size
-        row_keep = None
-        threshold = None
-        if s.scope == "token":
-            row_keep = min(live_k, max(1, round(s.keep * live_k))) if live_k else 0
-        elif s.score == "row_normalized":
-            threshold = row_normalized_threshold(
-                w,
-                s.keep,
-                exact=s.method == "exact",
-                sample_size=s.sample_size,
-                excl=excl,
-                rng=self.sampling,
-                massive_above=massive.above if massive is not None else math.inf,
-            )
-        else:
-            threshold = tensor_threshold(
-                w, s.keep, exact=s.method == "exact", sample_size=s.sample_size, excl=excl, rng=self.sampling
-            )
-        q = spec.quantize
-        want_cols = q is not None and q.scale == "channel"
-        if row_keep == 0:
-            threshold, row_keep = np.float32(np.inf), None
-        sel = select_elements(
-            w,
-            threshold=threshold,
-            row_keep=row_keep,
-            excl=excl,
-            layout=layout,
-            want_cols=want_cols,
-            massive=massive,
-            row_scaled=s.score == "row_normalized",
-        )
-        _check_finite(sel.rowmax)
-        sel.rowmax[excl.rows] = 0
-        kept = int(sel.values.size)
-        self.meta["sparsify"] = {"kept": kept}
-        if layout == "delta":
-            assert sel.gaps is not None
-            self.writer.add("pos", bitpack.encode_varints(sel.gaps))
-        elif layout == "channel_bitmap" and n:
-            # Channels sorted by density: each zstd block then sees bytes of one density, and its
-            # Huffman table comes closer to the per-channel entropy (~5 % fewer position bytes).
-            per_channel = sel.positions.reshape(k, -1)
-            order = np.argsort(np.bitwise_count(per_channel).sum(axis=1), kind="stable")
-            self.writer.add("perm", order.astype(np.uint32).view(np.uint8))
-            self.writer.add("pos", per_channel[order])
-        else:
-            self.writer.add("pos", sel.positions)
-        self.stage_bytes["sparsify"] = self.writer.raw_bytes["pos"] + 4 * kept
-        self._write_sparse_values(
-            sel.values, sel.counts, sel.lo, sel.rowmax, sel.col_ids, sel.colmax, per_row_lo=per_row_lo(s)
-        )
-        return kept
-
-    def _write_sparse_values(
-        self,
-        values: F32,
-        counts: I64,
-        lo_rows: F32,
-        rowmax: F32,
-        col_ids: I64 | None,
-        colmax: F32 | None,
-        *,
-        per_row_lo: bool,
-    ) -> None:
-        q = self.spec.quantize
-        if q is None or q.scale == "common":
-            self._write_plain_values(values)
-            return
-        assert q.bits is not None
-        top = quantize.levels(q.bits)
-        if q.scale == "token":
-            lo_source = lo_rows if per_row_lo else lo_rows[:1]
-            lo_wire, lo = quantize.bf16_round_down(lo_source)
-            peak = np.where(counts > 0, rowmax, 0).astype(np.float32)
-            spread = np.maximum(peak - (lo if lo.size > 1 else lo[0]), 0) / np.float32(top)
-            spread[counts == 0] = 0
-            step_wire, step = quantize.bf16_round_up(spread.astype(np.float32))
-            inv = np.repeat(quantize.inverse_steps(step), counts)
-            lo_values: F32 | np.float32 = np.repeat(lo, counts) if lo.size > 1 else lo[0]
-        else:
-            assert col_ids is not None and colmax is not None
-            lo_wire, lo = quantize.bf16_round_down(np.zeros(1, np.float32))
-            step_wire, step = quantize.bf16_round_up(colmax / np.float32(top))
-            inv = quantize.inverse_steps(step)[col_ids]
-            lo_values = np.float32(0)
-        codes = quantize.quantize_sign_magnitude(values, lo_values, inv, q.bits, self.rounding)
-        self.writer.add("lo", lo_wire.view(np.uint8))
-        self._write_codes(codes, q.bits, step_wire)
-
-    def _write_dense_values(self, dense: F32) -> None:
-        q = self.spec.quantize
-        if q is None or q.scale == "common":
-            self._write_plain_values(dense.reshape(-1))
-            return
-        assert q.bits is not None
-        top = np.float32(quantize.levels(q.bits))
-        axis = 1 if q.scale == "token" else 0
-        peak = np.abs(dense).max(axis=axis) if dense.size else np.zeros(dense.shape[1 - axis], np.float32)
-        step_wire, step = quantize.bf16_round_up(peak / top)
-        inv = quantize.inverse_steps(step)
-        inv_b = inv[:, None] if axis == 1 else inv[None, :]
-        codes = quantize.quantize_sign_magnitude(dense, np.float32(0), inv_b, q.bits, self.rounding)
-        self._write_codes(codes.reshape(-1), q.bits, step_wire)
-
-    def _write_codes(self, codes: U8, bits: int, step_wire: npt.NDArray[np.uint16]) -> None:
-        self.writer.add("steps", step_wire.view(np.uint8))
-        packed = bitpack.pack_codes(codes, bits)
-        self.stage_bytes["quantize"] = self._bytes_so_far() + packed.nbytes
-        use_ans = self.spec.lossless is not None and self.spec.lossless.entropy == "ans"
-        self.writer.add("codes", packed, ans_symbols=codes.astype(np.int64) if use_ans else None)
-
-    def _write_plain_values(self, values: F32) -> None:
-        """Unquantized values: fp32, cast to 16 bit, or common-step integer codes."""
-        q, c = self.spec.quantize, self.spec.cast
-        use_ans = self.spec.lossless is not None and self.spec.lossless.entropy == "ans"
-        if q is not None:
-            assert q.step is not None
-            rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
-            step = float(np.float32(q.step * rms)) if rms > 0 else 1.0
-            codes = quantize.quantize_common(values, step, self.rounding)
-            width = _code_width(codes)
-            self.meta["quantize"] = {"step": step, "width": width}
-            raw = codes.astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
-            self.stage_bytes["quantize"] = self._bytes_so_far() + raw.nbytes
-            self.writer.add(
-                "codes", raw.view(np.uint8), ans_symbols=codes.astype(np.int64) if use_ans else None
-            )
-            return
-        if c is not None:
-            torch_dtype = torch.float16 if c.dtype == "float16" else torch.bfloat16
-            cast = torch.from_numpy(values).to(torch_dtype).view(torch.int16).numpy()
-            self.stage_bytes["cast"] = self._bytes_so_far() + cast.nbytes
-            self.writer.add("values", cast.view(np.uint8))
-            return
-        self.writer.add("values", np.ascontiguousarray(values).view(np.uint8))
-
-    def _bytes_so_far(self) -> int:
-        return sum(self.writer.raw_bytes.values())
-
-
-def _check_finite(values: F32) -> None:
-    if not bool(np.isfinite(values).all()):
-        raise CodecError(
-            "tensor contains NaN or inf: fix the producer (e.g. lower the learning rate or loss scale)"
-        )
-
-
-def _code_width(codes: npt.NDArray[np.int32]) -> int:
-    if codes.size == 0:
-        return 1
-    low, high = int(codes.min()), int(codes.max())
-    for width, dtype in ((1, np.int8), (2, np.int16)):
-        info = np.iinfo(dtype)
-        if info.min <= low and high <= info.max:
-            return width
-    return 4

@@ -14,8 +14,8 @@ import numpy.typing as npt
 import torch
 
 from sft_actors.codec import bitpack, quantize
-from sft_actors.codec.chain import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
 from sft_actors.codec.container import SectionReader
+from sft_actors.codec.format import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
 from sft_actors.codec.outliers import decode_dense8
 from sft_actors.codec.project import BasisRegistry, unproject
 from sft_actors.codec.spec import ChainSpec
@@ -25,7 +25,6 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 BoolArr = npt.NDArray[np.bool_]
 
-DEFAULT_MAX_ELEMENTS: Final[int] = 1 << 28
 _MAX_NDIM: Final[int] = 16
 
 

@@ -1,0 +1,164 @@
+"""One node as an OS process: the entry point ``sft-node`` and ``run_processes`` share.
+
+    python -m sft_actors.node_process --role server --topology topologies/tiny.toml \\
+        --name server --transport ipc --ipc-dir /tmp/sft-x
+
+It sits beside the runtime, not in ``cli/``, so that :mod:`sft_actors.processes` can start it
+without depending on the CLI (the CLI imports the runtime, never the reverse). ``sft-node``
+(``cli/node.py``) parses the same flags with typer and calls :func:`run_node_process`;
+:func:`main` parses them with argparse and adds ``--outcome-file``, through which
+``run_processes`` collects each node's result and failures.
+
+Exit codes: 0 every actor stopped cleanly, 1 an actor failed, 2 a configuration or usage
+error, 130 a second signal forced the stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, cast
+
+from sft_actors import log
+from sft_actors.actors.roles import parse_role_overrides
+from sft_actors.errors import SftError
+from sft_actors.runtime import RunResult, run_node
+from sft_actors.topology import load_topology
+
+EXIT_OK: Final[int] = 0
+EXIT_FAILED: Final[int] = 1
+EXIT_CONFIG: Final[int] = 2
+EXIT_FORCED: Final[int] = 130
+
+NodeTransport = Literal["tcp", "ipc"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeOptions:
+    """What one node runs; the fields are ``sft-node``'s flags (see ``--help`` there)."""
+
+    role: str
+    topology: Path
+    name: str | None = None
+    host: str | None = None
+    transport: NodeTransport = "tcp"
+    ipc_dir: Path | None = None
+    role_factories: Sequence[str] = ()
+    threads: int | None = None
+    timeout_s: float | None = None
+    #: Where to write the outcome as JSON (for ``run_processes``) instead of printing the result.
+    outcome_file: Path | None = None
+
+
+def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
+    """Run the node's actors until they stop and return the exit code (see the module doc).
+
+    Logging must be configured by the caller. Without ``outcome_file`` a coordinator's result
+    is printed on stdout as one JSON line ``{"result": ...}``; problems go to stderr, each line
+    prefixed with ``prog``. With it, :func:`write_outcome` records the outcome there instead.
+    """
+    if opts.threads is not None:
+        import torch  # only a process that runs actors pays for importing torch here
+
+        torch.set_num_threads(opts.threads)
+    try:
+        topo = load_topology(opts.topology)
+        result = asyncio.run(
+            run_node(
+                topo,
+                opts.role,
+                opts.name,
+                host=opts.host,
+                transport=opts.transport,
+                roles=parse_role_overrides(list(opts.role_factories)),
+                ipc_dir=opts.ipc_dir,
+                timeout_s=opts.timeout_s,
+            )
+        )
+    except SftError as exc:
+        _record(opts, RunResult(result=None, error=f"{type(exc).__name__}: {exc}"))
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (asyncio.CancelledError, KeyboardInterrupt):  # a second signal forced the stop
+        _record(opts, RunResult(result=None, error="forced stop"))
+        print(f"{prog}: forced stop", file=sys.stderr)
+        return EXIT_FORCED
+    _record(opts, result)
+    if opts.outcome_file is None and result.result is not None:
+        print(json.dumps({"result": result.result}, default=str), flush=True)
+    if not result.ok:
+        for who, why in result.failures.items():
+            print(f"{prog}: {who}: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _record(opts: NodeOptions, result: RunResult) -> None:
+    if opts.outcome_file is not None:
+        write_outcome(opts.outcome_file, result)
+
+
+def write_outcome(path: Path, result: RunResult) -> None:
+    """Write ``result`` as JSON (values JSON cannot hold are stringified)."""
+    path.write_text(json.dumps(result.to_dict(), default=str), encoding="utf-8")
+
+
+def read_outcome(path: Path) -> RunResult | None:
+    """The outcome a node wrote to ``path``; None when it wrote none or a partial one (killed)."""
+    try:
+        return RunResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # json.JSONDecodeError is a ValueError
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``sft-node`` (cli/node.py; a test keeps the two equal) and ``--outcome-file``."""
+    p = argparse.ArgumentParser(
+        prog="python -m sft_actors.node_process",
+        description="Run the actor(s) of one role from a topology file (the flags of sft-node).",
+    )
+    p.add_argument("--role", required=True, help="coordinator, server or device")
+    p.add_argument("--topology", required=True, type=Path, help="topology TOML file")
+    p.add_argument("--name", help="run only this [[actors]] entry (default: all of ROLE on this host)")
+    p.add_argument("--host", help="which [[hosts]] entry this machine is")
+    p.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    p.add_argument("--ipc-dir", type=Path, help="socket directory shared by local processes (ipc)")
+    p.add_argument("--role-factory", action="append", default=[], help="ROLE=package.module:Class")
+    p.add_argument("--threads", type=int, help="torch intra-op threads for this process")
+    p.add_argument("--timeout-s", type=float, help="stop the node after this many seconds")
+    p.add_argument("--log-format", default="console", help="console or json")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument("--outcome-file", type=Path, help="write the outcome here as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the node, return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        log.configure(cast(log.LogFormat, args.log_format), args.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2, like any other usage error
+    opts = NodeOptions(
+        role=args.role,
+        topology=args.topology,
+        name=args.name,
+        host=args.host,
+        transport=args.transport,
+        ipc_dir=args.ipc_dir,
+        role_factories=args.role_factory,
+        threads=args.threads,
+        timeout_s=args.timeout_s,
+        outcome_file=args.outcome_file,
+    )
+    return run_node_process(opts, prog="sft-node")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
