@@ -94,10 +94,11 @@ def test_bad_spec_is_config_error(table: dict[str, Any]) -> None:
 
 def test_policy_per_role() -> None:
     policy = CodecPolicy.parse({"up": SPARSE8})
-    assert policy.for_role("activations") == ChainSpec.parse(SPARSE8)
-    assert policy.for_role("gradients").is_identity
-    with pytest.raises(ConfigError):
-        policy.for_role("weights")
+    assert policy.up == ChainSpec.parse(SPARSE8) and policy.up.sparsify is not None
+    assert policy.down.is_identity and not policy.is_identity
+    assert CodecPolicy.parse(policy.to_dict()) == policy
+    with pytest.raises(ConfigError, match="'up' and 'down'"):
+        CodecPolicy.parse({"weights": SPARSE8})
 
 
 # --- round trips ---------------------------------------------------------------------------

@@ -13,18 +13,15 @@ import numpy as np
 import torch
 
 from sft_actors.codec.spec import SparsifySpec
+from sft_actors.dtypes import FLOAT_DTYPES
 
 #: Version written to (and required from) every codec metadata table.
 FORMAT_VERSION: Final[int] = 1
 #: Decode refuses metadata that would allocate more output elements than this (2^28).
 DEFAULT_MAX_ELEMENTS: Final[int] = 1 << 28
-#: Tensor dtype name in the metadata -> torch dtype. Names are part of the format.
-DTYPES: Final[dict[str, torch.dtype]] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+#: Tensor dtype name in the metadata -> torch dtype: the package's one table, floats only (a
+#: codec encodes floating-point tensors). Names are part of the format.
+DTYPES: Final[dict[str, torch.dtype]] = FLOAT_DTYPES
 DTYPE_NAMES: Final[dict[torch.dtype, str]] = {v: k for k, v in DTYPES.items()}
 # Raw-bytes view of each dtype (numpy has no bfloat16).
 RAW_VIEW: Final[dict[str, tuple[torch.dtype, type[np.generic]]]] = {
