@@ -286,9 +286,11 @@ async def test_two_server_stages_equal_one_server(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_server_stages_pipeline_two_devices_with_the_codec(tmp_path: Path) -> None:
-    """Two devices, the codec, two micro-batches in flight each, and the server cut into two
-    stages: the same training as one server. ``per_round`` server updates make the result
-    independent of the order in which the devices' micro-batches reach the stages."""
+    """Two devices with the codec, their micro-batches flowing through two server stages at
+    once: the same training as one server. ``per_round`` server updates sum gradients in
+    (device, step) order, so the result does not depend on which device's micro-batch reaches a
+    stage first. (``max_inflight = 1``: with more, how stale a device's snapshot is depends on
+    timing by design, so two runs differ in any topology.)"""
     a, b = tmp_path / "one", tmp_path / "two"
     a.mkdir()
     b.mkdir()
@@ -297,7 +299,7 @@ async def test_server_stages_pipeline_two_devices_with_the_codec(tmp_path: Path)
         "mode": "sft",
         "rounds": 2,
         "steps": 3,
-        "max_inflight": 2,
+        "max_inflight": 1,
         "server_update": "per_round",
     }
     one = await _run(write_topology(a, **kw))  # type: ignore[arg-type]
@@ -305,8 +307,8 @@ async def test_server_stages_pipeline_two_devices_with_the_codec(tmp_path: Path)
     _with_two_stages(path, 2)
     two = await _run(path)
     assert two["totals"]["ratio_up"] > 2.0
-    assert [r["loss"] for r in two["rounds"]] == pytest.approx([r["loss"] for r in one["rounds"]], rel=1e-4)
-    assert two["after"]["loss"] == pytest.approx(one["after"]["loss"], rel=1e-4)
+    assert [r["loss"] for r in two["rounds"]] == pytest.approx([r["loss"] for r in one["rounds"]], rel=1e-6)
+    assert two["after"]["loss"] == pytest.approx(one["after"]["loss"], rel=1e-6)
     first, second = load_file(two["adapters"]["server"]), load_file(two["adapters"]["server1"])
     assert {k.split(".")[1] for k in first} == {"1"}  # stage [1, 2); dev1 (cut 3) skips it
     assert {k.split(".")[1] for k in second} == {"2", "3"}

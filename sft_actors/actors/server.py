@@ -17,6 +17,7 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.server_base import ServerBase
 from sft_actors.model import Part, SplitLM, split_model
 from sft_actors.topology import ActorSpec
+from sft_actors.train.accumulate import order_key
 from sft_actors.train.server_trainer import ServerResult, ServerTrainer
 from sft_actors.wire import Activations, Gradients, ServerPlan, WireTensor
 
@@ -57,7 +58,8 @@ class HeadServerActor(ServerBase):
             if msg.phase == "eval":
                 res: ServerResult = await self.offload(trainer.eval_step, hidden, labels, msg.cut)
             else:
-                res = await self.offload(trainer.train_step, hidden, labels, msg.cut)
+                key = order_key(self._devices[msg.device].index, msg.step)
+                res = await self.offload(trainer.train_step, hidden, labels, msg.cut, key=key)
         server_ms = (time.perf_counter() - t0) * 1e3
         if res.grad is None:  # evaluation: no gradient goes back
             grad = WireTensor.from_torch(hidden.new_zeros(0))

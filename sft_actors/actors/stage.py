@@ -10,7 +10,6 @@ this one serves the next (pipelining).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import torch
 
@@ -19,6 +18,7 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.server_base import ServerBase
 from sft_actors.model import Part, SplitLM
 from sft_actors.topology import ActorSpec
+from sft_actors.train.accumulate import order_key
 from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.stages import StagePart
 from sft_actors.wire import Activations, Gradients, ServerPlan, WireTensor
@@ -31,7 +31,6 @@ class StageServerActor(ServerBase):
     def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
         super().__init__(spec, env)
         self._trainer: DeviceTrainer | None = None
-        self._keys = itertools.count()
 
     @property
     def trainer(self) -> DeviceTrainer:
@@ -61,8 +60,9 @@ class StageServerActor(ServerBase):
         hidden, _ = await self._inputs(msg)
         plan, trainer = self.plan, self.trainer
         assert plan.end_block is not None  # a stage has an end block (see _build)
-        key = next(self._keys)
         train = msg.phase == "train"
+        # In flight and accumulated under the micro-batch's order key (eval: no backward).
+        key = order_key(self._devices[msg.device].index, msg.step) if train else -1
         x = hidden.detach().to(torch.float32).requires_grad_(train)
         async with self._compute:
             if train:
@@ -73,7 +73,8 @@ class StageServerActor(ServerBase):
         try:
             reply = await self.call(plan.next_stage, onward, timeout_s=plan.round_timeout_s)
         except BaseException:
-            trainer.abandon(key)
+            if train:
+                trainer.abandon(key)
             raise
         if not train:
             return dataclasses.replace(reply, device=msg.device)

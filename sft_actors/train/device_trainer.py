@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from sft_actors.errors import ConfigError, ProtocolViolation
 from sft_actors.model import Part
+from sft_actors.train.accumulate import OrderedGradients
 
 
 class StepOrderError(ProtocolViolation):
@@ -47,8 +48,9 @@ class DeviceTrainer:
         weight_decay: float = 0.0,
         accumulate: bool = False,
     ) -> None:
-        """``accumulate=True`` sums gradients until :meth:`end_round` (a server stage's
-        ``per_round`` update); otherwise every backward steps the optimizer."""
+        """``accumulate=True`` keeps each micro-batch's gradient until :meth:`end_round` (a
+        server stage's ``per_round`` update; ``step`` is then the micro-batch's order key);
+        otherwise every backward steps the optimizer."""
         if max_inflight < 1:
             raise ConfigError(f"max_inflight must be >= 1, got {max_inflight}")
         self.part = part
@@ -59,7 +61,7 @@ class DeviceTrainer:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=weight_decay)
         self._inflight: dict[int, _InFlight] = {}
         self.accumulate = accumulate
-        self._accumulated = 0
+        self._accumulated = OrderedGradients()
         self.steps_done = 0
 
     @property
@@ -91,12 +93,8 @@ class DeviceTrainer:
                 f"gradient shape {tuple(grad.shape)} != activation shape {tuple(entry.hidden.shape)}"
             )
         torch.autograd.backward(entry.hidden, grad.to(entry.hidden.dtype))
-        if self.accumulate:
-            for name, p in self.params.items():
-                g = entry.snapshot[name].grad
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-            self._accumulated += 1
+        if self.accumulate:  # kept per micro-batch, summed in step order at end_round
+            self._accumulated.add(step, {name: t.grad for name, t in entry.snapshot.items()})
             return
         for name, p in self.params.items():
             p.grad = entry.snapshot[name].grad
@@ -105,15 +103,11 @@ class DeviceTrainer:
         self.steps_done += 1
 
     def end_round(self, micro_batches: int | None = None) -> int:
-        """Apply the accumulated gradients (``accumulate=True``) divided by ``micro_batches``
-        (default: how many were accumulated); returns how many were accumulated."""
-        n, self._accumulated = self._accumulated, 0
-        if not self.accumulate or n == 0:
+        """Apply the accumulated gradients (``accumulate=True``): their step-ordered sum divided
+        by ``micro_batches`` (default: how many were accumulated); returns how many there were."""
+        if not self.accumulate or len(self._accumulated) == 0:
             return 0
-        divisor = n if micro_batches is None else max(micro_batches, n)
-        for p in self.params.values():
-            if p.grad is not None:
-                p.grad /= divisor
+        n = self._accumulated.apply_mean(self.params, micro_batches or 0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1

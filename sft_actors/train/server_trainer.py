@@ -15,6 +15,7 @@ import torch
 from sft_actors.errors import ConfigError
 from sft_actors.model import Part
 from sft_actors.topology.schema import ServerUpdate
+from sft_actors.train.accumulate import OrderedGradients
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -31,22 +32,30 @@ class ServerTrainer:
             raise ConfigError(f"server_update must be 'per_batch' or 'per_round', got {update!r}")
         self.part = part
         self.update = update
-        params = [p for p in part.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
-        self._accumulated = 0
+        self.params = {n: p for n, p in part.named_parameters() if p.requires_grad}
+        self.optimizer = (
+            torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=0.0) if self.params else None
+        )
+        self._accumulated = OrderedGradients()
         self.batches_done = 0
 
-    def train_step(self, hidden: torch.Tensor, labels: torch.Tensor, cut: int) -> ServerResult:
+    def train_step(
+        self, hidden: torch.Tensor, labels: torch.Tensor, cut: int, *, key: int | None = None
+    ) -> ServerResult:
+        """Forward from ``cut`` (hidden: (B, T, C) or (B, N, C)), loss, backward; ``per_batch``
+        steps the optimizer now, ``per_round`` keeps the gradient under ``key`` (see
+        :func:`~sft_actors.train.accumulate.order_key`; default: arrival order) until
+        :meth:`end_round`."""
         x = hidden.detach().to(torch.float32).requires_grad_(True)  # the cut: a fresh leaf
         out = self.part(x, cut)
         loss = self.part.loss(out, labels)  # type: ignore[operator]
         loss.backward()
         if self.optimizer is not None:
-            if self.update == "per_batch":
+            if self.update == "per_round":
+                self._accumulated.add(self.batches_done if key is None else key, self._take_grads())
+            else:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            else:
-                self._accumulated += 1
         self.batches_done += 1
         n, correct = _targets(out, labels)
         assert x.grad is not None
@@ -59,20 +68,21 @@ class ServerTrainer:
         n, correct = _targets(out, labels)
         return ServerResult(grad=None, loss=float(loss), n_targets=n, correct=correct)
 
+    def _take_grads(self) -> dict[str, torch.Tensor | None]:
+        grads = {n: p.grad for n, p in self.params.items()}
+        for p in self.params.values():
+            p.grad = None
+        return grads
+
     def end_round(self, micro_batches: int | None = None) -> int:
-        """Apply the round's accumulated gradient (``per_round``) divided by ``micro_batches``
-        (default: the micro-batches this trainer saw); returns the micro-batches accumulated."""
-        if self.optimizer is None or self.update != "per_round" or self._accumulated == 0:
+        """Apply the round's accumulated gradient (``per_round``): the key-ordered sum over
+        micro-batches divided by ``micro_batches`` (default: the micro-batches this trainer
+        saw). Returns the micro-batches accumulated (0: no update)."""
+        if self.optimizer is None or len(self._accumulated) == 0:
             return 0
-        n = self._accumulated
-        divisor = n if micro_batches is None else max(micro_batches, n)
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad /= divisor
+        n = self._accumulated.apply_mean(self.params, micro_batches or 0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._accumulated = 0
         return n
 
 
