@@ -724,3 +724,30 @@ async def test_bfloat16_runs_without_a_server(tmp_path: Path) -> None:
     result = await run_topology(topo, transport="inproc", timeout_s=120)
     assert result.ok, result.failures
     assert math.isfinite(result.result["after"]["loss"])
+
+
+def test_remote_host_names_resolve_only_when_checked(tmp_path: Path) -> None:
+    """An in-process run never dials host addresses: a file naming remote boards still loads;
+    `check_hosts` (sft topology check, a node for what it dials) is where they must resolve."""
+    from sft_actors.topology import check_hosts
+
+    path = tmp_path / "remote.toml"
+    path.write_text(
+        _edit(
+            '[[hosts]]\nname = "local"\naddress = "127.0.0.1"\n',
+            '[[hosts]]\nname = "local"\naddress = "127.0.0.1"\n\n'
+            '[[hosts]]\nname = "board"\naddress = "board.invalid"\n',
+            "cut = 2",
+            'cut = 2\nhost = "board"',
+            'role = "coordinator"',
+            'role = "coordinator"\nhost = "local"',
+            'role = "server"',
+            'role = "server"\nhost = "local"',
+            "cut = 1",
+            'cut = 1\nhost = "local"',
+        )(CHECK_BASE)
+    )
+    topo = load_topology(path)
+    check_hosts(topo, hosts=["local"])
+    with pytest.raises(TopologyError, match=r"'board', key 'address': 'board.invalid' does not"):
+        check_hosts(topo)
