@@ -176,3 +176,79 @@ def test_bench_runs_at_tiny_size() -> None:
     ):
         assert isinstance(result[key], float), key
     assert result["gap_vs_exhaustive"] <= 0.05
+
+
+TINY = """
+[run]
+name = "planned"
+model = "llama-tiny"
+
+[run.train]
+rounds = 1
+steps_per_round = 2
+batch_size = 2
+seq_len = 16
+eval_batches = 1
+
+[run.lora]
+rank = 4
+
+[run.data]
+options = {{ max_documents = 40 }}
+
+[run.output]
+dir = "{out}"
+
+[[actors]]
+name = "coordinator"
+role = "coordinator"
+port = 0
+
+[[actors]]
+name = "server"
+role = "server"
+port = 0
+
+[[actors]]
+name = "server1"
+role = "server"
+port = 0
+start_block = 3
+
+[[actors]]
+name = "phone"
+role = "device"
+cut = 2
+profile = {{ memory_mb = 600, flops = 2e10, distance_m = 120.0 }}
+
+[[actors]]
+name = "board"
+role = "device"
+cut = 2
+profile = {{ memory_mb = 4000, flops = 1e11, distance_m = 30.0 }}
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_written_plan_passes_check_and_runs(tmp_path: Path) -> None:
+    """`sft plan --write` output is a topology `sft topology check` accepts and `sft run` runs,
+    two server stages included (the second keeps its start_block; the plan cuts below it)."""
+    from sft_actors.cli.main import app
+    from sft_actors.runtime import run_topology
+
+    source = tmp_path / "tiny.toml"
+    source.write_text(TINY.format(out=tmp_path / "runs"))
+    out = tmp_path / "planned.toml"
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", str(source), "--json", "--write", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout.strip().splitlines()[-1])["written"]
+    assert all(cut < 3 for cut in written["cuts"])
+    check = runner.invoke(app, ["topology", "check", str(out)])
+    assert check.exit_code == 0 and check.stderr == "", check.output
+    planned = load_topology(out)
+    assert [d.cut for d in planned.devices] == written["cuts"]
+    assert {s.name: s.start_block for s in planned.servers} == {"server": min(written["cuts"]), "server1": 3}
+    run = await run_topology(planned, transport="inproc", timeout_s=120)
+    assert run.ok, run.failures
+    assert run.result["totals"]["bytes_up"] > 0

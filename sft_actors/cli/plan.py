@@ -2,19 +2,25 @@
 
 Prints one line per device (cut, codec, bandwidth, rates, predicted per-round delay, memory)
 and the totals; ``--json`` prints the plan as one JSON object instead; ``--write OUT.toml``
-writes the topology with the plan filled in (cuts, and each device's codec).
+writes the topology with the plan filled in (cuts, and each device's codec), only after
+checking that it loads as a topology.
 """
 
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sft_actors import log
-from sft_actors.errors import SftError
+from sft_actors.errors import SftError, TopologyError
+
+if TYPE_CHECKING:
+    from sft_actors.plan.from_topology import LinkPrediction
+    from sft_actors.plan.planner import PlanSolution
 
 
 def _table(plan_dict: dict[str, object]) -> str:
@@ -51,9 +57,8 @@ def plan_command(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error")] = "warning",
 ) -> None:
     """Plan per-device cut, codec and bandwidth for TOPOLOGY and print the predicted delays."""
-    from sft_actors.plan.from_topology import predict_topology, problem_from_topology, topology_with_plan
+    from sft_actors.plan.from_topology import predict_topology, problem_from_topology
     from sft_actors.plan.planner import plan
-    from sft_actors.plan.toml_out import dumps
     from sft_actors.topology import load_topology
 
     log.configure("console", log_level)
@@ -64,15 +69,8 @@ def plan_command(
         )
         best = plan(problem, channel_seed=channel_seed)
         prediction = predict_topology(topo, problem) if current else None
-        written = None
         if write is not None:
-            write.write_text(
-                dumps(
-                    topology_with_plan(topology, best),
-                    header=f"Written by sft plan from {topology} (channel seed {channel_seed}).",
-                )
-            )
-            written = best
+            _write(topology, best, write, channel_seed)
     except SftError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from e
@@ -84,17 +82,40 @@ def plan_command(
             "round_delay_s": prediction.round_delay_s,
             "device_round_s": prediction.device_round_s,
         }
-    if written is not None:
+    if write is not None:
         result["written"] = {
             "path": str(write),
-            "codecs": written.codecs,
-            "cuts": written.cuts,
-            "total_delay_s": written.total_delay_s,
-            "round_delay_s": written.round_delay_s,
+            "codecs": best.codecs,
+            "cuts": best.cuts,
+            "total_delay_s": best.total_delay_s,
+            "round_delay_s": best.round_delay_s,
         }
     if as_json:
         typer.echo(json.dumps(result))
         return
+    _print_text(result, best, prediction, write)
+
+
+def _write(source: Path, best: PlanSolution, write: Path, channel_seed: int) -> None:
+    """Write the planned topology, after checking it loads: a written plan always runs."""
+    from sft_actors.plan.from_topology import topology_with_plan
+    from sft_actors.plan.toml_out import dumps
+    from sft_actors.topology import parse_topology
+
+    text = dumps(
+        topology_with_plan(source, best),
+        header=f"Written by sft plan from {source} (channel seed {channel_seed}).",
+    )
+    try:
+        parse_topology(tomllib.loads(text), source=str(write))
+    except TopologyError as e:  # a planner bug: say so instead of leaving a file that fails later
+        raise TopologyError(f"the planned topology would not load, nothing written: {e}") from e
+    write.write_text(text)
+
+
+def _print_text(
+    result: dict[str, object], best: PlanSolution, prediction: LinkPrediction | None, write: Path | None
+) -> None:
     typer.echo(_table(result))
     typer.echo(
         f"round {best.round_delay_s:.2f} s (server floor {best.server_floor_s:.2f} s, "
@@ -108,10 +129,9 @@ def plan_command(
             f"as written ({prediction.codec}, emulated links): round {prediction.round_delay_s:.2f} s "
             f"({per_device})"
         )
+    assumed = result["assumed"]
+    assert isinstance(assumed, list)
     for line in assumed:
         typer.echo(f"assumed: {line}")
-    if written is not None:
-        typer.echo(
-            f"wrote {write}: codecs {written.codecs}, cuts {written.cuts}, "
-            f"total {written.total_delay_s:.1f} s"
-        )
+    if write is not None:
+        typer.echo(f"wrote {write}: codecs {best.codecs}, cuts {best.cuts}, total {best.total_delay_s:.1f} s")

@@ -19,17 +19,23 @@ name                root                                        options
 Text names return a :class:`~sft_actors.data.text.TextCorpus` (documents; call ``.pack(...)``
 with the model's tokenizer), image names an :class:`~sft_actors.data.images.ImageDataset`.
 Unknown names and options are :class:`~sft_actors.errors.ConfigError`\\ s with a suggestion.
+:func:`check_dataset` raises the same errors without reading any data (a topology is checked
+with it at load), and :func:`dataset_kind` says whether a name is text or images.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from sft_actors.data import cifar, idx, text, tiny_imagenet
 from sft_actors.data.cifar import load_cifar100
+from sft_actors.data.common import TEST, TRAIN, require_dir, require_file
 from sft_actors.data.digits import load_digits
 from sft_actors.data.idx import load_fashion_mnist
 from sft_actors.data.images import ImageDataset
@@ -130,9 +136,81 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     if name == "digits":
         _check_options(name, options, load_digits)
         return load_digits(split, **options)
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> ConfigError:
     close = difflib.get_close_matches(name, [n.split(":")[0] for n in DATASET_NAMES], n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASET_NAMES)})")
+    return ConfigError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASET_NAMES)})")
+
+
+def dataset_kind(name: str) -> Literal["text", "image"]:
+    """Whether ``name`` loads a text corpus or an image dataset; :class:`ConfigError` if unknown."""
+    if name == "stdlib-docs" or name.startswith(("text:", "jsonl:")):
+        return "text"
+    if name in _IMAGE_NAMES:
+        return "image"
+    raise _unknown(name)
+
+
+def check_dataset(name: str, root: str | Path | None = None, **options: Any) -> None:
+    """Fail as :func:`load_dataset` would for an unknown name or option or a missing file, but
+    read no data: a few ``stat`` calls (a text folder is listed, not read), milliseconds.
+
+    Raises :class:`ConfigError` (unknown name or option) or :class:`DatasetNotFound` (files
+    missing; the message says which files to put where). Files that exist but are corrupt are
+    only found by loading them.
+    """
+    if name == "stdlib-docs":
+        if "stdlib_dir" in options:
+            raise ConfigError("stdlib-docs takes its folder as root, not as the stdlib_dir option")
+        _check_options(name, options, stdlib_documents, extra=_CORPUS_OPTIONS)
+        folder = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+        if not folder.is_dir():
+            raise DatasetNotFound(
+                f"stdlib-docs: the standard library folder {folder} does not exist; "
+                "give root a folder of .py files (or leave root out for this Python's own)"
+            )
+    elif name.startswith(("text:", "jsonl:")):
+        prefix = name.split(":", 1)[0] + ":"
+        builder = text_file_documents if prefix == "text:" else jsonl_documents
+        _check_options(name, options, builder, extra=_CORPUS_OPTIONS)
+        suffix = ".txt" if prefix == "text:" else ".jsonl"
+        text._input_files(_text_path(name, prefix, root), (suffix,), prefix[:-1])  # lists, never reads
+    elif name == "cifar100":
+        _check_options(name, options, load_cifar100)
+        folder = cifar._folder(_require_root(name, root).expanduser())
+        for part in ("meta", TRAIN, TEST):
+            require_file(folder / part, "CIFAR-100", cifar._HOW.format(dir=folder))
+    elif name == "tiny-imagenet":
+        _check_options(name, options, load_tiny_imagenet)
+        _check_tiny_imagenet(_require_root(name, root).expanduser())
+    elif name == "fashion-mnist":
+        _check_options(name, options, load_fashion_mnist)
+        folder = Path(root).expanduser() if root is not None else idx.FASHION_MNIST_ROOT
+        require_dir(folder, "Fashion-MNIST", idx._HOW)
+        for stems in idx._FILES.values():
+            for stem in stems:
+                idx._find(folder, stem)
+    elif name == "digits":
+        _check_options(name, options, load_digits)
+        if importlib.util.find_spec("sklearn") is None:
+            raise DatasetNotFound("digits ships with scikit-learn: `pip install scikit-learn`")
+    else:
+        raise _unknown(name)
+
+
+def _check_tiny_imagenet(root: Path) -> None:
+    if importlib.util.find_spec("PIL") is None:
+        raise ConfigError("Tiny-ImageNet needs Pillow to decode JPEGs: `pip install pillow`")
+    folder = root if root.name == tiny_imagenet.FOLDER else root / tiny_imagenet.FOLDER
+    how = tiny_imagenet._HOW.format(dir=folder)
+    require_dir(folder, "Tiny-ImageNet", how)
+    for name in ("wnids.txt", "words.txt", "val/val_annotations.txt"):
+        require_file(folder / name, "Tiny-ImageNet", how)
+    for name in ("train", "val/images"):
+        require_dir(folder / name, "Tiny-ImageNet", how)
 
 
 def load_text_corpus(

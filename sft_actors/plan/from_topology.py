@@ -14,10 +14,10 @@ The topology does not (yet) carry a bandwidth budget or server FLOP/s: those com
 caller (``sft plan --bandwidth-hz/--server-flops``) or from :data:`DEFAULTS`, and every value
 taken from a default is listed in the returned assumptions so the CLI can print it.
 
-Writing: :func:`topology_with_plan` sets every device's ``cut``, the server's ``start_block``
-(when the file sets one) and the codec chain: in ``[run.codec.up]``/``[run.codec.down]`` when
-every device uses the same one, and additionally as each device's own ``codec = {up, down}``
-table when the plan gives devices different chains.
+Writing: :func:`topology_with_plan` sets every device's ``cut``, the first server stage's
+``start_block`` (when the file sets one; later stages keep theirs) and the codec chain: in
+``[run.codec.up]``/``[run.codec.down]`` when every device uses the same one, and additionally
+as each device's own ``codec = {up, down}`` table when the plan gives devices different chains.
 """
 
 from __future__ import annotations
@@ -88,45 +88,13 @@ def problem_from_topology(
 ) -> tuple[PlanProblem, list[str]]:
     """A PlanProblem from a loaded ``sft_actors.topology.Topology``; also the assumptions made."""
     run = topo.run
-    train, lora = run.train, run.lora
     assumed: list[str] = []
     try:
-        costs = model_costs(run.model, dtype=run.dtype, lora_rank=lora.rank, lora_mlp=lora.mlp)
+        costs = model_costs(run.model, dtype=run.dtype, lora_rank=run.lora.rank, lora_mlp=run.lora.mlp)
     except ModelSpecError as e:
         raise TopologyError(f"{topo.source}: [run] model = {run.model!r}: {e}") from e
-    seq = costs.default_seq if costs.sequence_fixed else train.seq_len
-    shape = TrainingShape(
-        batch=train.batch_size,
-        seq=seq,
-        steps_per_round=train.steps_per_round,
-        aggregate_every=train.aggregate_every,
-        rounds_base=float(train.rounds),
-        max_inflight=train.max_inflight,
-        activation_bytes=_DTYPE_BYTES.get(run.dtype, 4),
-        max_accuracy_loss=DEFAULT_MAX_LOSS if max_accuracy_loss is None else max_accuracy_loss,
-    )
-
-    def pick(actor: Any, key: str, fallback: float) -> float:
-        value = _get(_get(actor, "profile"), key)
-        if value is None:
-            assumed.append(f"{actor.name}.profile.{key} = {fallback:g}")
-            return fallback
-        return float(value)
-
-    devices = tuple(
-        DeviceProfile(
-            name=a.name,
-            memory_mb=pick(a, "memory_mb", defaults.device_memory_mb),
-            flops=pick(a, "flops", defaults.device_flops),
-            distance_m=pick(a, "distance_m", defaults.distance_m),
-            tx_power_dbm=pick(a, "tx_power_dbm", defaults.device_tx_power_dbm),
-        )
-        for a in topo.devices
-    )
-    if not devices:
-        raise TopologyError(
-            f'{topo.source}: no device actors to plan for; add [[actors]] with role = "device"'
-        )
+    shape = _training_shape(topo, costs, max_accuracy_loss, assumed)
+    devices = _device_profiles(topo, defaults, assumed)
     servers = topo.servers
     if server_flops is None:
         server_flops = _get(_get(servers[0], "profile"), "flops") if servers else None
@@ -158,6 +126,56 @@ def problem_from_topology(
     return problem, assumed
 
 
+def _training_shape(
+    topo: Any, costs: ModelCosts, max_accuracy_loss: float | None, assumed: list[str]
+) -> TrainingShape:
+    run, train = topo.run, topo.run.train
+    # The planner models one server. With later server stages (start_block S), every cut stays
+    # below the second stage's S so that the first stage keeps at least one block: a plan that
+    # cut every device at S would leave it empty and the written file would not load.
+    later = sorted(s.start_block for s in topo.servers if s.start_block is not None)[1:]
+    min_server_blocks = TrainingShape().min_server_blocks
+    if later:
+        min_server_blocks = max(min_server_blocks, costs.num_blocks - later[0] + 1)
+        assumed.append(f"cuts below {later[0]}, where the second server stage starts")
+    return TrainingShape(
+        batch=train.batch_size,
+        seq=costs.default_seq if costs.sequence_fixed else train.seq_len,
+        steps_per_round=train.steps_per_round,
+        aggregate_every=train.aggregate_every,
+        rounds_base=float(train.rounds),
+        max_inflight=train.max_inflight,
+        activation_bytes=_DTYPE_BYTES.get(run.dtype, 4),
+        max_accuracy_loss=DEFAULT_MAX_LOSS if max_accuracy_loss is None else max_accuracy_loss,
+        min_server_blocks=min_server_blocks,
+    )
+
+
+def _device_profiles(topo: Any, defaults: PlanDefaults, assumed: list[str]) -> tuple[DeviceProfile, ...]:
+    def pick(actor: Any, key: str, fallback: float) -> float:
+        value = _get(_get(actor, "profile"), key)
+        if value is None:
+            assumed.append(f"{actor.name}.profile.{key} = {fallback:g}")
+            return fallback
+        return float(value)
+
+    devices = tuple(
+        DeviceProfile(
+            name=a.name,
+            memory_mb=pick(a, "memory_mb", defaults.device_memory_mb),
+            flops=pick(a, "flops", defaults.device_flops),
+            distance_m=pick(a, "distance_m", defaults.distance_m),
+            tx_power_dbm=pick(a, "tx_power_dbm", defaults.device_tx_power_dbm),
+        )
+        for a in topo.devices
+    )
+    if not devices:
+        raise TopologyError(
+            f'{topo.source}: no device actors to plan for; add [[actors]] with role = "device"'
+        )
+    return devices
+
+
 def topology_with_plan(source: Path | str, planned: PlanSolution) -> dict[str, Any]:
     """The topology file's data with the plan's cuts and codec filled in (a new dict)."""
     codecs = {d.codec.name for d in planned.devices}
@@ -168,8 +186,13 @@ def topology_with_plan(source: Path | str, planned: PlanSolution) -> dict[str, A
     for actor in out.get("actors", []):
         if actor.get("role") == "device" and actor.get("name") in cuts:
             actor["cut"] = cuts[actor["name"]]
-        elif actor.get("role") == "server" and "start_block" in actor:
-            actor["start_block"] = min(cuts.values())
+    servers = [a for a in out.get("actors", []) if a.get("role") == "server"]
+    if servers:
+        # Only the first stage follows the cuts (a stage without start_block starts at the
+        # smallest cut anyway); later stages keep their blocks, and the plan cut below them.
+        first = min(servers, key=lambda a: a.get("start_block", -1))
+        if "start_block" in first:
+            first["start_block"] = min(cuts.values())
     out.setdefault("run", {})["codec"] = codec_tables(planned.devices[0].codec.chain)
     if len(codecs) > 1:  # heterogeneous plan: each device carries its own chain
         chains = {d.name: d.codec.chain for d in planned.devices}

@@ -1,8 +1,10 @@
 """Topology files: where each actor runs and what the run trains (TOML → frozen dataclasses)."""
 
-from sft_actors.topology.loader import ModelConfigHint, load_topology, parse_topology
+from sft_actors.topology.checks import ModelConfigHint, check_hosts, topology_warnings
+from sft_actors.topology.loader import load_topology, parse_topology
 from sft_actors.topology.schema import (
     ADDRESSED_ROLES,
+    CODED_MODES,
     ROLES,
     ActorSpec,
     DataConfig,
@@ -19,6 +21,7 @@ from sft_actors.topology.schema import (
 
 __all__ = [
     "ADDRESSED_ROLES",
+    "CODED_MODES",
     "ROLES",
     "ActorSpec",
     "DataConfig",
@@ -32,6 +35,8 @@ __all__ = [
     "RuntimeConfig",
     "Topology",
     "TrainConfig",
+    "check_hosts",
     "load_topology",
     "parse_topology",
+    "topology_warnings",
 ]

@@ -19,6 +19,9 @@ ROLES: tuple[Role, ...] = ("coordinator", "server", "device")
 ADDRESSED_ROLES: frozenset[str] = frozenset({"coordinator", "server"})
 
 TrainMode = Literal["sl", "sfl", "sft", "fedlora"]
+#: Modes whose devices send coded tensors; the others send raw tensors whatever the codec
+#: tables say (``sft_actors.plan.assign`` gives them the identity codec).
+CODED_MODES: frozenset[str] = frozenset({"sft"})
 ServerUpdate = Literal["per_batch", "per_round"]
 Partition = Literal["iid", "dirichlet"]
 DType = Literal["float32", "bfloat16", "float16"]

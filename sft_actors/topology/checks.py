@@ -1,0 +1,218 @@
+"""Checks that need more than the topology file: the model's config, the dataset's files, the
+installed codec packages, what the runtime can train, and (``sft topology check`` only) DNS.
+
+:func:`check_environment` runs inside :func:`~sft_actors.topology.load_topology`, so ``sft
+run``, ``sft-node`` and ``sft topology check`` refuse such a file at load, not minutes into a
+run. Each failure is one :class:`~sft_actors.errors.TopologyError` line naming the file, the
+table, the key and the fix. :func:`topology_warnings` lists what a valid file sets but the
+run will ignore.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Collection
+
+from sft_actors.errors import ConfigError, DatasetNotFound, ModelSpecError
+from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
+from sft_actors.topology.report import Reporter
+from sft_actors.topology.schema import CODED_MODES, ROLES, Topology
+
+#: ``model_config(spec) -> config | None``: the architecture a ``[run] model`` names (None: unknown,
+#: skip the checks that need it). The default reads the config only (no weights, ~0.1 s).
+ModelConfigHint = Callable[[str], ModelConfig | None]
+
+
+def default_model_config(r: Reporter) -> ModelConfigHint:
+    """The model layer's own reading of a spec, every refusal as one ``[run] model`` line.
+
+    A Hugging Face Llama directory must also hold its ``*.safetensors`` (the weights are only
+    read when the run starts, so their absence would otherwise surface minutes later).
+    """
+
+    def resolve(spec: str) -> ModelConfig:
+        from safetensors import SafetensorError
+
+        from sft_actors.model.spec import load_config, resolve_spec  # torch: only when a file is read
+
+        fix = "fix the file or point model at a supported checkpoint"
+        try:
+            resolved = resolve_spec(spec)
+            config = load_config(resolved)
+        except (ModelSpecError, ConfigError, OSError) as exc:
+            r.fail("[run]", "model", f"cannot use model {spec!r}: {exc}")
+        except KeyError as exc:  # the loaders index config.json fields directly
+            r.fail("[run]", "model", f"cannot use model {spec!r}: its config lacks {exc}; add that field")
+        except (ValueError, TypeError, SafetensorError) as exc:  # a mistyped field, a corrupt header
+            r.fail("[run]", "model", f"cannot use model {spec!r}: it does not parse ({exc}); {fix}")
+        weights = resolved.path
+        if resolved.source == "hf_llama" and weights is not None and not any(weights.glob("*.safetensors")):
+            r.fail("[run]", "model", f"no *.safetensors file in {weights}; put the weights there")
+        return config
+
+    return resolve
+
+
+def check_environment(
+    r: Reporter, topo: Topology, config: ModelConfig | None, roles: Collection[str] = ROLES
+) -> None:
+    """Everything the run needs beyond the file, for the actors of ``roles`` run here.
+
+    ``config`` is the model's architecture (None: unknown, its checks are skipped). The
+    dataset's files are needed only where devices run, the codec's packages where devices or
+    servers run: an edge host running only the coordinator and the server needs no data.
+    """
+    check_dtype(r, topo)
+    check_model(r, topo, config)
+    if {"device", "server"} & set(roles):
+        check_codec_packages(r, topo)
+    check_data(r, topo, config, present="device" in roles)
+
+
+def check_dtype(r: Reporter, topo: Topology) -> None:
+    """Refuse a base dtype the training loop cannot run end to end (measured on CPU, the only
+    device the runtime uses, with ``llama-tiny``): the server trains its blocks on float32
+    activations and fails on bfloat16 or float16 weights at the first micro-batch; a float16
+    run without a server (fedlora) completes but its loss is NaN (no loss scaling)."""
+    run = topo.run
+    if run.dtype == "float16":
+        r.fail(
+            "[run]",
+            "dtype",
+            "float16 training overflows to NaN (there is no loss scaling); use dtype = "
+            '"float32" (or "bfloat16" with mode = "fedlora")',
+        )
+    if run.dtype == "bfloat16" and run.train.mode != "fedlora":
+        r.fail(
+            "[run]",
+            "dtype",
+            f"bfloat16 does not run in mode {run.train.mode!r}: the server computes in float32 and "
+            'refuses bfloat16 weights at the first micro-batch; use dtype = "float32" '
+            '(bfloat16 runs only with mode = "fedlora")',
+        )
+
+
+def check_model(r: Reporter, topo: Topology, config: ModelConfig | None) -> None:
+    """``seq_len`` fits a Llama's context (image models ignore it) and the LoRA targets select
+    at least one projection of the model's family."""
+    if config is None:
+        return
+    t = topo.run.train
+    if isinstance(config, LlamaConfig):
+        if t.seq_len < 2:
+            r.fail("[run.train]", "seq_len", f"must be at least 2 for next-token prediction, got {t.seq_len}")
+        if t.seq_len > config.max_seq_len:
+            r.fail(
+                "[run.train]",
+                "seq_len",
+                f"{t.seq_len} tokens exceed the context of model {topo.run.model!r} "
+                f"({config.max_seq_len} tokens); use seq_len <= {config.max_seq_len}",
+            )
+    try:
+        topo.run.lora.projections(config.family)
+    except ConfigError as exc:
+        r.fail("[run.lora]", "targets", f"{exc}; use some of {list(LLAMA_ATTENTION)}")
+
+
+def check_codec_packages(r: Reporter, topo: Topology) -> None:
+    """An ``entropy = "ans"`` stage needs the optional ``constriction`` package (coded modes only)."""
+    from sft_actors.codec.entropy import require_ans
+
+    if topo.run.train.mode not in CODED_MODES:
+        return
+    tables = [("[run]", topo.run.codec)] + [
+        (f"[[actors]] {d.name!r}", d.codec) for d in topo.devices if d.codec is not None
+    ]
+    for where, policy in tables:
+        for role, chain in (("up", policy.up), ("down", policy.down)):
+            if chain.lossless is not None and chain.lossless.entropy == "ans":
+                try:
+                    require_ans()
+                except ConfigError as exc:
+                    r.fail(where, f"codec.{role}", str(exc))
+
+
+def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, present: bool = True) -> None:
+    """The dataset is one the data layer knows, of the model's kind (text for a Llama, images
+    for a ViT), its options exist and, with ``present``, its files are where the run reads them."""
+    from sft_actors.data.registry import check_dataset, dataset_kind  # torch: only when a file is read
+
+    d = topo.run.data
+    try:
+        kind = dataset_kind(d.dataset)
+    except ConfigError as exc:
+        r.fail("[run.data]", "dataset", f"{exc}; use one of those names")
+    if config is not None:
+        wanted = "text" if config.family == "llama" else "image"
+        if kind != wanted:
+            example = "stdlib-docs, text:<path> or jsonl:<path>" if wanted == "text" else "fashion-mnist"
+            article = "an" if wanted == "image" else "a"
+            r.fail(
+                "[run.data]",
+                "dataset",
+                f"{d.dataset!r} holds {kind}s but model {topo.run.model!r} ({config.family}) trains on "
+                f"{wanted}s; use {article} {wanted} dataset (e.g. {example}) or another model",
+            )
+    if not present:
+        return
+    path_key = "dataset" if d.dataset.startswith(("text:", "jsonl:")) else "root"
+    try:
+        check_dataset(d.dataset, d.root)
+    except DatasetNotFound as exc:
+        r.fail("[run.data]", path_key, str(exc))
+    except ConfigError as exc:
+        r.fail("[run.data]", path_key, f"{exc}; fix the value")
+    try:  # the files are there (above), so what fails now is an option
+        check_dataset(d.dataset, d.root, **d.options)
+    except ConfigError as exc:
+        r.fail("[run.data]", "options", f"{exc}; fix or remove that option")
+
+
+def check_hosts(topo: Topology, hosts: Collection[str] | None = None) -> None:
+    """Every host address in ``hosts`` (default: the hosts that have actors) resolves here.
+
+    Not part of loading: an in-process ``sft run`` never dials host addresses, a lookup can
+    block for seconds without DNS, and the answer depends on the machine asking. ``sft topology
+    check`` calls it for every host; a node should call it for the hosts it binds or dials.
+    Raises :class:`TopologyError` for the first address that does not resolve.
+    """
+    r = Reporter(topo.source)
+    wanted = set(hosts) if hosts is not None else {a.host for a in topo.actors}
+    for h in topo.hosts:
+        if h.name not in wanted:
+            continue
+        try:
+            socket.getaddrinfo(h.address, None)
+        except (OSError, UnicodeError) as exc:  # gaierror is an OSError; a 64+ char label a UnicodeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            r.fail(
+                f"[[hosts]] {h.name!r}",
+                "address",
+                f"{h.address!r} does not resolve on this machine ({reason}); "
+                "use an IP address or a name DNS or /etc/hosts knows",
+            )
+
+
+def topology_warnings(topo: Topology) -> tuple[str, ...]:
+    """What a valid file sets but the run ignores, one line each (a baseline reuses a file
+    written for ``sft`` with another mode, so these are warnings, not errors)."""
+    r = Reporter(topo.source)
+    mode = topo.run.train.mode
+    out: list[str] = []
+    if mode not in CODED_MODES:
+        raw = f'mode {mode!r} sends raw tensors and ignores it; remove it or use mode = "sft"'
+        if topo.run.codec.to_dict() != {"up": {}, "down": {}}:
+            out.append(r.message("[run.codec]", None, raw))
+        for d in topo.devices:
+            if d.codec is not None and d.codec.to_dict() != {"up": {}, "down": {}}:
+                out.append(r.message(f"[[actors]] {d.name!r}", "codec", raw))
+    if mode == "fedlora" and topo.run.train.max_inflight > 1:
+        out.append(
+            r.message(
+                "[run.train]",
+                "max_inflight",
+                "mode 'fedlora' trains whole models on the devices, one micro-batch at a time, "
+                "and ignores it; remove it",
+            )
+        )
+    return tuple(out)
