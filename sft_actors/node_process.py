@@ -27,8 +27,8 @@ from typing import Final, Literal, cast
 from sft_actors import log
 from sft_actors.actors.roles import parse_role_overrides
 from sft_actors.errors import SftError
-from sft_actors.runtime import RunResult, run_node
-from sft_actors.topology import load_topology
+from sft_actors.runtime import RunResult, run_node, select_actors
+from sft_actors.topology import Topology, check_hosts, load_topology
 
 EXIT_OK: Final[int] = 0
 EXIT_FAILED: Final[int] = 1
@@ -55,6 +55,13 @@ class NodeOptions:
     outcome_file: Path | None = None
 
 
+def _hosts_used(topo: Topology, opts: NodeOptions) -> set[str]:
+    """Hosts whose addresses this node binds or dials over tcp: its own actors' hosts and those
+    of every addressed actor (a node may dial any of them)."""
+    mine = select_actors(topo, opts.role, opts.name, opts.host)
+    return {a.host for a in mine} | {a.host for a in topo.actors if a.addressed}
+
+
 def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
     """Run the node's actors until they stop and return the exit code (see the module doc).
 
@@ -67,7 +74,10 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
 
         torch.set_num_threads(opts.threads)
     try:
-        topo = load_topology(opts.topology)
+        # Only this node's role needs its files here (an edge host holds no dataset).
+        topo = load_topology(opts.topology, roles=(opts.role,))
+        if opts.transport == "tcp":
+            check_hosts(topo, hosts=_hosts_used(topo, opts))
         result = asyncio.run(
             run_node(
                 topo,

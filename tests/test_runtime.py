@@ -155,10 +155,9 @@ def test_sft_run_prints_one_json_line_with_ok(tmp_path: Path, mode: list[str]) -
     text = TINY.read_text().replace('dataset = "stdlib-docs"', f'dataset = "text:{missing}"')
     bad.write_text(text.replace("options = { max_documents = 40 }\n", ""))
     code, line = _sft_run(tmp_path, bad, *mode)
-    assert code == 1, line
-    assert line["ok"] is False and line["type"] == "ActorFailed", line
-    assert "DatasetNotFound" in line["error"] and str(missing) in line["error"]
-    assert "DatasetNotFound" in line["failures"]["coordinator"]
+    assert code == 2, line  # a configuration error: refused when the file loads
+    assert line["ok"] is False and line["type"] == "TopologyError", line
+    assert "key 'dataset'" in line["error"] and str(missing) in line["error"]
 
 
 class StuckInCleanup(Actor):

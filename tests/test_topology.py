@@ -691,13 +691,6 @@ def test_load_logs_the_warnings(tmp_path: Path) -> None:
     assert topology_warnings(load_topology(path)) == ()
 
 
-def test_coded_modes_agree_with_the_plans() -> None:
-    from sft_actors.plan.assign import CODED_MODES as ASSIGNED
-    from sft_actors.topology import CODED_MODES
-
-    assert CODED_MODES == ASSIGNED
-
-
 def test_dataset_files_are_checked_only_where_devices_run(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
     path.write_text(_edit('"stdlib-docs"', f'"text:{tmp_path}/corpus.txt"')(CHECK_BASE))

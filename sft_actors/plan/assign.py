@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from sft_actors.codec.spec import CodecPolicy
 from sft_actors.errors import TopologyError
-from sft_actors.topology.schema import ActorSpec, Topology
+from sft_actors.topology.schema import CODED_MODES, ActorSpec, Topology
 from sft_actors.wire.messages import DevicePlan, ServerPlan
 from sft_actors.wire.plans import DataPlan, ModelPlan, ServedDevice, TrainPlan
-
-#: Modes whose devices send coded tensors; the others send raw tensors whatever ``[run.codec]`` says.
-CODED_MODES: frozenset[str] = frozenset({"sft"})
 
 
 def model_plan(topo: Topology) -> ModelPlan:
