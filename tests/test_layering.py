@@ -199,6 +199,23 @@ def test_pure_layer_does_not_import_runtime_code(layer: str) -> None:
     )
 
 
+#: The tensor <-> frame glue: only the wire layer and the actors (who speak the protocol) use it.
+FRAME_GLUE = ("sft_actors.wire.coded", "sft_actors.wire.envelope", "sft_actors.wire.tensors")
+
+
+def test_training_code_hands_tensors_not_frames() -> None:
+    """train/, model/, data/ and plan/ may name wire *types* (a plan, a stats record) but never
+    pack or unpack frames: that is wire/'s job, called by the actors."""
+    bad = [
+        f"{e.where}: {e.source} -> {e.target}"
+        for module, edges in GRAPH.items()
+        if module.startswith(("sft_actors.train", "sft_actors.model", "sft_actors.data", "sft_actors.plan"))
+        for e in edges
+        if e.target.startswith(FRAME_GLUE)
+    ]
+    assert not bad, "frame packing belongs to sft_actors.wire (called by actors):\n" + "\n".join(bad)
+
+
 def test_nothing_below_the_cli_depends_on_it() -> None:
     """The CLI imports the runtime, never the reverse: runtime.py (and every other module
     outside cli/) neither imports ``sft_actors.cli`` nor starts it by name (``-m``)."""
