@@ -18,7 +18,7 @@ from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import gather_owned
-from sft_actors.errors import ActorFailed, PeerTimeout
+from sft_actors.errors import ActorFailed, PeerTimeout, SftError
 from sft_actors.plan.assign import device_plans, server_plans
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
@@ -246,14 +246,13 @@ class CoordinatorActor(Actor):
         """The planner's per-round delay for this topology's cuts, codec and links, beside the
         measured one: how far the delay model is from what this run saw (assumed device FLOP/s
         and the shared CPU of a one-machine run make them differ; the gap is the point)."""
-        from sft_actors.errors import SftError as _SftError
         from sft_actors.plan.from_topology import predict_topology, problem_from_topology
 
         measured = median_or_zero([r.seconds for r in self.summary.rounds])
         try:
             problem, assumed = problem_from_topology(self.topology)
             pred = predict_topology(self.topology, problem)
-        except _SftError as exc:
+        except SftError as exc:
             return {"measured_round_s": measured, "predicted_round_s": None, "why_not": str(exc)}
         return {
             "measured_round_s": measured,
