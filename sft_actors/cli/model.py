@@ -85,8 +85,7 @@ def info(
 def _estimates_by_cut(
     config: ModelConfig, cut: int, batch: int, seq: int, lora: LoraConfig, optimizer: Optimizer, bpp: int
 ) -> tuple[list[MemoryEstimate], MemoryEstimate]:
-    """Device memory estimates for every cut ``0..L``, and the one at ``cut`` (its own estimate,
-    which raises, when ``cut`` is out of range)."""
+    """Device memory estimates for cuts 0..L, and the one at ``cut`` (raises if out of range)."""
     estimates = [
         estimate_device_memory(config, k, batch, seq, lora, optimizer, bytes_per_param=bpp)
         for k in range(config.num_blocks + 1)

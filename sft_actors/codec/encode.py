@@ -205,8 +205,7 @@ class LossyEncoder:
         return kept
 
     def _lines_and_values(self, w: F32, excl: Exclusions) -> int | None:
-        """Dense values of all of W (no sparsify stage: returns None) or of its kept rows
-        (``tokens``) / columns (``channels``): returns kept lines × their live elements."""
+        """Write W (N, K), or its kept rows/columns, densely; return how many values were kept (None: all)."""
         s = self.spec.sparsify
         dense, lines = (w, 0) if s is None else self._keep_lines(w, excl, s.scope, s.keep)
         self.stage_bytes["sparsify"] = 4 * dense.size + self.writer.raw_bytes.get("pos", 0)
@@ -218,8 +217,7 @@ class LossyEncoder:
         return lines * live
 
     def _keep_lines(self, w: F32, excl: Exclusions, scope: str, keep: float) -> tuple[F32, int]:
-        """(kept sub-matrix, number of kept lines): the top ``keep`` rows (``tokens``) or columns
-        (``channels``) of W (N, K) by energy; writes their bitmap."""
+        """(kept sub-matrix, count): the top-energy rows/columns of W (N, K); writes their bitmap."""
         n, k = w.shape
         axis = 1 if scope == "tokens" else 0
         chosen = top_indices(structured_scores(w, excl, axis), keep)
@@ -239,8 +237,7 @@ class LossyEncoder:
     def _element_cut(
         self, w: F32, excl: Exclusions, massive: MassiveFilter | None
     ) -> tuple[np.float32 | None, int | None]:
-        """(threshold, row_keep) for ``select_elements``: how many elements each row keeps
-        (``token`` scope), else a tensor-wide threshold on |w| or |w|/‖row‖ (from a sample)."""
+        """(threshold, row_keep) for ``select_elements``: a per-row count or a tensor-wide threshold."""
         s = self.spec.sparsify
         assert s is not None
         if s.scope == "token":
@@ -264,8 +261,7 @@ class LossyEncoder:
         return threshold, None
 
     def _write_positions(self, sel: SparseSelection, layout: str, shape: tuple[int, int]) -> None:
-        """Write the kept positions of W (N, K) in ``layout``: varint gaps, a channel-major bitmap
-        with its channels sorted by density (plus the permutation), or a row-major bitmap."""
+        """Write the kept positions of W (N, K): delta varints, channel bitmap, or row bitmap."""
         n, k = shape
         if layout == "delta":
             assert sel.gaps is not None

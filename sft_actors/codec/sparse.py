@@ -266,11 +266,8 @@ def select_elements(
 def _block_cut(
     a: F32, threshold: np.float32 | None, row_keep: int | None, row_scaled: bool
 ) -> tuple[F32 | np.float32, F32 | np.float32]:
-    """(cut, lo) for one block of |W| (rows, K): keep ``a >= cut``; ``lo`` is each row's floor.
-
-    ``cut`` is a scalar or a (rows, 1) column; ``lo`` a scalar or (rows,), 0 where a row keeps
-    nothing (``select_elements`` documents the three modes).
-    """
+    """(cut, lo) for a block of |W| (rows, K): keep ``a >= cut``; ``lo`` is each row's floor."""
+    # cut: a scalar or a (rows, 1) column; lo: a scalar or (rows,), 0 where a row keeps nothing.
     if row_keep is None and row_scaled:
         assert threshold is not None
         norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64)).astype(np.float32)
@@ -287,9 +284,7 @@ def _block_cut(
 
 
 def _pack_block(m: BoolArr, layout: str, offset: int) -> npt.NDArray[np.generic]:
-    """One block's kept-mask m (rows, K) as the layout stores it: packed row-major bits
-    (``bitmap``), packed bits per channel (``channel_bitmap``, (K, rows/8)), or flat indices
-    from ``offset`` (``delta``)."""
+    """The block's kept mask m (rows, K) as ``layout`` stores it: bits by row, bits by channel, or indices."""
     if layout == "bitmap":
         return np.packbits(m)
     if layout == "channel_bitmap":
@@ -298,8 +293,7 @@ def _pack_block(m: BoolArr, layout: str, offset: int) -> npt.NDArray[np.generic]
 
 
 def _join_positions(packs: list[npt.NDArray[np.generic]], layout: str) -> tuple[U8, I64 | None]:
-    """(bitmap bytes, gaps) from the blocks' packs: the concatenated bitmap (channel-major rows
-    joined along the token axis), or, for ``delta``, the zeros skipped before each kept value."""
+    """(bitmap bytes, delta gaps) of the whole selection, joined from its blocks' packs."""
     if layout == "bitmap" and packs:
         return np.concatenate(packs), None
     if layout == "channel_bitmap" and packs:

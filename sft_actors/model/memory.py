@@ -184,8 +184,7 @@ def estimate_device_memory(
 
 
 def _checked_seq(config: ModelConfig, cut: int, seq: int | None, optimizer: str) -> int:
-    """Tokens per sample the estimate uses (a ViT's own count); ConfigError on a cut outside
-    ``[0, num_blocks]``, an unknown optimizer or an LM without ``seq``."""
+    """Tokens per sample (a ViT's own); ConfigError on a bad cut or optimizer, or an LM without seq."""
     if not 0 <= cut <= config.num_blocks:
         raise ConfigError(f"cut {cut} is outside [0, {config.num_blocks}]")
     if optimizer not in _OPTIMIZER_STATES:
@@ -200,8 +199,8 @@ def _checked_seq(config: ModelConfig, cut: int, seq: int | None, optimizer: str)
 def _activation_bytes(
     config: ModelConfig, lora: LoraConfig, cut: int, tokens: int, bytes_per_param: int
 ) -> int:
-    """Bytes autograd saves in blocks ``[0, cut)`` for ``tokens`` tokens, plus the hidden state at
-    the cut (held until its gradient returns); fp32 statistics count 4 bytes."""
+    """Bytes saved for backward by blocks [0, cut) on ``tokens`` tokens, plus the cut activation."""
+    # The hidden state at the cut is held until its gradient returns.
     act_elems, fp32_elems = 0, 0
     for i in range(cut):
         a, f = saved_elements_per_token(config, lora, first_block=i == 0)
@@ -212,11 +211,9 @@ def _activation_bytes(
 
 
 def _workspace_bytes(config: ModelConfig, cut: int, tokens: int, bytes_per_param: int) -> int:
-    """Bytes of the largest live temporaries on top of the saved tensors (0 without blocks).
-
-    Measured: flat in the number of blocks; MLP-width gradients in backward and a few
-    residual-width ones.
-    """
+    """Bytes of the largest live temporaries on top of the saved tensors (0 without blocks)."""
+    # Measured: flat in the number of blocks; MLP-width gradients in backward and a few
+    # residual-width ones.
     if isinstance(config, LlamaConfig):
         transient = 2 * config.ffn_dim + 4 * config.dim
     else:
@@ -225,8 +222,7 @@ def _workspace_bytes(config: ModelConfig, cut: int, tokens: int, bytes_per_param
 
 
 def _head_forward_flops(config: ModelConfig, batch: int, tokens: int) -> int:
-    """Forward FLOPs of the head on a batch: the LM head on every token, a ViT's classifier on
-    the class token only."""
+    """Head forward FLOPs on a batch: an LM head on every token, a ViT's on the class token."""
     if isinstance(config, ViTConfig):
         return 2 * batch * config.dim * config.num_classes
     return 2 * tokens * config.dim * config.vocab_size

@@ -113,8 +113,7 @@ def verify_split(
 def _matched_parts(
     model: SplitLM, cut: int, start: int, lora: LoraConfig, seed: int
 ) -> tuple[DevicePart, ServerPart, FullPart]:
-    """Device and server parts with randomised (non-zero) B, and the whole model with the same
-    adapters and head."""
+    """Device and server parts with random non-zero B, and the whole model with the same adapters."""
     device, server = split_model(model, cut, server_start=start, lora=lora, seed=seed)
     randomize_lora_B(device.adapters, seed=seed + 1)
     randomize_lora_B(server.adapters, seed=seed + 1)
@@ -144,8 +143,8 @@ def _split_step(
 def _max_rel_grad_diff(
     device: DevicePart, server: ServerPart, whole: FullPart, cut: int, start: int
 ) -> tuple[float, int]:
-    """(max over adapter tensors of max|g_split − g_whole| / max|g_whole|, tensors compared);
-    raises if the server's unused adapters below the cut received gradients."""
+    """(max over adapters of max|g_split − g_whole| / max|g_whole|, number of adapter tensors)."""
+    # Also raises if the server's adapters below the cut (unused here) got gradients.
     num_blocks = whole.model.num_blocks
     split_grads = {**_grads(device, range(0, cut)), **_grads(server, range(cut, num_blocks))}
     whole_grads = _grads(whole, range(0, num_blocks))

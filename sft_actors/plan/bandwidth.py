@@ -299,8 +299,7 @@ def _epigraph_constraints(
     total_hz: float,
     scale: float,
 ) -> list[dict[str, Any]]:
-    """SLSQP's inequality constraints on ``z = [b_1 … b_N, τ]`` (b: band shares), with Jacobians:
-    ``τ − D_n(b_n·B_total)/scale ≥ 0`` for every device and ``1 − Σ b_n ≥ 0``."""
+    """SLSQP constraints on z = [b, τ], with Jacobians: D_n(b_n·B_total)/scale ≤ τ, Σ b_n ≤ 1."""
     n = len(a)
 
     def delay_gap(z: FloatArray) -> FloatArray:  # τ − D_n/T ≥ 0

@@ -147,8 +147,7 @@ def build_terms(problem: PlanProblem, channel: ChannelState) -> Terms:
 
 
 def _compute_coefficients(problem: PlanProblem) -> tuple[FloatArray, FloatArray, float, float]:
-    """(a0, a1, server0, server1) in s/round: per-device compute at cut 0 and per block moved to
-    the device, and the server time per device at cut 0 and saved per block (module doc)."""
+    """(a0, a1, server0, server1) in s/round: compute at cut 0 and per block on the device (module doc)."""
     m, tr = problem.model, problem.training
     tok = float(tr.tokens)
     f_blk = m.block_flops_per_token(tr.seq)
@@ -164,8 +163,7 @@ def _compute_coefficients(problem: PlanProblem) -> tuple[FloatArray, FloatArray,
 
 
 def _memory_coefficients(problem: PlanProblem) -> tuple[float, float, FloatArray, IntArray]:
-    """(bytes at cut 0, bytes per block, each device's limit in bytes, each device's deepest cut
-    within its memory and the structural limit)."""
+    """Bytes at cut 0 and per block, device limits (bytes), and each device's deepest cut that fits."""
     m, tr = problem.model, problem.training
     tok = float(tr.tokens)
     per_block = (

@@ -186,8 +186,7 @@ def solve_relaxed(
 
 
 def _initial_point(prob: _Relaxation, cap: FloatArray) -> FloatArray:
-    """Start ``x = [xc, xs, τ]``: cuts as deep as memory allows (``cap``), no compression, τ = 1;
-    sets ``prob.t_ref`` to the round time (s) there."""
+    """Start x = [xc, xs, τ]: deepest cuts memory allows, no compression; sets ``prob.t_ref`` (s)."""
     n, terms = prob.n, prob.t
     xc0 = np.where(prob.c_span > 0, (cap - prob.c_lo) / np.maximum(prob.c_span, 1e-12), 0.0)
     x = np.concatenate([xc0, np.zeros(n), [0.0]])
@@ -209,8 +208,7 @@ def _box_bounds(prob: _Relaxation) -> list[tuple[float, float | None]]:
 def _augmented_lagrangian(
     prob: _Relaxation, x: FloatArray, *, max_outer: int, inner_max_iter: int, tol: float
 ) -> tuple[FloatArray, float, int, int]:
-    """PHR iterations from ``x`` (module doc): (x, max constraint violation, outer iterations,
-    L-BFGS-B iterations in all)."""
+    """PHR iterations from x: (x, max violation, outer iterations, L-BFGS-B iterations)."""
     bounds = _box_bounds(prob)
     lam = np.zeros(prob.n + 3)
     rho = 10.0
