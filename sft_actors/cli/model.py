@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import torch
 import typer
@@ -71,46 +71,82 @@ def info(
         lora = LoraConfig(rank=rank, mlp=mlp)
         bpp = 2 if bf16 else 4
         est_cut = config.num_blocks // 2 if cut is None else cut
-        opt = cast(Optimizer, optimizer)
-        estimates = [
-            estimate_device_memory(config, k, batch, seq, lora, opt, bytes_per_param=bpp)
-            for k in range(config.num_blocks + 1)
-        ]
-        if 0 <= est_cut <= config.num_blocks:
-            est = estimates[est_cut]
-        else:
-            est = estimate_device_memory(config, est_cut, batch, seq, lora, opt, bytes_per_param=bpp)
+        estimates, est = _estimates_by_cut(config, est_cut, batch, seq, lora, cast(Optimizer, optimizer), bpp)
     except SftError as exc:
         raise _fail(exc) from exc
-    per_block = block_param_count(config)
-    total = embedding_param_count(config) + config.num_blocks * per_block + head_param_count(config)
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "spec": spec,
-                    "family": config.family,
-                    "blocks": config.num_blocks,
-                    "parameters": total,
-                    "block_parameters": per_block,
-                    "block_bytes": per_block * bpp,
-                    "embedding_parameters": embedding_param_count(config),
-                    "head_parameters": head_param_count(config),
-                    "estimate": {**_estimate_dict(est), "total_bytes": est.total_bytes},
-                    "device_bytes_by_cut": [e.total_bytes for e in estimates],
-                }
-            )
-        )
+        typer.echo(json.dumps(_info_dict(spec, config, bpp, est, estimates)))
         return
+    _echo_summary(spec, config, lora, bpp, est, est_cut, optimizer)
+    _echo_block_table(config, bpp, est, estimates)
+    _echo_device_memory(est, est_cut)
+
+
+def _estimates_by_cut(
+    config: ModelConfig, cut: int, batch: int, seq: int, lora: LoraConfig, optimizer: Optimizer, bpp: int
+) -> tuple[list[MemoryEstimate], MemoryEstimate]:
+    """Device memory estimates for cuts 0..L, and the one at ``cut`` (raises if out of range)."""
+    estimates = [
+        estimate_device_memory(config, k, batch, seq, lora, optimizer, bytes_per_param=bpp)
+        for k in range(config.num_blocks + 1)
+    ]
+    if 0 <= cut <= config.num_blocks:
+        return estimates, estimates[cut]
+    return estimates, estimate_device_memory(config, cut, batch, seq, lora, optimizer, bytes_per_param=bpp)
+
+
+def _param_counts(config: ModelConfig) -> tuple[int, int]:
+    """(parameters per block, parameters of the whole model)."""
+    per_block = block_param_count(config)
+    return per_block, embedding_param_count(config) + config.num_blocks * per_block + head_param_count(config)
+
+
+def _info_dict(
+    spec: str, config: ModelConfig, bpp: int, est: MemoryEstimate, estimates: list[MemoryEstimate]
+) -> dict[str, Any]:
+    """``sft model info --json``: sizes, the estimate at the chosen cut, device bytes per cut."""
+    per_block, total = _param_counts(config)
+    return {
+        "spec": spec,
+        "family": config.family,
+        "blocks": config.num_blocks,
+        "parameters": total,
+        "block_parameters": per_block,
+        "block_bytes": per_block * bpp,
+        "embedding_parameters": embedding_param_count(config),
+        "head_parameters": head_param_count(config),
+        "estimate": {**_estimate_dict(est), "total_bytes": est.total_bytes},
+        "device_bytes_by_cut": [e.total_bytes for e in estimates],
+    }
+
+
+def _echo_summary(
+    spec: str,
+    config: ModelConfig,
+    lora: LoraConfig,
+    bpp: int,
+    est: MemoryEstimate,
+    est_cut: int,
+    optimizer: str,
+) -> None:
+    """Print the architecture, the parameter counts and the LoRA/training setup."""
+    per_block, total = _param_counts(config)
     typer.echo(f"{spec}: {_describe(config)}")
     typer.echo(
         f"parameters {total:,}: embedding {embedding_param_count(config):,}, "
         f"{per_block:,} per block ({_mib(per_block * bpp)}), head {head_param_count(config):,}"
     )
     typer.echo(
-        f"LoRA r={rank} on {', '.join(lora.projections(config.family))}: "
-        f"{_mib(est.lora_bytes / max(est_cut, 1))} per block; batch {batch}, seq {est.seq}, {optimizer}"
+        f"LoRA r={lora.rank} on {', '.join(lora.projections(config.family))}: "
+        f"{_mib(est.lora_bytes / max(est_cut, 1))} per block; batch {est.batch}, seq {est.seq}, {optimizer}"
     )
+
+
+def _echo_block_table(
+    config: ModelConfig, bpp: int, est: MemoryEstimate, estimates: list[MemoryEstimate]
+) -> None:
+    """Print one row per block: size, FLOPs and the device memory if the cut follows it."""
+    per_block = block_param_count(config)
     typer.echo(
         f"{'block':>5} {'params':>11} {'bytes':>12} {'fwd GFLOP':>10} {'bwd GFLOP':>10} "
         f"{'device mem if cut after':>24}"
@@ -120,6 +156,10 @@ def info(
             f"{i:>5} {per_block:>11,} {_mib(per_block * bpp):>12} {est.block_forward_flops / 1e9:>10.3f} "
             f"{est.block_backward_flops / 1e9:>10.3f} {_mib(estimates[i + 1].total_bytes):>24}"
         )
+
+
+def _echo_device_memory(est: MemoryEstimate, est_cut: int) -> None:
+    """Print the memory breakdown (MiB) and FLOPs of the device at ``est_cut``."""
     typer.echo(f"device memory at cut {est_cut}:")
     for name, value in _estimate_dict(est).items():
         if name.endswith("_bytes"):

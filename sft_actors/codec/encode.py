@@ -21,6 +21,7 @@ from sft_actors.codec.project import BasisRegistry, project
 from sft_actors.codec.sparse import (
     Exclusions,
     MassiveFilter,
+    SparseSelection,
     first_token_rows,
     outlier_channels,
     row_normalized_threshold,
@@ -178,36 +179,72 @@ class LossyEncoder:
         """Write positions and values; return how many values were kept (None: all of them)."""
         spec = self.spec
         s = spec.sparsify
-        layout = spec.lossless.positions if spec.lossless is not None else "bitmap"
-        n, k = w.shape
         if s is None or s.scope in ("tokens", "channels"):
-            dense = w
-            if s is not None:
-                axis = 1 if s.scope == "tokens" else 0
-                chosen = top_indices(structured_scores(w, excl, axis), s.keep)
-                flags = np.zeros(n if axis == 1 else k, dtype=np.bool_)
-                flags[chosen] = True
-                self.writer.add("pos", np.packbits(flags))
-                self.meta["sparsify"] = {"kept": int(chosen.size)}
-                # Excluded rows/columns score -1, so none is chosen; zero the other axis's ones.
-                if axis == 1:
-                    dense = w[chosen]
-                    dense[:, excl.cols] = 0
-                else:
-                    dense = w[:, chosen]
-                    dense[excl.rows] = 0
-            self.stage_bytes["sparsify"] = 4 * dense.size + self.writer.raw_bytes.get("pos", 0)
-            self._write_dense_values(np.ascontiguousarray(dense, dtype=np.float32))
-            if s is None:
-                return None
-            live = (k - excl.cols.size) if s.scope == "tokens" else int(np.count_nonzero(~excl.rows))
-            return int(chosen.size) * live
-        live_k = k - excl.cols.size
-        row_keep = None
-        threshold = None
+            return self._lines_and_values(w, excl)
+        layout = spec.lossless.positions if spec.lossless is not None else "bitmap"
+        threshold, row_keep = self._element_cut(w, excl, massive)
+        sel = select_elements(
+            w,
+            threshold=threshold,
+            row_keep=row_keep,
+            excl=excl,
+            layout=layout,
+            want_cols=spec.quantize is not None and spec.quantize.scale == "channel",
+            massive=massive,
+            row_scaled=s.score == "row_normalized",
+        )
+        _check_finite(sel.rowmax)
+        sel.rowmax[excl.rows] = 0
+        kept = int(sel.values.size)
+        self.meta["sparsify"] = {"kept": kept}
+        self._write_positions(sel, layout, w.shape)
+        self.stage_bytes["sparsify"] = self.writer.raw_bytes["pos"] + 4 * kept
+        self._write_sparse_values(
+            sel.values, sel.counts, sel.lo, sel.rowmax, sel.col_ids, sel.colmax, per_row_lo=per_row_lo(s)
+        )
+        return kept
+
+    def _lines_and_values(self, w: F32, excl: Exclusions) -> int | None:
+        """Write W (N, K), or its kept rows/columns, densely; return how many values were kept (None: all)."""
+        s = self.spec.sparsify
+        dense, lines = (w, 0) if s is None else self._keep_lines(w, excl, s.scope, s.keep)
+        self.stage_bytes["sparsify"] = 4 * dense.size + self.writer.raw_bytes.get("pos", 0)
+        self._write_dense_values(np.ascontiguousarray(dense, dtype=np.float32))
+        if s is None:
+            return None
+        k = w.shape[1]
+        live = (k - excl.cols.size) if s.scope == "tokens" else int(np.count_nonzero(~excl.rows))
+        return lines * live
+
+    def _keep_lines(self, w: F32, excl: Exclusions, scope: str, keep: float) -> tuple[F32, int]:
+        """(kept sub-matrix, count): the top-energy rows/columns of W (N, K); writes their bitmap."""
+        n, k = w.shape
+        axis = 1 if scope == "tokens" else 0
+        chosen = top_indices(structured_scores(w, excl, axis), keep)
+        flags = np.zeros(n if axis == 1 else k, dtype=np.bool_)
+        flags[chosen] = True
+        self.writer.add("pos", np.packbits(flags))
+        self.meta["sparsify"] = {"kept": int(chosen.size)}
+        # Excluded rows/columns score -1, so none is chosen; zero the other axis's ones.
+        if axis == 1:
+            dense = w[chosen]
+            dense[:, excl.cols] = 0
+        else:
+            dense = w[:, chosen]
+            dense[excl.rows] = 0
+        return dense, int(chosen.size)
+
+    def _element_cut(
+        self, w: F32, excl: Exclusions, massive: MassiveFilter | None
+    ) -> tuple[np.float32 | None, int | None]:
+        """(threshold, row_keep) for ``select_elements``: a per-row count or a tensor-wide threshold."""
+        s = self.spec.sparsify
+        assert s is not None
         if s.scope == "token":
+            live_k = w.shape[1] - excl.cols.size
             row_keep = min(live_k, max(1, round(s.keep * live_k))) if live_k else 0
-        elif s.score == "row_normalized":
+            return (np.float32(np.inf), None) if row_keep == 0 else (None, row_keep)
+        if s.score == "row_normalized":
             threshold = row_normalized_threshold(
                 w,
                 s.keep,
@@ -217,28 +254,15 @@ class LossyEncoder:
                 rng=self.sampling,
                 massive_above=massive.above if massive is not None else math.inf,
             )
-        else:
-            threshold = tensor_threshold(
-                w, s.keep, exact=s.method == "exact", sample_size=s.sample_size, excl=excl, rng=self.sampling
-            )
-        q = spec.quantize
-        want_cols = q is not None and q.scale == "channel"
-        if row_keep == 0:
-            threshold, row_keep = np.float32(np.inf), None
-        sel = select_elements(
-            w,
-            threshold=threshold,
-            row_keep=row_keep,
-            excl=excl,
-            layout=layout,
-            want_cols=want_cols,
-            massive=massive,
-            row_scaled=s.score == "row_normalized",
+            return threshold, None
+        threshold = tensor_threshold(
+            w, s.keep, exact=s.method == "exact", sample_size=s.sample_size, excl=excl, rng=self.sampling
         )
-        _check_finite(sel.rowmax)
-        sel.rowmax[excl.rows] = 0
-        kept = int(sel.values.size)
-        self.meta["sparsify"] = {"kept": kept}
+        return threshold, None
+
+    def _write_positions(self, sel: SparseSelection, layout: str, shape: tuple[int, int]) -> None:
+        """Write the kept positions of W (N, K): delta varints, channel bitmap, or row bitmap."""
+        n, k = shape
         if layout == "delta":
             assert sel.gaps is not None
             self.writer.add("pos", bitpack.encode_varints(sel.gaps))
@@ -251,11 +275,6 @@ class LossyEncoder:
             self.writer.add("pos", per_channel[order])
         else:
             self.writer.add("pos", sel.positions)
-        self.stage_bytes["sparsify"] = self.writer.raw_bytes["pos"] + 4 * kept
-        self._write_sparse_values(
-            sel.values, sel.counts, sel.lo, sel.rowmax, sel.col_ids, sel.colmax, per_row_lo=per_row_lo(s)
-        )
-        return kept
 
     def _write_sparse_values(
         self,

@@ -240,44 +240,17 @@ def select_elements(
         if massive is not None:
             massive.apply(block, a, rm, start)
         rowmax[start : start + rows] = rm
-        cut: F32 | np.float32
-        if row_keep is None and row_scaled:
-            assert threshold is not None
-            norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64)).astype(np.float32)
-            with np.errstate(invalid="ignore"):  # 0 × inf: an all-zero row, or nothing to keep
-                row_cut = np.where(norms > 0, np.maximum(norms * threshold, _TINY), np.inf)
-            lo[start : start + rows] = np.where(np.isfinite(row_cut), row_cut, 0)
-            cut = row_cut[:, None]
-        elif row_keep is None:
-            assert threshold is not None
-            cut = threshold
-            lo[start : start + rows] = threshold
-        else:
-            kth = np.partition(a, k - row_keep, axis=1)[:, k - row_keep]
-            cut = np.maximum(kth, _TINY)[:, None]
-            lo[start : start + rows] = cut[:, 0]
+        cut, row_lo = _block_cut(a, threshold, row_keep, row_scaled)
+        lo[start : start + rows] = row_lo
         m = a >= cut
         counts[start : start + rows] = m.view(np.uint8).sum(axis=1, dtype=np.int64)
         values.append(np.compress(m.reshape(-1), block.reshape(-1)))
-        if layout == "bitmap":
-            packs.append(np.packbits(m))
-        elif layout == "channel_bitmap":
-            packs.append(np.packbits(np.ascontiguousarray(m.T), axis=1))
-        else:
-            packs.append(np.flatnonzero(m) + start * k)
+        packs.append(_pack_block(m, layout, start * k))
         if want_cols:
             assert colmax is not None
             cols.append(np.nonzero(m)[1])
             np.maximum(colmax, np.where(m, a, 0).max(axis=0), out=colmax)
-    positions = np.zeros(0, np.uint8)
-    gaps = None
-    if layout == "bitmap" and packs:
-        positions = np.concatenate(packs)
-    elif layout == "channel_bitmap" and packs:
-        positions = np.concatenate(packs, axis=1).reshape(-1)
-    elif layout == "delta":
-        flat = np.concatenate(packs) if packs else np.zeros(0, np.int64)
-        gaps = np.diff(flat, prepend=-1).astype(np.int64) - 1
+    positions, gaps = _join_positions(packs, layout)
     return SparseSelection(
         values=np.concatenate(values) if values else np.zeros(0, np.float32),
         counts=counts,
@@ -288,6 +261,47 @@ def select_elements(
         col_ids=np.concatenate(cols).astype(np.int64) if want_cols and cols else None,
         colmax=colmax,
     )
+
+
+def _block_cut(
+    a: F32, threshold: np.float32 | None, row_keep: int | None, row_scaled: bool
+) -> tuple[F32 | np.float32, F32 | np.float32]:
+    """(cut, lo) for a block of |W| (rows, K): keep ``a >= cut``; ``lo`` is each row's floor."""
+    # cut: a scalar or a (rows, 1) column; lo: a scalar or (rows,), 0 where a row keeps nothing.
+    if row_keep is None and row_scaled:
+        assert threshold is not None
+        norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64)).astype(np.float32)
+        with np.errstate(invalid="ignore"):  # 0 × inf: an all-zero row, or nothing to keep
+            row_cut = np.where(norms > 0, np.maximum(norms * threshold, _TINY), np.inf)
+        return row_cut[:, None], np.where(np.isfinite(row_cut), row_cut, 0)
+    if row_keep is None:
+        assert threshold is not None
+        return threshold, threshold
+    k = a.shape[1]
+    kth = np.partition(a, k - row_keep, axis=1)[:, k - row_keep]
+    cut = np.maximum(kth, _TINY)[:, None]
+    return cut, cut[:, 0]
+
+
+def _pack_block(m: BoolArr, layout: str, offset: int) -> npt.NDArray[np.generic]:
+    """The block's kept mask m (rows, K) as ``layout`` stores it: bits by row, bits by channel, or indices."""
+    if layout == "bitmap":
+        return np.packbits(m)
+    if layout == "channel_bitmap":
+        return np.packbits(np.ascontiguousarray(m.T), axis=1)
+    return np.flatnonzero(m) + offset
+
+
+def _join_positions(packs: list[npt.NDArray[np.generic]], layout: str) -> tuple[U8, I64 | None]:
+    """(bitmap bytes, delta gaps) of the whole selection, joined from its blocks' packs."""
+    if layout == "bitmap" and packs:
+        return np.concatenate(packs), None
+    if layout == "channel_bitmap" and packs:
+        return np.concatenate(packs, axis=1).reshape(-1), None
+    if layout == "delta":
+        flat = np.concatenate(packs) if packs else np.zeros(0, np.int64)
+        return np.zeros(0, np.uint8), np.diff(flat, prepend=-1).astype(np.int64) - 1
+    return np.zeros(0, np.uint8), None
 
 
 def structured_scores(w: F32, excl: Exclusions, axis: int) -> npt.NDArray[np.float64]:

@@ -160,34 +160,10 @@ def estimate_device_memory(
     ``bytes_per_param`` is the model dtype's size (4 for fp32, 2 for bf16).
     """
     lora = lora or LoraConfig()
-    if not 0 <= cut <= config.num_blocks:
-        raise ConfigError(f"cut {cut} is outside [0, {config.num_blocks}]")
-    if optimizer not in _OPTIMIZER_STATES:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZER_STATES)}")
-    if isinstance(config, ViTConfig):
-        seq = config.num_tokens
-    elif seq is None:
-        raise ConfigError("an LM memory estimate needs seq (the sequence length)")
+    seq = _checked_seq(config, cut, seq, optimizer)
     tokens = batch * seq
     lora_params = cut * lora_param_count(config, lora)
-    act_elems, fp32_elems = 0, 0
-    for i in range(cut):
-        a, f = saved_elements_per_token(config, lora, first_block=i == 0)
-        act_elems += a
-        fp32_elems += f
-    boundary = config.dim if cut > 0 else 0  # the hidden state at the cut, held until its gradient returns
-    activation = tokens * ((act_elems + boundary) * bytes_per_param + fp32_elems * FP32)
-    # Largest live temporaries on top of the saved tensors (measured: flat in the number of blocks):
-    # MLP-width gradients in backward and a few residual-width ones.
-    if isinstance(config, LlamaConfig):
-        transient = 2 * config.ffn_dim + 4 * config.dim
-    else:
-        transient = 2 * config.mlp_dim + config.dim
-    workspace = tokens * transient * bytes_per_param if cut > 0 else 0
     fwd, bwd = flops_per_block(config, lora, batch, seq)
-    head_flops = 2 * tokens * config.dim * (config.vocab_size if isinstance(config, LlamaConfig) else 0)
-    if isinstance(config, ViTConfig):
-        head_flops = 2 * batch * config.dim * config.num_classes
     return MemoryEstimate(
         cut=cut,
         batch=batch,
@@ -196,12 +172,57 @@ def estimate_device_memory(
         lora_bytes=lora_params * bytes_per_param,
         grad_bytes=lora_params * bytes_per_param,
         optimizer_bytes=lora_params * bytes_per_param * _OPTIMIZER_STATES[optimizer],
-        activation_bytes=activation,
-        workspace_bytes=workspace,
+        activation_bytes=_activation_bytes(config, lora, cut, tokens, bytes_per_param),
+        workspace_bytes=_workspace_bytes(config, cut, tokens, bytes_per_param),
         block_params=block_param_count(config),
         embedding_params=embedding_param_count(config),
         head_params=head_param_count(config),
         block_forward_flops=fwd,
         block_backward_flops=bwd,
-        head_forward_flops=head_flops,
+        head_forward_flops=_head_forward_flops(config, batch, tokens),
     )
+
+
+def _checked_seq(config: ModelConfig, cut: int, seq: int | None, optimizer: str) -> int:
+    """Tokens per sample (a ViT's own); ConfigError on a bad cut or optimizer, or an LM without seq."""
+    if not 0 <= cut <= config.num_blocks:
+        raise ConfigError(f"cut {cut} is outside [0, {config.num_blocks}]")
+    if optimizer not in _OPTIMIZER_STATES:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZER_STATES)}")
+    if isinstance(config, ViTConfig):
+        return config.num_tokens
+    if seq is None:
+        raise ConfigError("an LM memory estimate needs seq (the sequence length)")
+    return seq
+
+
+def _activation_bytes(
+    config: ModelConfig, lora: LoraConfig, cut: int, tokens: int, bytes_per_param: int
+) -> int:
+    """Bytes saved for backward by blocks [0, cut) on ``tokens`` tokens, plus the cut activation."""
+    # The hidden state at the cut is held until its gradient returns.
+    act_elems, fp32_elems = 0, 0
+    for i in range(cut):
+        a, f = saved_elements_per_token(config, lora, first_block=i == 0)
+        act_elems += a
+        fp32_elems += f
+    boundary = config.dim if cut > 0 else 0
+    return tokens * ((act_elems + boundary) * bytes_per_param + fp32_elems * FP32)
+
+
+def _workspace_bytes(config: ModelConfig, cut: int, tokens: int, bytes_per_param: int) -> int:
+    """Bytes of the largest live temporaries on top of the saved tensors (0 without blocks)."""
+    # Measured: flat in the number of blocks; MLP-width gradients in backward and a few
+    # residual-width ones.
+    if isinstance(config, LlamaConfig):
+        transient = 2 * config.ffn_dim + 4 * config.dim
+    else:
+        transient = 2 * config.mlp_dim + config.dim
+    return tokens * transient * bytes_per_param if cut > 0 else 0
+
+
+def _head_forward_flops(config: ModelConfig, batch: int, tokens: int) -> int:
+    """Head forward FLOPs on a batch: an LM head on every token, a ViT's on the class token."""
+    if isinstance(config, ViTConfig):
+        return 2 * batch * config.dim * config.num_classes
+    return 2 * tokens * config.dim * config.vocab_size

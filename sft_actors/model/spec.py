@@ -90,57 +90,70 @@ def resolve_spec(
             name=name, family="llama", source="gguf", path=smollm2_path(), overrides=overrides, seed=seed
         )
     if name in PRESETS:
-        family = PRESETS[name].family
-        if weights is not None:
-            path = Path(weights).expanduser()
-            if not path.exists():
-                raise ModelSpecError(
-                    f"ViT weights {path} do not exist; pass a timm/HF .safetensors file or folder"
-                )
-            return ModelSpec(
-                name=name,
-                family="vit",
-                source="vit_weights",
-                path=path,
-                preset=name,
-                overrides=overrides,
-                seed=seed,
-            )
-        return ModelSpec(
-            name=name, family=family, source="preset", preset=name, overrides=overrides, seed=seed
-        )
+        return _preset_spec(name, weights, seed, overrides)
     path = Path(name).expanduser()
+    if path.suffix in (".gguf", ".safetensors"):
+        return _weights_file_spec(name, path, seed, overrides)
+    if path.is_dir():
+        return _checkpoint_dir_spec(name, path, seed, overrides)
+    raise ModelSpecError(
+        f"cannot resolve model spec {name!r}: no such preset, file or directory; {SPEC_HELP}"
+    )
+
+
+def _preset_spec(name: str, weights: str | Path | None, seed: int, overrides: dict[str, Any]) -> ModelSpec:
+    """A named preset: random init, or a vit-* preset with the timm/HF weights at ``weights``."""
+    if weights is None:
+        return ModelSpec(
+            name=name,
+            family=PRESETS[name].family,
+            source="preset",
+            preset=name,
+            overrides=overrides,
+            seed=seed,
+        )
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise ModelSpecError(f"ViT weights {path} do not exist; pass a timm/HF .safetensors file or folder")
+    return ModelSpec(
+        name=name,
+        family="vit",
+        source="vit_weights",
+        path=path,
+        preset=name,
+        overrides=overrides,
+        seed=seed,
+    )
+
+
+def _weights_file_spec(name: str, path: Path, seed: int, overrides: dict[str, Any]) -> ModelSpec:
+    """A ``.gguf`` file (llama) or a ``.safetensors`` file (ViT weights); it must exist."""
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSpecError(f"GGUF file {path} does not exist; {SPEC_HELP}")
         return ModelSpec(name=name, family="llama", source="gguf", path=path, overrides=overrides, seed=seed)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise ModelSpecError(f"weights file {path} does not exist; {SPEC_HELP}")
+    if not path.is_file():
+        raise ModelSpecError(f"weights file {path} does not exist; {SPEC_HELP}")
+    return ModelSpec(name=name, family="vit", source="vit_weights", path=path, overrides=overrides, seed=seed)
+
+
+def _checkpoint_dir_spec(name: str, path: Path, seed: int, overrides: dict[str, Any]) -> ModelSpec:
+    """A checkpoint directory, told apart by its config.json: Hugging Face Llama or a ViT."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelSpecError(
+            f"{path} has no config.json; put the checkpoint's config.json and *.safetensors there"
+        )
+    cfg = hf_loader.read_json(cfg_path)
+    if cfg.get("model_type") == "llama":
+        return ModelSpec(
+            name=name, family="llama", source="hf_llama", path=path, overrides=overrides, seed=seed
+        )
+    if cfg.get("model_type") == "vit" or str(cfg.get("architecture", "")).startswith("vit_"):
         return ModelSpec(
             name=name, family="vit", source="vit_weights", path=path, overrides=overrides, seed=seed
         )
-    if path.is_dir():
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise ModelSpecError(
-                f"{path} has no config.json; put the checkpoint's config.json and *.safetensors there"
-            )
-        cfg = hf_loader.read_json(cfg_path)
-        if cfg.get("model_type") == "llama":
-            return ModelSpec(
-                name=name, family="llama", source="hf_llama", path=path, overrides=overrides, seed=seed
-            )
-        if cfg.get("model_type") == "vit" or str(cfg.get("architecture", "")).startswith("vit_"):
-            return ModelSpec(
-                name=name, family="vit", source="vit_weights", path=path, overrides=overrides, seed=seed
-            )
-        raise ModelSpecError(
-            f"{cfg_path}: unsupported model (model_type {cfg.get('model_type')!r}); {SPEC_HELP}"
-        )
-    raise ModelSpecError(
-        f"cannot resolve model spec {name!r}: no such preset, file or directory; {SPEC_HELP}"
-    )
+    raise ModelSpecError(f"{cfg_path}: unsupported model (model_type {cfg.get('model_type')!r}); {SPEC_HELP}")
 
 
 def _as_spec(spec: ModelSpec | str) -> ModelSpec:

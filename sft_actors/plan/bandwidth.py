@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -258,39 +259,13 @@ def slsqp_bandwidth(
     b0 = np.full(n, 1.0 / n) if start_hz is None else np.asarray(start_hz, dtype=np.float64) / total_hz
     b0 = np.maximum(b0, min_hz / total_hz)
     tau0 = float(np.max(link_delay(b0 * total_hz, a, u, v, snr_up, snr_down))) / scale
-    z0 = np.append(b0, tau0)
-
-    def objective(z: FloatArray) -> tuple[float, FloatArray]:
-        g = np.zeros(n + 1)
-        g[n] = 1.0
-        return float(z[n]), g
-
-    def delay_gap(z: FloatArray) -> FloatArray:  # τ − D_n/T ≥ 0
-        return np.asarray(z[n] - link_delay(z[:n] * total_hz, a, u, v, snr_up, snr_down) / scale)
-
-    def delay_gap_jac(z: FloatArray) -> FloatArray:
-        jac = np.zeros((n, n + 1))
-        jac[np.arange(n), np.arange(n)] = (
-            -link_delay_slope(z[:n] * total_hz, u, v, snr_up, snr_down) * total_hz / scale
-        )
-        jac[:, n] = 1.0
-        return jac
-
-    budget_jac = np.append(-np.ones(n), 0.0)
     result = minimize(
-        objective,
-        z0,
+        _epigraph_objective,
+        np.append(b0, tau0),
         jac=True,
         method="SLSQP",
         bounds=[(min_hz / total_hz, 1.0)] * n + [(0.0, None)],
-        constraints=[
-            {"type": "ineq", "fun": delay_gap, "jac": delay_gap_jac},
-            {
-                "type": "ineq",
-                "fun": lambda z: np.array([1.0 - np.sum(z[:n])]),
-                "jac": lambda z: budget_jac[None, :],
-            },
-        ],
+        constraints=_epigraph_constraints(a, u, v, snr_up, snr_down, total_hz, scale),
         options={"maxiter": max_iter, "ftol": ftol},
     )
     b = np.clip(result.x[:n], min_hz / total_hz, 1.0)
@@ -306,3 +281,44 @@ def slsqp_bandwidth(
         method=method,
         iterations=int(result.nit),
     )
+
+
+def _epigraph_objective(z: FloatArray) -> tuple[float, FloatArray]:
+    """τ, the last entry of ``z = [b_1 … b_N, τ]``, and its gradient."""
+    g = np.zeros(z.size)
+    g[-1] = 1.0
+    return float(z[-1]), g
+
+
+def _epigraph_constraints(
+    a: FloatArray,
+    u: FloatArray,
+    v: FloatArray,
+    snr_up: FloatArray,
+    snr_down: FloatArray,
+    total_hz: float,
+    scale: float,
+) -> list[dict[str, Any]]:
+    """SLSQP constraints on z = [b, τ], with Jacobians: D_n(b_n·B_total)/scale ≤ τ, Σ b_n ≤ 1."""
+    n = len(a)
+
+    def delay_gap(z: FloatArray) -> FloatArray:  # τ − D_n/T ≥ 0
+        return np.asarray(z[n] - link_delay(z[:n] * total_hz, a, u, v, snr_up, snr_down) / scale)
+
+    def delay_gap_jac(z: FloatArray) -> FloatArray:
+        jac = np.zeros((n, n + 1))
+        jac[np.arange(n), np.arange(n)] = (
+            -link_delay_slope(z[:n] * total_hz, u, v, snr_up, snr_down) * total_hz / scale
+        )
+        jac[:, n] = 1.0
+        return jac
+
+    budget_jac = np.append(-np.ones(n), 0.0)
+    return [
+        {"type": "ineq", "fun": delay_gap, "jac": delay_gap_jac},
+        {
+            "type": "ineq",
+            "fun": lambda z: np.array([1.0 - np.sum(z[:n])]),
+            "jac": lambda z: budget_jac[None, :],
+        },
+    ]

@@ -25,11 +25,56 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from sft_actors.errors import ConfigError, ModelSpecError
 
 AccuracyBasis = Literal["trained", "untrained"]
+
+# ModelCosts.known: name → (constructor, its config arguments); names are lower case.
+_KNOWN_ARCHITECTURES: Final[dict[str, tuple[Literal["llama", "vit"], dict[str, Any]]]] = {
+    "smollm2-135m": (
+        "llama",
+        {
+            "num_blocks": 30,
+            "hidden": 576,
+            "heads": 9,
+            "kv_heads": 3,
+            "mlp_hidden": 1536,
+            "vocab": 49152,
+            "tied_embeddings": True,
+        },
+    ),
+    "llama-tiny": (
+        "llama",
+        {
+            "num_blocks": 4,
+            "hidden": 64,
+            "heads": 4,
+            "kv_heads": 2,
+            "mlp_hidden": 128,
+            "vocab": 256,
+            "tied_embeddings": True,
+            "default_seq": 64,
+        },
+    ),
+    # The model layer's preset: 32 px, patch 4, 10 classes.
+    "vit-tiny": (
+        "vit",
+        {
+            "num_blocks": 4,
+            "hidden": 64,
+            "heads": 4,
+            "mlp_hidden": 128,
+            "image_size": 32,
+            "patch": 4,
+            "num_classes": 10,
+        },
+    ),
+    "vit-small": ("vit", {"num_blocks": 12, "hidden": 384, "heads": 6, "mlp_hidden": 1536}),
+    "vit-base": ("vit", {"num_blocks": 12, "hidden": 768, "heads": 12, "mlp_hidden": 3072}),
+}
+_KNOWN_ALIASES: Final[dict[str, str]] = {"smollm2": "smollm2-135m"}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -174,62 +219,16 @@ class ModelCosts:
         ``overrides`` go to the constructor (``weight_bytes``, ``lora_rank``, ``num_classes``…).
         """
         key = name.lower()
-        if key in ("smollm2-135m", "smollm2"):
-            return cls.llama(
-                "smollm2-135m",
-                **{
-                    "num_blocks": 30,
-                    "hidden": 576,
-                    "heads": 9,
-                    "kv_heads": 3,
-                    "mlp_hidden": 1536,
-                    "vocab": 49152,
-                    "tied_embeddings": True,
-                    **overrides,
-                },
+        key = _KNOWN_ALIASES.get(key, key)
+        if key not in _KNOWN_ARCHITECTURES:
+            raise ModelSpecError(
+                f"no cost figures for model {name!r}; known: smollm2-135m, llama-tiny, vit-tiny, vit-small, "
+                "vit-base "
+                "(or build them with ModelCosts.from_model_info)"
             )
-        if key == "llama-tiny":
-            return cls.llama(
-                "llama-tiny",
-                **{
-                    "num_blocks": 4,
-                    "hidden": 64,
-                    "heads": 4,
-                    "kv_heads": 2,
-                    "mlp_hidden": 128,
-                    "vocab": 256,
-                    "tied_embeddings": True,
-                    "default_seq": 64,
-                    **overrides,
-                },
-            )
-        if key == "vit-tiny":  # the model layer's preset: 32 px, patch 4, 10 classes
-            return cls.vit(
-                "vit-tiny",
-                **{
-                    "num_blocks": 4,
-                    "hidden": 64,
-                    "heads": 4,
-                    "mlp_hidden": 128,
-                    "image_size": 32,
-                    "patch": 4,
-                    "num_classes": 10,
-                    **overrides,
-                },
-            )
-        if key == "vit-small":
-            return cls.vit(
-                "vit-small", **{"num_blocks": 12, "hidden": 384, "heads": 6, "mlp_hidden": 1536, **overrides}
-            )
-        if key == "vit-base":
-            return cls.vit(
-                "vit-base", **{"num_blocks": 12, "hidden": 768, "heads": 12, "mlp_hidden": 3072, **overrides}
-            )
-        raise ModelSpecError(
-            f"no cost figures for model {name!r}; known: smollm2-135m, llama-tiny, vit-tiny, vit-small, "
-            "vit-base "
-            "(or build them with ModelCosts.from_model_info)"
-        )
+        family, config = _KNOWN_ARCHITECTURES[key]
+        build = cls.llama if family == "llama" else cls.vit
+        return build(key, **{**config, **overrides})
 
     @classmethod
     def from_config(cls, name: str, config: Any, **overrides: Any) -> ModelCosts:

@@ -113,49 +113,16 @@ class Terms:
 def build_terms(problem: PlanProblem, channel: ChannelState) -> Terms:
     """Coefficients for ``problem`` under ``channel``; raises PlanInfeasible for hopeless inputs."""
     m, tr, devs = problem.model, problem.training, problem.devices
-    tok = float(tr.tokens)
-    f_blk = m.block_flops_per_token(tr.seq)
-    beta = tr.backward_factor
-    s = float(tr.steps_per_round)
-    dev_flops = np.array([d.flops for d in devs], dtype=np.float64)
-    srv = problem.server.flops
-    server0 = s * (1 + beta) * tok * (m.num_blocks * f_blk + m.head_flops_per_token) / srv
-    server1 = s * (1 + beta) * tok * f_blk / srv
-    a0 = s * tok * m.embed_flops_per_token / dev_flops + server0
-    a1 = s * (1 + beta) * tok * f_blk / dev_flops - server1
-    per_block = (
-        m.bytes_per_block
-        + m.lora_params_per_block * (2 + tr.optimizer_states_per_param) * tr.lora_bytes
-        + tr.max_inflight * tok * m.saved_floats_per_token(tr.seq) * tr.activation_bytes
-    )
-    mem0 = m.embed_bytes + 2 * tok * m.hidden * tr.activation_bytes + tr.device_overhead_mb * MB
-    limits = np.array([d.memory_mb * MB for d in devs], dtype=np.float64)
+    a0, a1, server0, server1 = _compute_coefficients(problem)
+    mem0, per_block, limits, cap = _memory_coefficients(problem)
+    _check_devices_fit(problem, cap, limits, mem0, per_block)
+    _check_accuracy_reachable(problem)
     lo, hi = problem.cut_range
-    fits = np.floor((limits - mem0) / per_block + 1e-9).astype(np.int64)
-    cap = np.minimum(fits, hi)
-    for d, c, limit in zip(devs, cap, limits, strict=True):
-        if c < lo:
-            need = (mem0 + lo * per_block) / MB
-            raise PlanInfeasible(
-                f"device {d.name!r}: memory_mb = {limit / MB:g} cannot hold the embedding and "
-                f"{lo} block(s) of "
-                f"{m.name} at batch {tr.batch} × seq {tr.seq}: needs {need:.1f} MB "
-                f"(embedding {m.embed_bytes / MB:.1f} MB + {per_block / MB:.1f} MB per block); "
-                "give it more memory or lower batch/seq"
-            )
-    menu = problem.menu
-    if menu.losses.min() > tr.max_accuracy_loss:
-        best = menu.options[int(np.argmin(menu.losses))]
-        raise PlanInfeasible(
-            f"accuracy target unreachable: the most accurate codec in the menu, {best.name}, loses "
-            f"{best.loss:.3f} > max_accuracy_loss {tr.max_accuracy_loss:g}; "
-            "raise the limit or add the identity codec"
-        )
     weights = np.array([d.data_weight for d in devs], dtype=np.float64)
     return Terms(
         a0=a0,
         a1=a1,
-        act_bits=s * tok * m.hidden * tr.activation_bytes * 8.0,
+        act_bits=float(tr.steps_per_round) * float(tr.tokens) * m.hidden * tr.activation_bytes * 8.0,
         lora_bits=m.lora_params_per_block * 32.0 / tr.aggregate_every,
         compress_down=tr.compress_gradients,
         snr_up=channel.snr_up_hz,
@@ -169,14 +136,76 @@ def build_terms(problem: PlanProblem, channel: ChannelState) -> Terms:
         cut_hi=np.full(len(devs), hi, dtype=np.int64),
         cut_cap=cap.astype(np.int64),
         weights=weights / weights.sum(),
-        ratios=menu.ratios,
-        losses=menu.losses,
+        ratios=problem.menu.ratios,
+        losses=problem.menu.losses,
         total_hz=problem.channel.bandwidth_hz,
         min_hz=problem.channel.b_min_hz,
         rounds_base=tr.rounds_base,
         rounds_per_loss=tr.rounds_per_loss,
         max_loss=tr.max_accuracy_loss,
     )
+
+
+def _compute_coefficients(problem: PlanProblem) -> tuple[FloatArray, FloatArray, float, float]:
+    """(a0, a1, server0, server1) in s/round: compute at cut 0 and per block on the device (module doc)."""
+    m, tr = problem.model, problem.training
+    tok = float(tr.tokens)
+    f_blk = m.block_flops_per_token(tr.seq)
+    beta = tr.backward_factor
+    s = float(tr.steps_per_round)
+    dev_flops = np.array([d.flops for d in problem.devices], dtype=np.float64)
+    srv = problem.server.flops
+    server0 = s * (1 + beta) * tok * (m.num_blocks * f_blk + m.head_flops_per_token) / srv
+    server1 = s * (1 + beta) * tok * f_blk / srv
+    a0 = s * tok * m.embed_flops_per_token / dev_flops + server0
+    a1 = s * (1 + beta) * tok * f_blk / dev_flops - server1
+    return a0, a1, server0, server1
+
+
+def _memory_coefficients(problem: PlanProblem) -> tuple[float, float, FloatArray, IntArray]:
+    """Bytes at cut 0 and per block, device limits (bytes), and each device's deepest cut that fits."""
+    m, tr = problem.model, problem.training
+    tok = float(tr.tokens)
+    per_block = (
+        m.bytes_per_block
+        + m.lora_params_per_block * (2 + tr.optimizer_states_per_param) * tr.lora_bytes
+        + tr.max_inflight * tok * m.saved_floats_per_token(tr.seq) * tr.activation_bytes
+    )
+    mem0 = m.embed_bytes + 2 * tok * m.hidden * tr.activation_bytes + tr.device_overhead_mb * MB
+    limits = np.array([d.memory_mb * MB for d in problem.devices], dtype=np.float64)
+    _, hi = problem.cut_range
+    fits = np.floor((limits - mem0) / per_block + 1e-9).astype(np.int64)
+    return mem0, per_block, limits, np.minimum(fits, hi)
+
+
+def _check_devices_fit(
+    problem: PlanProblem, cap: IntArray, limits: FloatArray, mem0: float, per_block: float
+) -> None:
+    """PlanInfeasible naming the first device whose memory cannot hold the smallest cut."""
+    m, tr = problem.model, problem.training
+    lo, _ = problem.cut_range
+    for d, c, limit in zip(problem.devices, cap, limits, strict=True):
+        if c < lo:
+            need = (mem0 + lo * per_block) / MB
+            raise PlanInfeasible(
+                f"device {d.name!r}: memory_mb = {limit / MB:g} cannot hold the embedding and "
+                f"{lo} block(s) of "
+                f"{m.name} at batch {tr.batch} × seq {tr.seq}: needs {need:.1f} MB "
+                f"(embedding {m.embed_bytes / MB:.1f} MB + {per_block / MB:.1f} MB per block); "
+                "give it more memory or lower batch/seq"
+            )
+
+
+def _check_accuracy_reachable(problem: PlanProblem) -> None:
+    """PlanInfeasible when even the menu's most accurate codec loses more than the limit."""
+    menu, limit = problem.menu, problem.training.max_accuracy_loss
+    if menu.losses.min() > limit:
+        best = menu.options[int(np.argmin(menu.losses))]
+        raise PlanInfeasible(
+            f"accuracy target unreachable: the most accurate codec in the menu, {best.name}, loses "
+            f"{best.loss:.3f} > max_accuracy_loss {limit:g}; "
+            "raise the limit or add the identity codec"
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -165,20 +165,52 @@ def solve_relaxed(
     lo = (terms.cut_lo if cut_lo is None else cut_lo).astype(np.float64)
     hi = (terms.cut_hi if cut_hi is None else cut_hi).astype(np.float64)
     prob = _Relaxation(terms, hull, lo, hi)
-    n = terms.n
-    # Start: cuts as deep as memory allows, no compression.
-    cap = np.minimum(terms.cut_cap.astype(np.float64), hi)
-    xc0 = np.where(prob.c_span > 0, (cap - lo) / np.maximum(prob.c_span, 1e-12), 0.0)
+    x = _initial_point(prob, np.minimum(terms.cut_cap.astype(np.float64), hi))
+    x, violation, outer, inner = _augmented_lagrangian(
+        prob, x, max_outer=max_outer, inner_max_iter=inner_max_iter, tol=tol
+    )
+    c, s, _ = prob.unpack(x)
+    t_star = prob.round_time(c, s)[0]
+    round_s = max(t_star, float(np.sum(terms.server0 - terms.server1 * c)))
+    loss, _ = prob.loss_curve(s)
+    objective = (1.0 + terms.rounds_per_loss * float(np.dot(terms.weights, loss))) * round_s
+    return Relaxed(
+        cuts=c,
+        log_ratios=s,
+        shares=prob.shares,
+        objective=objective * terms.rounds_base,
+        violation=violation,
+        outer_iterations=outer,
+        inner_iterations=inner,
+    )
+
+
+def _initial_point(prob: _Relaxation, cap: FloatArray) -> FloatArray:
+    """Start x = [xc, xs, τ]: deepest cuts memory allows, no compression; sets ``prob.t_ref`` (s)."""
+    n, terms = prob.n, prob.t
+    xc0 = np.where(prob.c_span > 0, (cap - prob.c_lo) / np.maximum(prob.c_span, 1e-12), 0.0)
     x = np.concatenate([xc0, np.zeros(n), [0.0]])
     c, s, _ = prob.unpack(x)
     prob.t_ref = max(prob.round_time(c, s)[0], float(np.sum(terms.server0 - terms.server1 * c)))
     x[2 * n] = 1.0
-    bounds = (
+    return x
+
+
+def _box_bounds(prob: _Relaxation) -> list[tuple[float, float | None]]:
+    """Bounds on ``x = [xc, xs, τ]``: [0, 1], pinned to 0 where a cut or the codec cannot move."""
+    return (
         [(0.0, 1.0 if span > 0 else 0.0) for span in prob.c_span]
-        + [(0.0, 1.0 if prob.s_max > 0 else 0.0)] * n
+        + [(0.0, 1.0 if prob.s_max > 0 else 0.0)] * prob.n
         + [(0.0, None)]
     )
-    lam = np.zeros(n + 3)
+
+
+def _augmented_lagrangian(
+    prob: _Relaxation, x: FloatArray, *, max_outer: int, inner_max_iter: int, tol: float
+) -> tuple[FloatArray, float, int, int]:
+    """PHR iterations from x: (x, max violation, outer iterations, L-BFGS-B iterations)."""
+    bounds = _box_bounds(prob)
+    lam = np.zeros(prob.n + 3)
     rho = 10.0
     violation = last_violation = np.inf
     inner = outer = 0
@@ -201,20 +233,7 @@ def solve_relaxed(
         if violation > 0.5 * last_violation:
             rho = min(rho * 5.0, 1e7)
         last_violation = violation
-    c, s, _ = prob.unpack(x)
-    t_star = prob.round_time(c, s)[0]
-    round_s = max(t_star, float(np.sum(terms.server0 - terms.server1 * c)))
-    loss, _ = prob.loss_curve(s)
-    objective = (1.0 + terms.rounds_per_loss * float(np.dot(terms.weights, loss))) * round_s
-    return Relaxed(
-        cuts=c,
-        log_ratios=s,
-        shares=prob.shares,
-        objective=objective * terms.rounds_base,
-        violation=violation,
-        outer_iterations=outer,
-        inner_iterations=inner,
-    )
+    return x, violation, outer, inner
 
 
 def round_plan(
