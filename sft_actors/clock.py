@@ -15,7 +15,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -61,7 +61,8 @@ class ManualClock:
     reaches their deadline; a sleeper never wakes early, and one wakes only as far as the
     clock was moved (advancing by three heartbeat intervals at once wakes a heartbeat loop
     once, at the new time). Waking only schedules the sleeping task; to know that woken
-    tasks have run and gone back to sleep, await :meth:`wait_for_sleepers`.
+    tasks have run and gone back to sleep, await :meth:`wait_for_sleepers` (a count, for tasks
+    the test cannot name, like an actor's heartbeat loop) or :meth:`wait_parked` (named tasks).
     """
 
     def __init__(self, start: float = 0.0) -> None:
@@ -69,7 +70,8 @@ class ManualClock:
         # (deadline, sequence number, future): the sequence number breaks ties in sleep order.
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
-        self._slept = asyncio.Event()  # set whenever a task starts sleeping
+        self._sleeping: dict[asyncio.Task[Any], asyncio.Future[None]] = {}
+        self._changed = asyncio.Event()  # set whenever a task starts sleeping (or a parked one ends)
 
     def now(self) -> float:
         return self._now
@@ -85,11 +87,16 @@ class ManualClock:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (deadline, next(self._seq), fut))
-        self._slept.set()
+        task = asyncio.current_task()
+        if task is not None:
+            self._sleeping[task] = fut
+        self._changed.set()
         try:
             await fut
         finally:
             fut.cancel()  # a cancelled sleeper no longer counts (no-op once woken)
+            if task is not None and self._sleeping.get(task) is fut:
+                del self._sleeping[task]
 
     def advance(self, seconds: float) -> int:
         """Move time forward by ``seconds`` (≥ 0); returns how many sleepers were woken."""
@@ -134,8 +141,33 @@ class ManualClock:
         test after every woken task has finished its step and gone back to sleep.
         """
         while self.sleepers < n:
-            self._slept.clear()
-            await self._slept.wait()
+            self._changed.clear()
+            await self._changed.wait()
+
+    def is_asleep(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` is waiting on this clock (a woken task that has not run yet is not)."""
+        fut = self._sleeping.get(task)
+        return fut is not None and not fut.done()
+
+    async def wait_parked(self, *tasks: asyncio.Task[Any]) -> None:
+        """Wait until each of ``tasks`` is asleep on this clock or finished.
+
+        Then none of them can read the clock before the next :meth:`advance`: the moment to
+        move time without letting a task see a clock that ran ahead of its schedule.
+        """
+
+        def changed(_: asyncio.Task[Any]) -> None:
+            self._changed.set()
+
+        for task in tasks:
+            task.add_done_callback(changed)
+        try:
+            while not all(t.done() or self.is_asleep(t) for t in tasks):
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            for task in tasks:
+                task.remove_done_callback(changed)
 
 
 __all__ = ["SYSTEM_CLOCK", "Clock", "ManualClock", "SystemClock"]
