@@ -5,13 +5,17 @@
 
 For each cut: median device forward+backward time, server forward+backward time, the bytes
 autograd saves (``saved_tensors_hooks``) against the estimate's ``activation_bytes``, and the
-measured peak resident memory of a device step against ``activation + workspace + grad`` of
-:func:`estimate_device_memory`. Then ``--parts`` device parts built from one loaded model (shared
-frozen base), each with its Adam state after one step: resident bytes per part.
+peak memory of a device step against ``activation + workspace + grad`` of
+:func:`estimate_device_memory`, measured two ways. Then ``--parts`` device parts built from one
+loaded model (shared frozen base), each with its Adam state after one step: resident bytes per part.
 
-Peak memory is read from ``VmHWM`` after resetting it (``/proc/self/clear_refs``), with glibc's
-mmap threshold pinned at 64 KiB so freed tensors return to the OS and the high-water mark tracks
-live tensors rather than heap growth (Linux only). The last line is one JSON object.
+``alloc_peak_bytes`` is exact and the same on every machine: the running sum of torch's CPU
+allocator events (the profiler's ``[memory]`` records) over one step, at its highest. The
+resident peak ``peak_bytes`` is what the device's OS sees: ``VmHWM`` after resetting it
+(``/proc/self/clear_refs``), with glibc's mmap threshold pinned at 64 KiB so freed tensors return
+to the OS (Linux only). It is approximate: the kernel updates the high-water mark only when RSS is
+about to drop, from per-CPU RSS counters it has not summed, so its error grows with the number of
+CPUs and with how the scheduler moved the process between them. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,8 +49,7 @@ from sft_actors.model import (
 )
 
 M_MMAP_THRESHOLD = -3
-
-
+MEMORY_EVENT = "[memory]"  # the profiler's name for an allocation (+bytes) or a free (-bytes)
 
 
 def pin_mmap_threshold() -> bool:
@@ -81,6 +85,24 @@ def saved_bytes(fn: Any, exclude: set[int]) -> int:
         out = fn()
     del out
     return sum(n for ptr, n in seen.items() if ptr not in exclude)
+
+
+def allocated_peak_bytes(fn: Any) -> int:
+    """Highest bytes held through torch's CPU allocator while ``fn`` runs, above what was held
+    before it: the running sum of the allocator's events, in the order they happened."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # kineto_results keeps every allocation event; prof.events() folds those inside an op into
+    # the op's net usage, which hides the peak within it.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == MEMORY_EVENT]
+    if not events:
+        raise RuntimeError("the profiler recorded no allocator events; cannot measure the peak")
+    events.sort(key=lambda e: e.start_ns())  # stable: same-ns events stay in recorded order
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def timed(fn: Any, warmup: int, repeats: int) -> float:
@@ -124,6 +146,7 @@ def bench_cut(model: Any, cut: int, args: argparse.Namespace, lora: LoraConfig) 
         device_step()
         peaks.append(proc_status("VmHWM") - base)
     peak = statistics.median(peaks)
+    alloc_peak = allocated_peak_bytes(device_step)
     predicted = est.activation_bytes + est.workspace_bytes + est.grad_bytes
     return {
         "cut": cut,
@@ -135,6 +158,8 @@ def bench_cut(model: Any, cut: int, args: argparse.Namespace, lora: LoraConfig) 
         "peak_bytes": peak,
         "est_step_bytes": predicted,
         "peak_ratio": peak / max(predicted, 1),
+        "alloc_peak_bytes": alloc_peak,
+        "alloc_peak_ratio": alloc_peak / max(predicted, 1),
         "est_total_bytes": est.total_bytes,
     }
 
@@ -198,14 +223,14 @@ def main() -> None:
     rows = [bench_cut(model, c, args, lora) for c in cuts]
     print(
         f"{'cut':>4} {'device ms':>10} {'server ms':>10} {'saved MiB':>10} {'est MiB':>9} {'ratio':>6} "
-        f"{'peak MiB':>9} {'est MiB':>9} {'ratio':>6}"
+        f"{'peak MiB':>9} {'alloc MiB':>9} {'est MiB':>9} {'ratio':>6} {'alloc':>6}"
     )
     for r in rows:
         print(
             f"{r['cut']:>4} {r['device_step_ms']:>10.2f} {r['server_step_ms']:>10.2f} "
             f"{r['saved_bytes'] / 2**20:>10.2f} {r['est_activation_bytes'] / 2**20:>9.2f} "
-            f"{r['saved_ratio']:>6.3f} "
-            f"{r['peak_bytes'] / 2**20:>9.2f} {r['est_step_bytes'] / 2**20:>9.2f} {r['peak_ratio']:>6.3f}"
+            f"{r['saved_ratio']:>6.3f} {r['peak_bytes'] / 2**20:>9.2f} {r['alloc_peak_bytes'] / 2**20:>9.2f} "
+            f"{r['est_step_bytes'] / 2**20:>9.2f} {r['peak_ratio']:>6.3f} {r['alloc_peak_ratio']:>6.3f}"
         )
     parts = bench_parts(model, args.parts, min(cuts), args, lora) if args.parts > 0 else None
     if parts:

@@ -1,17 +1,15 @@
-"""The base actor: handler tables, request/reply, remote errors, garbage, handshake, liveness."""
+"""The base actor: handler tables, request/reply, remote errors, garbage, handshake, lifecycle
+(liveness on a manual clock: test_liveness.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import msgpack
-import numpy as np
 import pytest
 import torch
 import zmq
 import zmq.asyncio
-import zstandard
 
 from sft_actors.actors.base import Actor, ActorState
 from sft_actors.actors.handlers import MsgContext
@@ -27,11 +25,9 @@ from sft_actors.wire.messages import (
     EvalResult,
     Gradients,
     Heartbeat,
-    Hello,
     Metrics,
     RoundStart,
     Shutdown,
-    Welcome,
 )
 from sft_actors.wire.tensors import WireTensor
 
@@ -43,14 +39,10 @@ class Device(Actor):
 
 
 class Coordinator(Actor):
-    def __init__(self, *a: object, **kw: object) -> None:
-        super().__init__(*a, **kw)  # type: ignore[arg-type]
-        self.lost: list[str] = []
-        self.lost_event = asyncio.Event()
+    pass
 
-    async def on_peer_lost(self, peer: str) -> None:
-        self.lost.append(peer)
-        self.lost_event.set()
+
+ECHO = [0.0, 1.0, 2.0, 3.0]  # EchoServer's gradient for act(): the activations themselves
 
 
 def act(n: int = 4) -> Activations:
@@ -157,7 +149,9 @@ async def test_call_reply_remote_error_and_keeps_serving(zmq_ctx: zmq.asyncio.Co
             with pytest.raises(RemoteError, match="UnknownMessageKind"):
                 await server.call("dev0", EvalRequest(round=0, split="val"))
             await dev.broadcast(Metrics(node="dev0", round=1, values={"y": 2.0}), ["server"])
-            assert isinstance(await dev.call("server", EvalRequest(round=2, split="val")), EvalResult)
+            evaluated = await dev.call("server", EvalRequest(round=2, split="val"))
+            assert isinstance(evaluated, EvalResult) and evaluated.round == 2
+            assert evaluated.values == {"peer": "dev0", "split": "val"}
             assert server.metrics_seen[-1] == ("dev0", {"y": 2.0})  # in order, before the call's reply
 
 
@@ -237,7 +231,8 @@ async def test_garbage_gets_error_frames_and_others_are_served(zmq_ctx: zmq.asyn
                 assert (await answer([bytes(f) for f in big])).code == "FrameTooLarge"
                 # Well-formed, but before HELLO.
                 assert (await answer(encode(act(), sender="dev1", msg_id=3))).code == "ProtocolError"
-                assert isinstance(await dev0.call("server", act()), Gradients)  # still serving others
+                echoed = await dev0.call("server", act())  # still serving others
+                assert isinstance(echoed, Gradients) and echoed.grad.to_torch().tolist() == ECHO
                 assert server.state is ActorState.READY
             finally:
                 raw.close(linger=0)
@@ -262,76 +257,6 @@ async def test_schema_mismatch_is_refused_on_both_sides(zmq_ctx: zmq.asyncio.Con
             assert "start both from the same topology file" in str(stranger.error)
             assert [p for p, _ in coord.refused] == ["dev0"]
             assert isinstance(coord.refused[0][1], SchemaMismatch)
-
-
-# --- liveness -------------------------------------------------------------------------------
-
-
-@pytest.mark.asyncio
-async def test_silent_peer_is_reported_lost(zmq_ctx: zmq.asyncio.Context) -> None:
-    topo = small_topology(devices=1, runtime={"heartbeat_interval_s": 0.05, "heartbeat_timeout_s": 0.3})
-    with actor_env(topo, zmq_ctx) as env:
-        coord = Coordinator(topo.actor("coordinator"), env)
-        async with serving(coord):
-            await coord.ready()
-            raw = connect_dealer(
-                zmq_ctx, await env.endpoints.resolve("coordinator"), "dev0", SocketOptions(linger_ms=0)
-            )
-            try:
-                await raw.send_multipart(
-                    encode(
-                        Hello(node="dev0", role="device", schema_hash=env.schema_hash),
-                        sender="dev0",
-                        msg_id=1,
-                    )
-                )
-                welcome = decode(await raw.recv_multipart(), env.limits)
-                assert isinstance(welcome.msg, Welcome) and welcome.reply_to == 1
-                assert coord.peers == ["dev0"]
-                t0 = time.monotonic()
-                await coord.lost_event.wait()  # the raw peer never answers heartbeats
-                assert coord.lost == ["dev0"] and coord.peers == []
-                assert 0.25 < time.monotonic() - t0 < 2.0
-            finally:
-                raw.close(linger=0)
-
-
-class ZstdServer(EchoServer):
-    # 40 MB of activation-like float32 (zstd takes a few hundred ms on one core).
-    data = np.random.default_rng(0).standard_normal(10 << 20).astype(np.float32).tobytes()
-
-    async def on_eval_request(self, msg: EvalRequest, ctx: MsgContext) -> EvalResult:
-        t0 = time.monotonic()
-        size = len(await self.offload(zstandard.ZstdCompressor(level=3).compress, self.data))
-        return EvalResult(
-            node=self.name, round=msg.round, values={"t0": t0, "t1": time.monotonic(), "n": size}
-        )
-
-
-@pytest.mark.asyncio
-async def test_offload_keeps_heartbeats_flowing(zmq_ctx: zmq.asyncio.Context) -> None:
-    topo = small_topology(devices=1, runtime={"heartbeat_interval_s": 0.02, "heartbeat_timeout_s": 2.0})
-    with actor_env(topo, zmq_ctx) as env:
-        server, dev = ZstdServer(topo.actor("server"), env), Device(topo.actor("dev0"), env)
-        coord = Coordinator(topo.actor("coordinator"), env)
-        async with serving(coord, server, dev):
-            await dev.ready()
-            link = dev.link("server")
-            arrivals: list[float] = []
-            orig = link.seen
-
-            def record(nbytes: int) -> None:
-                arrivals.append(time.monotonic())
-                orig(nbytes)
-
-            link.seen = record  # type: ignore[method-assign]
-            reply = await dev.call("server", EvalRequest(round=0, split="val"))
-            assert isinstance(reply, EvalResult)
-            t0, t1 = float(reply.values["t0"]), float(reply.values["t1"])
-            during = [t for t in arrivals if t0 < t < t1]
-            # zstd of 40 MB takes well over 0.1 s; beats every 20 ms must keep arriving meanwhile.
-            assert t1 - t0 > 0.1
-            assert len(during) >= 0.3 * (t1 - t0) / 0.02, (len(during), t1 - t0)
 
 
 # --- lifecycle ------------------------------------------------------------------------------
@@ -372,7 +297,8 @@ async def test_shutdown_only_from_the_coordinator(zmq_ctx: zmq.asyncio.Context) 
         async with serving(coord, server, dev):
             await dev.ready()
             await dev.send("server", Shutdown(reason="not yours"))
-            assert isinstance(await dev.call("server", act()), Gradients)
+            echoed = await dev.call("server", act())  # the server ignored the SHUTDOWN and still serves
+            assert isinstance(echoed, Gradients) and echoed.grad.to_torch().tolist() == ECHO
             coord.stop_run({"done": True})
             await asyncio.wait_for(asyncio.gather(*(a._stop.wait() for a in (server, dev))), 5)
         assert {a.state for a in (coord, server, dev)} == {ActorState.STOPPED}

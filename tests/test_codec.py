@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft_actors.codec import Basis, BasisRegistry, ChainSpec, Codec, CodecPolicy, ans_available
+from sft_actors.codec.chain import DTYPES
 from sft_actors.errors import CodecError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +401,10 @@ def test_fuzzed_meta_and_payload_raise_only_codec_error(data: st.DataObject) -> 
         y = Codec.decode(meta, bytes(payload))
     except CodecError:
         return
-    assert isinstance(y, torch.Tensor)  # a flip inside values may decode to other numbers
+    # A flip inside values may decode to other numbers, but never to another shape or dtype
+    # than the (validated) meta promises.
+    assert isinstance(y, torch.Tensor) and list(y.shape) == meta["shape"]
+    assert y.dtype == DTYPES[meta["dtype"]]
 
 
 # --- projection and entropy coding ---------------------------------------------------------
@@ -452,6 +456,7 @@ def test_bench_smoke() -> None:
             "--shape",
             "2,17,64",
             "--outliers",
+            *("--keep", "0.18", "--bits", "4"),
             "--repeats",
             "1",
         ],
@@ -463,11 +468,28 @@ def test_bench_smoke() -> None:
     import json
 
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("ratio", "encode_mb_s", "decode_mb_s", "rel_error", "rel_error_kept", "token_cosine"):
-        assert isinstance(result[key], float)
+    raw_bytes = 2 * 17 * 64 * 4
+    assert result["shape"] == [2, 17, 64]
     assert result["chain"].startswith("outliers8+topk0.18/tensor/row_normalized+q4")
-    assert ChainSpec.from_dict(result["spec"]) == ChainSpec.from_dict(result["spec"])
-    assert result["ratio"] > 2
+    # The spec it reports is the chain it was asked for (defaults of the other options).
+    asked = {
+        "outliers": {"bits": 8},
+        "sparsify": {"keep": 0.18, "scope": "tensor", "method": "sample", "score": "row_normalized"},
+        "quantize": {"bits": 4, "scale": "token"},
+        "lossless": {"positions": "channel_bitmap", "zstd_level": 1},
+    }
+    assert ChainSpec.from_dict(result["spec"]) == ChainSpec.parse(asked)
+    assert result["ratio"] == raw_bytes / result["encoded_bytes"] and result["ratio"] > 2
+    assert result["stage_bytes"]["input"] == raw_bytes
+    assert result["stage_bytes"]["lossless"] == result["encoded_bytes"]
+    # Quality of a seeded lossy chain: some error, most of it from the dropped elements.
+    assert 0 < result["rel_error_kept"] < result["rel_error"] < 0.1
+    assert 0.9 < result["token_cosine"] < 1.0
+    lossless = result["baselines"]["raw_fp32"], result["baselines"]["zstd_only"]
+    assert [(b["rel_error"], b["token_cosine"]) for b in lossless] == [(0.0, 1.0)] * 2
+    assert result["baselines"]["raw_fp32"]["ratio"] == 1.0 and result["baselines"]["fp16"]["ratio"] == 2.0
+    # Speeds are reported, not asserted: they depend on the machine.
+    assert {"encode_mb_s", "decode_mb_s"} <= result.keys()
 
 
 def test_projection_keeps_outlier_channels_and_massive_elements() -> None:

@@ -36,16 +36,21 @@ def test_info_json_matches_the_estimate() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "args"),
-    [("llama-tiny", ["--cut", "2"]), ("vit-tiny", ["--cut", "3", "--server-start", "1", "--mlp"])],
+    ("spec", "args", "grads"),
+    [
+        # Every LoRA tensor (A and B) of every block, on both sides of the split: 4 blocks ×
+        # 4 adapted projections (Llama: q, k, v, o; ViT with --mlp: qkv, proj, fc1, fc2).
+        ("llama-tiny", ["--cut", "2"], 4 * 4 * 2),
+        ("vit-tiny", ["--cut", "3", "--server-start", "1", "--mlp"], 4 * 4 * 2),
+    ],
 )
-def test_verify_json_last_line(spec: str, args: list[str]) -> None:
+def test_verify_json_last_line(spec: str, args: list[str], grads: int) -> None:
     result = runner.invoke(app, ["verify", spec, *args, "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["ok"] is True
     assert data["max_abs_logit_diff"] <= 1e-6 and data["max_rel_grad_diff"] <= 1e-6
-    assert data["grads_compared"] > 0
+    assert data["grads_compared"] == grads
 
 
 def test_errors_exit_2_with_a_hint() -> None:

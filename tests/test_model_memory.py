@@ -126,19 +126,28 @@ def _run_bench(args: list[str]) -> dict[str, object]:
     return result
 
 
-def test_bench_smoke_and_measured_peak_within_15_percent() -> None:
-    """Runs bench/model_split.py (so it can't rot); its measured peak must match the estimate.
+def test_bench_smoke_and_allocator_peak_matches_estimate() -> None:
+    """Runs bench/model_split.py (so it can't rot); the measured peak of one device step must
+    match the estimate (saved activations + workspace + LoRA grads) within 3 %.
 
-    Peak = resident high-water mark of one device forward+backward, with glibc's mmap threshold
-    pinned so freed tensors leave RSS; estimate = saved activations + workspace + LoRA grads.
+    The peak asserted is the allocator's (exact: the profiler's allocation events), not the
+    resident high-water mark the bench also reports: VmHWM comes from per-CPU RSS counters the
+    kernel sums lazily and updates only when RSS is about to drop, so its error grows with the
+    machine's CPU count and with where the scheduler ran the process.
     """
     out = _run_bench(
         [*MEDIUM, "--cuts", "1,2", "--repeats", "1", "--warmup", "0", "--parts", "16", "--threads", "1"]
     )
     assert out["mmap_threshold_pinned"] is True
-    for row in out["cuts"]:  # type: ignore[attr-defined]
+    rows = out["cuts"]
+    assert [row["cut"] for row in rows] == [1, 2]  # type: ignore[index]
+    for row in rows:  # type: ignore[attr-defined]
         assert row["saved_ratio"] == pytest.approx(1.0, abs=0.03)
-        assert row["peak_ratio"] == pytest.approx(1.0, abs=0.15), row
+        assert row["alloc_peak_ratio"] == pytest.approx(1.0, abs=0.03), row
+    # One more block holds one more block's activations: the step peaks differ by about that.
+    extra = rows[1]["alloc_peak_bytes"] - rows[0]["alloc_peak_bytes"]  # type: ignore[index]
+    per_block = rows[1]["est_activation_bytes"] - rows[0]["est_activation_bytes"]  # type: ignore[index]
+    assert extra == pytest.approx(per_block, rel=0.05)
     parts = out["parts"]
     assert parts["shared_base"] is True  # type: ignore[index]
     assert parts["rss_per_part_bytes"] < 20 * 2**20  # type: ignore[index]

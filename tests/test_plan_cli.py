@@ -91,7 +91,12 @@ def test_plan_prints_json_and_writes_a_loadable_topology(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output.strip().splitlines()[-1])
     assert [d["name"] for d in plan["devices"]] == ["phone", "board"]
-    assert plan["total_delay_s"] > 0 and plan["bandwidth_method"] == "slsqp"
+    assert plan["bandwidth_method"] == "slsqp"
+    # The total is the rounds needed times the round delay, which the slowest device sets.
+    assert plan["total_delay_s"] == pytest.approx(plan["rounds"] * plan["round_delay_s"], rel=1e-9)
+    slowest = max(plan["devices"], key=lambda d: d["round_delay_s"])
+    assert plan["bottleneck"] == slowest["name"]
+    assert plan["round_delay_s"] == pytest.approx(slowest["round_delay_s"], rel=1e-9)
     assert sum(d["bandwidth_hz"] for d in plan["devices"]) <= 2e7 * (1 + 1e-9)
     assert not any("flops" in a or "bandwidth" in a for a in plan["assumed"])
     planned = load_topology(out)
@@ -167,15 +172,12 @@ def test_bench_runs_at_tiny_size() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in (
-        "gap_vs_exhaustive",
-        "delay_vs_equal_bandwidth",
-        "delay_vs_fixed_cut",
-        "delay_vs_no_compression",
-        "solve_s_12",
-    ):
-        assert isinstance(result[key], float), key
-    assert result["gap_vs_exhaustive"] <= 0.05
+    # Nothing beats the exhaustive optimum, and the plan is within 5 % of it…
+    assert -1e-9 <= result["gap_vs_exhaustive"] <= 0.05
+    # …and no worse than any baseline it is compared with (ratios of total delays).
+    for key in ("delay_vs_equal_bandwidth", "delay_vs_fixed_cut", "delay_vs_no_compression"):
+        assert 0 < result[key] <= 1.0 + 1e-9, key
+    assert "solve_s_12" in result  # a timing: reported, not asserted (it depends on the machine)
 
 
 TINY = """

@@ -5,8 +5,8 @@ answered (WELCOME, or ERROR naming the mismatch), replies resolve pending calls 
 (never through the mailbox, so a handler awaiting a call cannot deadlock its own actor),
 heartbeats refresh liveness, SHUTDOWN/BYE drive the lifecycle, and everything else goes
 through the bounded mailbox to the typed handlers. Garbage from a peer gets an ERROR frame
-and never stops the actor. :class:`~sft_actors.actors.base.Actor` adds the lifecycle and the
-public API on top.
+and never stops the actor. Liveness and pacing run on ``env.clock`` (a test's ManualClock).
+:class:`~sft_actors.actors.base.Actor` adds the lifecycle and the public API on top.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class ActorCore:
         self.name = spec.name
         self.topology = env.topology
         self.settings = env.topology.run.runtime
+        #: Time source of heartbeats, the watchdog, ``last_seen`` and link pacing (seconds).
+        self.clock = env.clock
         self.log = get_logger(actor=spec.name, role=spec.role)
         self.state = ActorState.CREATED
         self.error: BaseException | None = None
@@ -141,13 +143,16 @@ class ActorCore:
         if self.spec.role == "device":
             # One radio: the uplink's rate is shared by all of this device's links.
             if self._uplink is None:
-                self._uplink = Pacer(rate)
+                self._uplink = Pacer(rate, self.clock)
             return self._uplink
-        return Pacer(rate)
+        return Pacer(rate, self.clock)
 
     def _established(self, link: PeerLink) -> None:
         link.state = LinkState.ESTABLISHED
-        link.last_seen = time.monotonic()
+        # Dialled links are built (base._dial) without a clock: bind each link to the actor's
+        # clock before the watchdog compares its last_seen with that clock.
+        link.clock = self.clock
+        link.last_seen = self.clock.now()
         self._peer_change.set()
         self.log.debug("peer_joined", peer=link.peer, dialled=link.dialled)
         self._spawn(self.on_peer_joined(link.peer))
@@ -248,6 +253,7 @@ class ActorCore:
             dialled=False,
             window=self.settings.link_window,
             pacer=self._pacer_for(peer),
+            clock=self.clock,
         )
         old = self._links.get(peer)
         self._links[peer] = link
@@ -315,7 +321,7 @@ class ActorCore:
             reply_to=env.reply_to,
             kind=kind,
             nbytes=nbytes,
-            received_at=time.monotonic(),
+            received_at=self.clock.now(),
         )
         await self._mailbox.put((env, ctx))
 
@@ -368,13 +374,13 @@ class ActorCore:
                             self._lost(link, reason="disconnected")
                     except zmq.ZMQError:
                         pass
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self.clock.sleep(self.settings.heartbeat_interval_s)
 
     async def _watchdog_loop(self) -> None:
         timeout = self.settings.heartbeat_timeout_s
         while True:
-            await asyncio.sleep(min(self.settings.heartbeat_interval_s, timeout / 4))
-            now = time.monotonic()
+            await self.clock.sleep(min(self.settings.heartbeat_interval_s, timeout / 4))
+            now = self.clock.now()
             for link in list(self._links.values()):
                 if link.state is LinkState.ESTABLISHED and now - link.last_seen > timeout:
                     self._lost(link, reason="silent")
@@ -383,7 +389,7 @@ class ActorCore:
         """Mark ``link`` lost, log it once, and tell the subclass (``on_peer_lost``)."""
         link.state = LinkState.LOST
         self._peer_change.set()
-        silent_s = round(time.monotonic() - link.last_seen, 3)
+        silent_s = round(self.clock.now() - link.last_seen, 3)
         self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
         self._spawn(self.on_peer_lost(link.peer))
 

@@ -1,4 +1,4 @@
-"""What the runtime hands every actor: topology, zmq context, endpoints, offload pool."""
+"""What the runtime hands every actor: topology, zmq context, endpoints, offload pool, clock."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import zmq.asyncio
 
+from sft_actors.clock import SYSTEM_CLOCK, Clock
 from sft_actors.topology import ActorSpec, Topology
 from sft_actors.transport.endpoints import Endpoints
 from sft_actors.wire.envelope import WireLimits
@@ -27,6 +28,9 @@ class ActorEnv:
     executor: Executor
     limits: WireLimits
     schema_hash: str
+    #: Time source of heartbeats, the liveness watchdog and link pacing. Tests pass a
+    #: ``ManualClock`` (``dataclasses.replace(env, clock=...)``) to drive time themselves.
+    clock: Clock = SYSTEM_CLOCK
 
 
 #: Builds the actor for one ``[[actors]]`` entry. An ``Actor`` subclass is itself a factory.

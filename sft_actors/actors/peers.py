@@ -4,20 +4,21 @@ An actor reaches a peer either through its own DEALER to the peer's ROUTER (it d
 or through its ROUTER back to the peer's DEALER (the peer dialled; the route is the peer's
 routing id). Either way sends go through :meth:`PeerLink.send`, which applies the emulated
 link (when the topology gives one) and turns ROUTER_MANDATORY's EHOSTUNREACH into
-:class:`UnknownPeer`.
+:class:`UnknownPeer`. ``last_seen`` is read from the link's :class:`~sft_actors.clock.Clock`,
+the same clock the actor's liveness watchdog compares it with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from sft_actors.clock import SYSTEM_CLOCK, Clock
 from sft_actors.errors import UnknownPeer
 from sft_actors.topology import Topology
 from sft_actors.transport.link import LinkRate, PacedSender, Pacer
@@ -40,6 +41,7 @@ class PeerLink:
         dialled: bool,
         window: int,
         pacer: Pacer | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.peer = peer
         self.socket = socket
@@ -48,7 +50,9 @@ class PeerLink:
         self.state = LinkState.CONNECTING
         self.credits = asyncio.Semaphore(window)
         self.window = window
-        self.last_seen = time.monotonic()
+        self.clock = clock
+        #: When traffic last arrived from the peer (seconds on ``clock``).
+        self.last_seen = clock.now()
         self.bytes_out = 0
         self.bytes_in = 0
         self.messages_in = 0
@@ -66,7 +70,7 @@ class PeerLink:
         self.window = window
 
     def seen(self, nbytes: int) -> None:
-        self.last_seen = time.monotonic()
+        self.last_seen = self.clock.now()
         self.bytes_in += nbytes
         self.messages_in += 1
 

@@ -5,16 +5,19 @@ sends (or receives) waits for its serialisation time at the configured rate and 
 half the round-trip time. Pacing uses a virtual clock (the time the link becomes free), not
 the wake-up time of sleeps, so timer jitter does not accumulate into a rate error. Latency
 is pipelined: a message in flight does not delay the next message's transmission, and the
-wait is an ``asyncio`` sleep, so other links and the event loop keep running.
+wait is an ``asyncio`` sleep, so other links and the event loop keep running. Both the booking
+and the waits use one :class:`~sft_actors.clock.Clock` (the system clock unless a test passes a
+``ManualClock``), so a test can check the schedule exactly instead of timing it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from sft_actors.clock import SYSTEM_CLOCK, Clock
 
 Frames = Sequence[Any]
 Deliver = Callable[[Frames], Awaitable[None]]
@@ -41,18 +44,20 @@ class Pacer:
     A token bucket ``burst_s`` deep: a link idle for a while may start the next message up to
     ``burst_s`` in the past. That absorbs the sender's wake-up latency (a loaded event loop
     that books its next message a few ms late does not lose rate) while keeping long-run
-    throughput at the configured rate.
+    throughput at the configured rate. Times are seconds on ``clock``.
     """
 
-    def __init__(self, rate: LinkRate, clock: Callable[[], float] = time.monotonic, *, burst_s: float = 0.02):
+    def __init__(self, rate: LinkRate, clock: Clock = SYSTEM_CLOCK, *, burst_s: float = 0.02) -> None:
         self.rate = rate
         self.burst_s = burst_s
-        self._clock = clock
+        #: Books and waits on this clock (PacedSender sleeps on it too).
+        self.clock = clock
         self._free_at = 0.0
 
     def reserve(self, nbytes: int) -> tuple[float, float, float]:
-        """Book ``nbytes`` on the link: (transmission start, transmission end, delivery time)."""
-        now = self._clock()
+        """Book ``nbytes`` on the link: (transmission start, transmission end, delivery time), in
+        seconds on the pacer's clock."""
+        now = self.clock.now()
         start = max(now - self.burst_s, self._free_at)
         self._free_at = start + self.rate.serialisation_s(nbytes)
         done = max(now, self._free_at)  # bucket credit speeds up sending, never the latency
@@ -70,15 +75,24 @@ class PacedSender:
     to the link rate, yet books its next message while this one is on the wire (waiting for
     the end would let sleep overshoot idle the link and lose rate). ``run`` delivers each
     message after its latency; run it as a task owned by the caller's TaskGroup. Cancelling
-    it drops what is still on the wire, like a link going down.
+    it drops what is still on the wire, like a link going down. Waits use the pacer's clock
+    (``clock`` when no pacer is given).
     """
 
     def __init__(
-        self, rate: LinkRate, deliver: Deliver, *, pacer: Pacer | None = None, max_queue: int = 1024
+        self,
+        rate: LinkRate,
+        deliver: Deliver,
+        *,
+        pacer: Pacer | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        max_queue: int = 1024,
     ) -> None:
         # A shared pacer models one radio used by several links (a device's uplink to the
         # coordinator and to the server); each link still keeps its own delivery order.
-        self.pacer = pacer if pacer is not None else Pacer(rate)
+        self.pacer = pacer if pacer is not None else Pacer(rate, clock)
+        # Sleep on the clock the bookings were made on, or start/delivery times mean nothing.
+        self._clock = self.pacer.clock
         self._deliver = deliver
         self._queue: asyncio.Queue[tuple[float, Frames]] = asyncio.Queue(maxsize=max_queue)
         # Booking and enqueueing must happen in one step so delivery times stay ordered.
@@ -95,12 +109,12 @@ class PacedSender:
             await self._queue.put((deliver_at, frames))
         self.bytes_sent += nbytes
         self.messages_sent += 1
-        await _sleep_until(start_at)
+        await self._clock.sleep_until(start_at)
 
     async def run(self) -> None:
         while True:
             deliver_at, frames = await self._queue.get()
-            await _sleep_until(deliver_at)
+            await self._clock.sleep_until(deliver_at)
             await self._deliver(frames)
             self._queue.task_done()
 
@@ -111,12 +125,6 @@ class PacedSender:
     @property
     def pending(self) -> int:
         return self._queue.qsize()
-
-
-async def _sleep_until(deadline: float) -> None:
-    delay = deadline - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
 
 
 def fitted_mbps(arrivals: Sequence[tuple[float, int]]) -> float:
