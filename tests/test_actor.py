@@ -26,9 +26,11 @@ from sft_actors.wire.messages import (
     Gradients,
     Heartbeat,
     Metrics,
+    RoundDone,
     RoundStart,
     Shutdown,
 )
+from sft_actors.wire.plans import EvalStats
 from sft_actors.wire.tensors import WireTensor
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,6 +44,7 @@ class Coordinator(Actor):
     pass
 
 
+EMPTY_EVAL = EvalStats(task="lm", loss_sum=0.0, targets=0, correct=0, batches=0)
 ECHO = [0.0, 1.0, 2.0, 3.0]  # EchoServer's gradient for act(): the activations themselves
 
 
@@ -107,7 +110,7 @@ def test_handlers_are_checked_when_the_class_is_built() -> None:
             pass
 
     class Override(Base):
-        async def on_round(self, msg: RoundStart, ctx: MsgContext) -> Ack | None:
+        async def on_round(self, msg: RoundStart, ctx: MsgContext) -> RoundDone | None:
             return None
 
     with pytest.raises(TypeError, match="both handle"):
@@ -115,6 +118,12 @@ def test_handlers_are_checked_when_the_class_is_built() -> None:
         class Conflict(Base):
             async def on_other(self, msg: RoundStart, ctx: MsgContext) -> None:
                 pass
+
+    with pytest.raises(TypeError, match="RoundStart is answered with RoundDone"):
+
+        class WrongReply(Actor):
+            async def on_r(self, msg: RoundStart, ctx: MsgContext) -> Ack:
+                return Ack(of_msg_id=ctx.msg_id)
 
     assert Override._handlers[RoundStart.KIND].owner == "Override"
     assert EchoServer._handlers[Activations.KIND].method == "on_activations"
@@ -137,22 +146,21 @@ async def test_call_reply_remote_error_and_keeps_serving(zmq_ctx: zmq.asyncio.Co
             reply = await dev.call("server", act())
             assert isinstance(reply, Gradients) and reply.grad.to_torch().tolist() == [0.0, 1.0, 2.0, 3.0]
             with pytest.raises(RemoteError) as info:
-                await dev.call("server", Metrics(node="dev0", round=0, values={"fail": "boom"}))
-            assert info.value.remote_type == "ValueError" and "asked to fail: boom" in str(info.value)
+                await dev.call("server", EvalRequest(round=-1))  # EchoServer's handler raises
+            assert info.value.remote_type == "ValueError" and "asked to fail: round -1" in str(info.value)
             assert info.value.peer == "server"
             with pytest.raises(RemoteError) as info:
                 await dev.call("server", RoundStart(round=1))
             assert info.value.remote_type == "UnknownMessageKind"
-            ok = await dev.call("server", Metrics(node="dev0", round=0, values={"x": 1.0}))
-            assert isinstance(ok, Ack) and server.metrics_seen == [("dev0", {"x": 1.0})]
             # The addressed side can call back over its ROUTER.
             with pytest.raises(RemoteError, match="UnknownMessageKind"):
-                await server.call("dev0", EvalRequest(round=0, split="val"))
-            await dev.broadcast(Metrics(node="dev0", round=1, values={"y": 2.0}), ["server"])
-            evaluated = await dev.call("server", EvalRequest(round=2, split="val"))
-            assert isinstance(evaluated, EvalResult) and evaluated.round == 2
-            assert evaluated.values == {"peer": "dev0", "split": "val"}
-            assert server.metrics_seen[-1] == ("dev0", {"y": 2.0})  # in order, before the call's reply
+                await server.call("dev0", EvalRequest(round=0))
+            progress = Metrics(node="dev0", round=1, step_loss=2.5, wire_bytes=10, raw_bytes=40)
+            await dev.broadcast(progress, ["server"])
+            evaluated = await dev.call("server", EvalRequest(round=2))
+            assert isinstance(evaluated, EvalResult) and evaluated.round == 2 and evaluated.stats.batches == 0
+            assert server.evals_seen == [("dev0", 2)]
+            assert server.metrics_seen == [("dev0", progress)]  # in order, before the call's reply
 
 
 class SlowServer(EchoServer):
@@ -170,7 +178,7 @@ class SlowServer(EchoServer):
         if self.arrived >= self.settings.link_window:
             self.window_full.set()
         await gate.wait()
-        return EvalResult(node=self.name, round=msg.round, values={})
+        return EvalResult(node=self.name, round=msg.round, stats=EMPTY_EVAL)
 
 
 @pytest.mark.asyncio
@@ -182,13 +190,11 @@ async def test_timeout_and_credit_window(zmq_ctx: zmq.asyncio.Context) -> None:
         async with serving(coord, server, dev):
             await dev.ready()
             with pytest.raises(PeerTimeout, match=r"did not reply to EvalRequest within 0\.1s"):
-                await dev.call("server", EvalRequest(round=0, split="val"), timeout_s=0.1)
+                await dev.call("server", EvalRequest(round=0), timeout_s=0.1)
             assert dev._pending == {}  # the credit came back with the timeout
             server.gate.set()  # the late reply is dropped
             server.gate, server.arrived = asyncio.Event(), 0
-            calls = [
-                asyncio.ensure_future(dev.call("server", EvalRequest(round=i, split="v"))) for i in range(10)
-            ]
+            calls = [asyncio.ensure_future(dev.call("server", EvalRequest(round=i))) for i in range(10)]
             await server.window_full.wait()
             for _ in range(50):
                 await asyncio.sleep(0)  # give any window-violating request a chance to arrive

@@ -24,6 +24,7 @@ from sft_actors.clock import ManualClock
 from sft_actors.transport.sockets import SocketOptions, connect_dealer
 from sft_actors.wire.envelope import Envelope, WireLimits, decode, encode
 from sft_actors.wire.messages import EvalRequest, EvalResult, Heartbeat, Hello, Welcome
+from sft_actors.wire.plans import EvalStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,7 +106,8 @@ class GatedServer(EchoServer):
 
     async def on_eval_request(self, msg: EvalRequest, ctx: MsgContext) -> EvalResult:
         doubled = await self.offload(self.blocking, msg.round)
-        return EvalResult(node=self.name, round=msg.round, values={"doubled": doubled})
+        stats = EvalStats(task="lm", loss_sum=0.0, targets=doubled, correct=0, batches=1)
+        return EvalResult(node=self.name, round=msg.round, stats=stats)
 
 
 async def next_message(raw: zmq.asyncio.Socket, limits: WireLimits) -> Envelope:
@@ -122,7 +124,7 @@ async def test_offload_keeps_heartbeats_flowing(zmq_ctx: zmq.asyncio.Context) ->
         async with serving(coord, server):
             await server.ready()
             async with raw_peer(zmq_ctx, system_env, "server") as raw:
-                await raw.send_multipart(encode(EvalRequest(round=21, split="val"), sender="dev0", msg_id=7))
+                await raw.send_multipart(encode(EvalRequest(round=21), sender="dev0", msg_id=7))
                 await asyncio.to_thread(server.started.wait)  # the handler's function now blocks
                 beats: list[int] = []
                 for _ in range(3):
@@ -138,4 +140,4 @@ async def test_offload_keeps_heartbeats_flowing(zmq_ctx: zmq.asyncio.Context) ->
                 while isinstance(env_.msg, Heartbeat):  # a beat sent before the first advance
                     env_ = await next_message(raw, system_env.limits)
                 assert env_.reply_to == 7 and isinstance(env_.msg, EvalResult)
-                assert env_.msg.values == {"doubled": 42}
+                assert env_.msg.stats.targets == 42  # the offloaded function's result
