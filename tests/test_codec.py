@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft_actors.codec import Basis, BasisRegistry, ChainSpec, Codec, CodecPolicy, ans_available
-from sft_actors.codec.chain import DTYPES
+from sft_actors.codec.format import DTYPES
 from sft_actors.errors import CodecError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HEARTBEAT_TIMEOUT_S = 3.0
+# Long enough that a node starved by a loaded 2-core machine is not taken for dead; the killed
+# device is still found by the watchdog (the error says "silent"), not by the round timeout.
+HEARTBEAT_TIMEOUT_S = 10.0
 
 
 def _topology(tmp_path: Path) -> Path:
@@ -73,9 +74,7 @@ def test_killed_device_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
     try:
         assert first_round.wait(120), "the run never finished a round:\n" + "".join(lines[-20:])
         others["dev1"].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
         code = coordinator.wait(timeout=60)
-        detected_s = time.monotonic() - killed_at
         for name in ("server", "dev0"):
             others[name].wait(timeout=60)  # they lose the coordinator and stop on their own
     finally:
@@ -89,5 +88,3 @@ def test_killed_device_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
     assert any("dev1" in str(e.get("error", "")) and "silent" in str(e.get("error", "")) for e in errors), (
         lines[-10:]
     )
-    # Noticed by the heartbeat watchdog, not by the 1800 s round timeout.
-    assert detected_s < HEARTBEAT_TIMEOUT_S + 30

@@ -204,6 +204,7 @@ class Actor(ActorCore):
             dialled=True,
             window=self.settings.link_window,
             pacer=self._pacer_for(peer),
+            clock=self.clock,
         )
         self._links[peer] = link
         self._spawn(self._recv_loop(sock, link))

@@ -149,9 +149,6 @@ class ActorCore:
 
     def _established(self, link: PeerLink) -> None:
         link.state = LinkState.ESTABLISHED
-        # Dialled links are built (base._dial) without a clock: bind each link to the actor's
-        # clock before the watchdog compares its last_seen with that clock.
-        link.clock = self.clock
         link.last_seen = self.clock.now()
         self._peer_change.set()
         self.log.debug("peer_joined", peer=link.peer, dialled=link.dialled)

@@ -38,7 +38,7 @@ class MsgContext:
     reply_to: int
     kind: MsgKind
     nbytes: int
-    received_at: float  # time.monotonic() when the last frame arrived
+    received_at: float  # the actor clock's now() (s) when the last frame arrived
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

@@ -136,7 +136,7 @@ class ArrivalSink(Actor):
         self.expect = 0
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> None:
-        self.arrivals.append((time.monotonic(), ctx.nbytes))
+        self.arrivals.append((self.clock.now(), ctx.nbytes))
         if len(self.arrivals) >= self.expect:
             self.all_in.set()
 
