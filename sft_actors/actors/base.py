@@ -30,6 +30,7 @@ from sft_actors.errors import (
     ActorFailed,
     PeerTimeout,
     ProtocolError,
+    ProtocolViolation,
     SchemaMismatch,
     UnexpectedReply,
     UnknownPeer,
@@ -98,6 +99,15 @@ class Actor(ActorCore):
                 f"expected {msg.REPLY.__name__}"
             )
         return cast(R, env.msg)
+
+    def require_coordinator(self, ctx: MsgContext) -> None:
+        """Refuse (ProtocolViolation, sent back as ERROR) a message only the run's coordinator
+        may send — a plan, a round, an evaluation, adapters — that came from another peer."""
+        coordinator = self.topology.coordinator.name
+        if ctx.peer != coordinator:
+            raise ProtocolViolation(
+                f"{ctx.kind.name} is the coordinator's to send; {ctx.peer!r} is not {coordinator!r}"
+            )
 
     async def broadcast(self, msg: Message, peers: Iterable[str] | None = None) -> None:
         """Send ``msg`` to each peer (default: every established peer), links in parallel."""

@@ -61,8 +61,13 @@ class DeviceActor(Actor):
 
     # --- set-up --------------------------------------------------------------------------
     async def on_device_plan(self, msg: DevicePlan, ctx: MsgContext) -> Ack:
+        self.require_coordinator(ctx)
         if msg.device != self.name:
             raise ProtocolViolation(f"plan for {msg.device!r} sent to device {self.name!r}")
+        if self._session is not None:
+            raise ProtocolViolation(
+                f"device {self.name} already has a plan; re-planning a run is not supported"
+            )
         session = await self.offload(DeviceSession, msg)
         basis = await self.offload(session.fit_basis)
         if basis is not None:  # the server needs it before the first projected activations
@@ -94,12 +99,13 @@ class DeviceActor(Actor):
 
     # --- one round -----------------------------------------------------------------------
     async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> RoundDone:
+        self.require_coordinator(ctx)
         s = self.session
         meter = RoundMeter()
         started = time.perf_counter()
         if s.whole_model:
             for _ in range(s.plan.train.steps_per_round):
-                await self._local_step(meter)
+                await self._local_step(msg.round, meter)
         else:
             await self._split_round(msg.round, meter)
         n_samples = s.finish_round()
@@ -175,7 +181,7 @@ class DeviceActor(Actor):
         finally:
             window.release()
 
-    async def _local_step(self, meter: RoundMeter) -> None:
+    async def _local_step(self, round_: int, meter: RoundMeter) -> None:
         """Federated LoRA: the whole model on the device, no server, no traffic but adapters."""
         s = self.session
         _, inputs, labels = s.next_batch()
@@ -183,7 +189,7 @@ class DeviceActor(Actor):
         async with self._compute:
             loss, n = await self.offload(s.local_step, inputs, labels)
         meter.step_done(loss=loss, targets=n, step_ms=elapsed_ms(t0))
-        await self._report_step(-1, loss)
+        await self._report_step(round_, loss)
 
     async def _report_step(
         self, round_: int, loss: float, *, wire_bytes: int = 0, raw_bytes: int = 0
@@ -198,6 +204,7 @@ class DeviceActor(Actor):
 
     # --- evaluation ------------------------------------------------------------------------
     async def on_eval_request(self, msg: EvalRequest, ctx: MsgContext) -> EvalResult:
+        self.require_coordinator(ctx)
         s = self.session
         meter = EvalMeter(task=s.eval_task)
         codec = s.codec_up if msg.through_codec else None
@@ -224,12 +231,14 @@ class DeviceActor(Actor):
 
     # --- adapters --------------------------------------------------------------------------
     async def on_adapters_request(self, msg: AdaptersRequest, ctx: MsgContext) -> AdaptersUp:
+        self.require_coordinator(ctx)
         async with self._compute:
             state, n = self.session.adapters()
         tensors = {k: WireTensor.from_torch(v) for k, v in state.items()}
         return AdaptersUp(device=self.name, round=msg.round, n_samples=n, tensors=tensors)
 
     async def on_adapters_down(self, msg: AdaptersDown, ctx: MsgContext) -> Ack:
+        self.require_coordinator(ctx)
         s = self.session
         state = {k: unpack_tensor(v) for k, v in msg.tensors.items()}
         async with self._compute:

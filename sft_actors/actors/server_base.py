@@ -23,6 +23,7 @@ from sft_actors.codec import Basis, BasisRegistry, Codec
 from sft_actors.errors import CodecError, ProtocolViolation
 from sft_actors.model import Part, SplitLM, head_state_dict, lora_state_dict
 from sft_actors.topology import ActorSpec
+from sft_actors.train.inputs import check_activations, check_labels
 from sft_actors.train.loading import load_shared_model
 from sft_actors.train.modes import codec_for
 from sft_actors.wire import (
@@ -47,6 +48,7 @@ class ServerBase(Actor, ABC):
     def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
         super().__init__(spec, env)
         self._plan: ServerPlan | None = None
+        self._model: SplitLM | None = None
         self._compute = asyncio.Lock()
         self._devices: dict[str, ServedDevice] = {}
         self._bases: dict[str, BasisRegistry] = {}
@@ -65,9 +67,15 @@ class ServerBase(Actor, ABC):
         return self._plan
 
     async def on_server_plan(self, msg: ServerPlan, ctx: MsgContext) -> Ack:
+        self.require_coordinator(ctx)
         if msg.server != self.name:
             raise ProtocolViolation(f"plan for {msg.server!r} sent to server {self.name!r}")
+        if self._plan is not None:
+            raise ProtocolViolation(
+                f"server {self.name} already has a plan; re-planning a run is not supported"
+            )
         model = await self.offload(load_shared_model, msg.model)
+        self._model = model
         await self.offload(self._build, msg, model)
         self._devices = {d.name: d for d in msg.devices}
         self._bases = {d.name: BasisRegistry() for d in msg.devices}
@@ -99,21 +107,28 @@ class ServerBase(Actor, ABC):
 
     # --- checks and tensors ------------------------------------------------------------------
     def _check_sender(self, msg: Activations, ctx: MsgContext) -> bool:
-        """True if an upstream stage relayed ``msg``; raises for a device speaking as another."""
+        """True if an upstream stage relayed ``msg``. Raises :class:`ProtocolViolation` for a
+        device speaking as another, or activations at a cut other than the plan's (the device's
+        own cut, or this stage's first block when a stage relays them)."""
         plan = self.plan
         from_stage = ctx.peer in plan.upstream
         if msg.device not in self._devices or (msg.device != ctx.peer and not from_stage):
             raise ProtocolViolation(f"activations claim device {msg.device!r} but came from {ctx.peer!r}")
-        if msg.cut < plan.start_block:
+        expected = plan.start_block if from_stage else self._devices[msg.device].cut
+        if msg.cut != expected:
             raise ProtocolViolation(
-                f"device {msg.device} sent activations at cut {msg.cut}, below this server's first block "
-                f"{plan.start_block}; set start_block ≤ {msg.cut} for server {self.name}"
+                f"activations for {msg.device} at cut {msg.cut}; the plan says {expected} "
+                f"(server {self.name} runs blocks from {plan.start_block})"
             )
         return from_stage
 
     async def _inputs(self, msg: Activations) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded activations (B, T, C) and labels, checked before any compute touches them."""
         hidden = await self.offload(unpack_tensor, msg.activations, self._bases[msg.device])
         labels = await self.offload(unpack_tensor, msg.labels)
+        assert self._model is not None  # set with the plan
+        check_activations(self._model, hidden)
+        check_labels(self._model, hidden, labels)
         return hidden, labels
 
     async def _pack_grad(self, msg: Activations, grad: torch.Tensor, from_stage: bool) -> WireTensor:
@@ -127,6 +142,7 @@ class ServerBase(Actor, ABC):
     # --- shared handlers ---------------------------------------------------------------------
     async def on_basis_upload(self, msg: BasisUpload, ctx: MsgContext) -> Ack:
         """A device's PCA basis: its projected activations decode with it from now on."""
+        self._require_plan()
         if msg.device != ctx.peer or msg.device not in self._bases:
             raise ProtocolViolation(f"basis for device {msg.device!r} came from {ctx.peer!r}")
         vectors, mean = unpack_tensor(msg.vectors), unpack_tensor(msg.mean)
@@ -139,6 +155,7 @@ class ServerBase(Actor, ABC):
 
     async def on_round_close(self, msg: RoundClose, ctx: MsgContext) -> Ack:
         """Every device finished the round: ``per_round`` applies the accumulated update now."""
+        self.require_coordinator(ctx)
         self._require_plan()
         async with self._compute:
             applied = await self.offload(self._end_round, msg.micro_batches)
@@ -146,6 +163,7 @@ class ServerBase(Actor, ABC):
         return Ack(of_msg_id=ctx.msg_id)
 
     async def on_adapters_request(self, msg: AdaptersRequest, ctx: MsgContext) -> AdaptersUp:
+        self.require_coordinator(ctx)
         self._require_plan()
         async with self._compute:
             state: dict[str, Any] = {**lora_state_dict(self.part), **head_state_dict(self.part)}

@@ -92,6 +92,8 @@ class DeviceTrainer:
             raise StepOrderError(
                 f"gradient shape {tuple(grad.shape)} != activation shape {tuple(entry.hidden.shape)}"
             )
+        if not bool(torch.isfinite(grad).all()):  # never let a bad gradient reach the optimizer
+            raise ProtocolViolation(f"the gradient for micro-batch {step} contains NaN or inf; dropped")
         torch.autograd.backward(entry.hidden, grad.to(entry.hidden.dtype))
         if self.accumulate:  # kept per micro-batch, summed in step order at end_round
             self._accumulated.add(step, {name: t.grad for name, t in entry.snapshot.items()})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_actors.errors import ConfigError
+from sft_actors.errors import ConfigError, ProtocolViolation
 from sft_actors.model import Part
 from sft_actors.topology.schema import ServerUpdate
 from sft_actors.train.accumulate import OrderedGradients
@@ -49,6 +49,8 @@ class ServerTrainer:
         x = hidden.detach().to(torch.float32).requires_grad_(True)  # the cut: a fresh leaf
         out = self.part(x, cut)
         loss = self.part.loss(out, labels)  # type: ignore[operator]
+        if not bool(torch.isfinite(loss)):  # nothing applied: the shared part stays as it was
+            raise ProtocolViolation(f"the loss of this micro-batch is {float(loss)}; no update made")
         loss.backward()
         if self.optimizer is not None:
             if self.update == "per_round":
