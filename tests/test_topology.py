@@ -664,7 +664,8 @@ def test_modes_without_a_codec_warn_that_they_ignore_it(tmp_path: Path, mode: st
         "[run.codec]:" in w and f"mode {mode!r} sends raw tensors and ignores it" in w for w in warnings
     )
     assert any("[[actors]] 'dev1', key 'codec'" in w for w in warnings), warnings
-    assert any("key 'max_inflight'" in w for w in warnings) == (mode == "fedlora"), warnings
+    assert any("key 'max_inflight'" in w for w in warnings) == (mode in ("sl", "fedlora")), warnings
+    assert any("will sit idle" in w for w in warnings) == (mode == "fedlora"), warnings
     sft = tmp_path / "sft.toml"
     sft.write_text(CHECK_BASE)
     assert _check(sft).stderr == ""

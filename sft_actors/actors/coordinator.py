@@ -20,7 +20,7 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import gather_owned
 from sft_actors.errors import ActorFailed, PeerTimeout, SftError
 from sft_actors.plan.assign import device_plans, server_plans
-from sft_actors.topology import ActorSpec
+from sft_actors.topology import CODED_MODES, ActorSpec
 from sft_actors.train import modes
 from sft_actors.train.aggregate import Contribution, average_per_block, block_of
 from sft_actors.train.summary import (
@@ -54,20 +54,23 @@ class CoordinatorActor(Actor):
         run = self.topology.run
         self.train = run.train
         self.devices = [d.name for d in self.topology.devices]
-        self.servers = [s.name for s in self.topology.servers]
+        # The one place a run's configuration becomes what each actor does.
+        self._device_plans: list[DevicePlan] = device_plans(self.topology)
+        # fedlora trains whole models on the devices: a server in the file takes no part.
+        whole = modes.whole_model_on_device(run.train.mode)
+        self._server_plans = [] if whole else server_plans(self.topology)
+        self.servers = [p.server for p in self._server_plans]
+        self._cuts = {p.device: p.cut for p in self._device_plans}
         self.summary = RunSummary(
             name=run.name,
             mode=run.train.mode,
             model=run.model,
-            devices={d.name: int(d.cut or 0) for d in self.topology.devices},
+            devices={} if whole else dict(self._cuts),
         )
         self._bar: tqdm[Any] | None = None
         self._bar_wire = self._bar_raw = 0  # bytes on the wire / raw, this round (progress bar)
         self._device_adapters: dict[str, Any] = {}
         self._running = False
-        # The one place a run's configuration becomes what each actor does.
-        self._device_plans: list[DevicePlan] = device_plans(self.topology)
-        self._server_plans = server_plans(self.topology)
         # Raw (uncompressed) evaluation beside the coded one, when any device codes.
         self._codes = any(not p.codec.up.is_identity for p in self._device_plans)
 
@@ -80,9 +83,9 @@ class CoordinatorActor(Actor):
         round timeout (there is no recovery policy yet: the operator restarts the run)."""
         if self._running and peer in (*self.devices, *self.servers):
             raise PeerTimeout(
-                f"{peer} has been silent for more than {self.settings.heartbeat_timeout_s}s "
-                f"(heartbeat_timeout_s) during round work; stopping the run. Check that {peer} is "
-                "alive and reachable, then restart the run"
+                f"{peer} was lost during round work (its connection dropped, or it was silent for "
+                f"more than heartbeat_timeout_s = {self.settings.heartbeat_timeout_s}s); stopping "
+                f"the run. Check that {peer} is alive and reachable, then restart the run"
             )
 
     async def on_peer_left(self, peer: str) -> None:
@@ -92,7 +95,7 @@ class CoordinatorActor(Actor):
     async def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._running = True
-        await self.wait_for_peers(self.devices + self.servers)
+        await self.wait_for_peers(self.devices + [s.name for s in self.topology.servers])
         await self._send_plans()
         self.summary.setup_s = time.perf_counter() - t0
         self.log.info(
@@ -191,7 +194,7 @@ class CoordinatorActor(Actor):
     async def _relay(self, src: str, dst: str, r: int) -> None:
         """Vanilla split learning: the next device starts from the previous device's adapters."""
         up = await self._collect(src, r)
-        cut = self.summary.devices[dst]
+        cut = self._cuts[dst]
         held = {k: v for k, v in up.tensors.items() if (block_of(k) or 0) < cut}  # blocks dst holds
         await self.call(dst, AdaptersDown(round=r, tensors=held), timeout_s=self.round_timeout_s)
         self._device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
@@ -249,6 +252,11 @@ class CoordinatorActor(Actor):
         from sft_actors.plan.from_topology import predict_topology, problem_from_topology
 
         measured = median_or_zero([r.seconds for r in self.summary.rounds])
+        if self.train.mode not in CODED_MODES:
+            why = (
+                f"the delay model covers sft (parallel devices, coded tensors), not mode {self.train.mode!r}"
+            )
+            return {"measured_round_s": measured, "predicted_round_s": None, "why_not": why}
         try:
             problem, assumed = problem_from_topology(self.topology)
             pred = predict_topology(self.topology, problem)

@@ -44,23 +44,35 @@ def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> N
         f"  train: {t.rounds} rounds × {t.steps_per_round} steps, batch {t.batch_size}, "
         f"seq {t.seq_len}, lr {t.lr}, max_inflight {t.max_inflight}, server_update {t.server_update}"
     )
-    typer.echo(f"  {'actor':<16} {'role':<12} {'host':<12} {'endpoint':<24} {'split':<16} link")
+    typer.echo(f"  {'actor':<16} {'role':<12} {'host':<12} {'endpoint':<24} {'split':<28} link")
+    split_of = _splits(topo)
     for a in topo.actors:
         host = topo.host(a.host)
         endpoint = f"{host.address}:{a.port}" if a.port is not None else "-"
-        if a.role == "device":
-            split = f"blocks [0,{a.cut}) shard {a.shard}"
-        elif a.role == "server":
-            split = f"blocks [{a.start_block},L)"
-        else:
-            split = "-"
+        split = split_of.get(a.name, "-")
         ln = a.link
         link = (
             f"up {ln.uplink_mbps or '∞'} / down {ln.downlink_mbps or '∞'} Mb/s, rtt {ln.rtt_ms} ms"
             if a.role == "device" and ln.is_paced
             else "-"
         )
-        typer.echo(f"  {a.name:<16} {a.role:<12} {a.host:<12} {endpoint:<24} {split:<16} {link}")
+        typer.echo(f"  {a.name:<16} {a.role:<12} {a.host:<12} {endpoint:<24} {split:<28} {link}")
+
+
+def _splits(topo: Topology) -> dict[str, str]:
+    """What each actor runs, as the coordinator's plans will say it."""
+    from sft_actors.plan.assign import device_plans, server_plans
+
+    blocks = "L" if topo.run.train.mode == "fedlora" else None
+    out = {
+        p.device: f"blocks [0,{blocks or p.cut}) shard {p.shard}" + (f" → {p.server}" if p.server else "")
+        for p in device_plans(topo)
+    }
+    if blocks is None:  # fedlora: servers sit idle
+        for p in server_plans(topo):
+            end = "L" if p.end_block is None else p.end_block
+            out[p.server] = f"blocks [{p.start_block},{end})" + (f" → {p.next_stage}" if p.next_stage else "")
+    return out
 
 
 @app.command()

@@ -58,7 +58,8 @@ def device_plans(topo: Topology) -> list[DevicePlan]:
         rounds=t.rounds,
         steps_per_round=t.steps_per_round,
         lr=t.lr,
-        max_inflight=1 if t.mode == "fedlora" else t.max_inflight,
+        # sl is exact split learning and fedlora has no server to wait for: one at a time.
+        max_inflight=1 if t.mode in ("sl", "fedlora") else t.max_inflight,
         aggregate_every=t.aggregate_every,
         calibration_batches=t.calibration_batches,
         round_timeout_s=t.round_timeout_s,

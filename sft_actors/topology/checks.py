@@ -206,13 +206,15 @@ def topology_warnings(topo: Topology) -> tuple[str, ...]:
         for d in topo.devices:
             if d.codec is not None and d.codec.to_dict() != {"up": {}, "down": {}}:
                 out.append(r.message(f"[[actors]] {d.name!r}", "codec", raw))
-    if mode == "fedlora" and topo.run.train.max_inflight > 1:
+    if mode in ("sl", "fedlora") and topo.run.train.max_inflight > 1:
+        why = {
+            "sl": "is exact (vanilla) split learning, one micro-batch in flight",
+            "fedlora": "trains whole models on the devices, one micro-batch at a time",
+        }[mode]
         out.append(
-            r.message(
-                "[run.train]",
-                "max_inflight",
-                "mode 'fedlora' trains whole models on the devices, one micro-batch at a time, "
-                "and ignores it; remove it",
-            )
+            r.message("[run.train]", "max_inflight", f"mode {mode!r} {why}, and ignores it; remove it")
         )
+    if mode == "fedlora" and topo.servers:
+        names = ", ".join(repr(s.name) for s in topo.servers)
+        out.append(r.message("[[actors]]", "role", f"mode 'fedlora' uses no server; {names} will sit idle"))
     return tuple(out)

@@ -28,6 +28,7 @@ from sft_actors.train.data_setup import Batch, BatchIterator, DeviceData, build_
 from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.loading import load_shared_model
 from sft_actors.train.modes import codec_for, whole_model_on_device
+from sft_actors.train.server_trainer import count_targets
 from sft_actors.train.summary import median_or_zero
 from sft_actors.wire.messages import DevicePlan
 from sft_actors.wire.plans import EvalStats, EvalTask, RoundStats
@@ -194,7 +195,7 @@ class DeviceSession:
         torch.autograd.backward(loss)
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), int(labels.numel())
+        return float(loss.detach()), count_targets(out, labels)[0]
 
     def finish_round(self) -> int:
         """Samples trained this round (also counted towards the next averaging weight)."""
@@ -215,10 +216,7 @@ class DeviceSession:
     def local_eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
         """(mean loss, targets, correct) of one held-out batch on the whole model (fedlora)."""
         out = self.part(inputs)
-        loss = float(self.model.loss(out, labels))
-        if out.dim() == 3:
-            return loss, int((labels[:, 1:] != -100).sum()), 0
-        return loss, int(labels.numel()), int((out.argmax(-1) == labels).sum())
+        return float(self.model.loss(out, labels)), *count_targets(out, labels)
 
     # --- adapters ------------------------------------------------------------------------------
     def adapters(self) -> tuple[dict[str, torch.Tensor], int]:

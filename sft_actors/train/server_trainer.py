@@ -59,7 +59,7 @@ class ServerTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.batches_done += 1
-        n, correct = _targets(out, labels)
+        n, correct = count_targets(out, labels)
         assert x.grad is not None
         return ServerResult(grad=x.grad, loss=float(loss.detach()), n_targets=n, correct=correct)
 
@@ -67,7 +67,7 @@ class ServerTrainer:
     def eval_step(self, hidden: torch.Tensor, labels: torch.Tensor, cut: int) -> ServerResult:
         out = self.part(hidden.to(torch.float32), cut)
         loss = self.part.loss(out, labels)  # type: ignore[operator]
-        n, correct = _targets(out, labels)
+        n, correct = count_targets(out, labels)
         return ServerResult(grad=None, loss=float(loss), n_targets=n, correct=correct)
 
     def _take_grads(self) -> dict[str, torch.Tensor | None]:
@@ -88,8 +88,9 @@ class ServerTrainer:
         return n
 
 
-def _targets(out: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Count loss targets: next-token labels (LM, -100 = ignore) or class labels."""
+def count_targets(out: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(targets, correct) behind a loss: next-token labels of a LM (-100 = ignore; correct is
+    0) or class labels (correct = arg-max hits)."""
     if out.dim() == 3:  # (B, T, V) language model: labels shift by one inside the loss
         return int((labels[:, 1:] != -100).sum()), 0
     pred = out.argmax(dim=-1)

@@ -132,7 +132,7 @@ class AdaptersUp(Message):
     KIND = MsgKind.ADAPTERS_UP
     device: str
     round: int
-    n_samples: int  # the averaging weight
+    n_samples: int  # the averaging weight (a server reports the micro-batches it served)
     tensors: dict[str, WireTensor]  # LoRA parameter name -> tensor, device-side blocks only
 
 
@@ -206,7 +206,7 @@ class DevicePlan(Message, Request[Ack]):
     num_devices: int  # every device derives the same data partition from it
     mode: TrainMode
     server: str  # the server actor that takes this device's activations ("" in fedlora)
-    cut: int  # the device runs blocks [0, cut) (every block in fedlora)
+    cut: int  # the device runs blocks [0, cut) (fedlora: every block, whatever this says)
     shard: int  # index of its data shard
     model: ModelPlan
     data: DataPlan
@@ -228,7 +228,9 @@ class ServerPlan(Message, Request[Ack]):
     upstream: list[str]  # server stages allowed to send activations on behalf of a device
     update: ServerUpdate  # per micro-batch, or once per round over all devices
     lr: float
-    inflight: int  # micro-batches a middle stage holds between forward and backward
+    # Micro-batches a middle stage may hold between forward and backward (an upper bound: the
+    # actor's handler concurrency admits fewer at once).
+    inflight: int
     round_timeout_s: float
     devices: list[ServedDevice]
 
