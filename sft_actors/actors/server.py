@@ -15,39 +15,22 @@ import time
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.server_base import ServerBase
-from sft_actors.model import Part, SplitLM, split_model
+from sft_actors.actors.stage import StageServerActor
+from sft_actors.model import SplitLM, split_model
 from sft_actors.topology import ActorSpec
 from sft_actors.train.accumulate import order_key
 from sft_actors.train.server_trainer import ServerResult, ServerTrainer
 from sft_actors.wire import Activations, Gradients, ServerPlan, WireTensor
 
 
-class HeadServerActor(ServerBase):
+class HeadServerActor(ServerBase[ServerTrainer]):
     """Blocks ``[start_block, L)`` and the head: computes the loss and the cut gradient."""
 
-    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
-        super().__init__(spec, env)
-        self._trainer: ServerTrainer | None = None
-
-    @property
-    def trainer(self) -> ServerTrainer:
-        if self._trainer is None:
-            self._require_plan()
-        assert self._trainer is not None  # set with the plan
-        return self._trainer
-
-    @property
-    def part(self) -> Part:
-        return self.trainer.part
-
-    def _build(self, plan: ServerPlan, model: SplitLM) -> None:
+    def _build(self, plan: ServerPlan, model: SplitLM) -> ServerTrainer:
         _, part = split_model(
             model, plan.start_block, server_start=plan.start_block, lora=plan.model.lora, seed=plan.model.seed
         )
-        self._trainer = ServerTrainer(part, lr=plan.lr, update=plan.update)
-
-    def _end_round(self, micro_batches: int) -> int:
-        return self.trainer.end_round(micro_batches)
+        return ServerTrainer(part, lr=plan.lr, update=plan.update)
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> Gradients:
         from_stage = self._check_sender(msg, ctx)
@@ -77,13 +60,11 @@ class HeadServerActor(ServerBase):
         )
 
 
-def server_actor(spec: ActorSpec, env: ActorEnv) -> ServerBase:
+def server_actor(spec: ActorSpec, env: ActorEnv) -> HeadServerActor | StageServerActor:
     """The ``server`` role's factory: a middle stage when another server starts after this one.
 
     Placement is the runtime's (which class to build); everything the actor then runs comes from
     its SERVER_PLAN."""
-    from sft_actors.actors.stage import StageServerActor
-
     mine = spec.start_block or 0
     if any((s.start_block or 0) > mine for s in env.topology.servers):
         return StageServerActor(spec, env)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -40,8 +40,20 @@ from sft_actors.wire.coded import pack_tensor, step_seed, unpack_tensor
 from sft_actors.wire.plans import ServedDevice
 
 
-class ServerBase(Actor, ABC):
-    """Plan, per-device bases and codecs, sender checks; subclasses add ``on_activations``."""
+class RoundTrainer(Protocol):
+    """What a server actor trains with: a part, and a ``per_round`` update to apply."""
+
+    part: Part
+
+    def end_round(self, micro_batches: int | None = None) -> int: ...
+
+
+TrainerT = TypeVar("TrainerT", bound=RoundTrainer)
+
+
+class ServerBase(Actor, ABC, Generic[TrainerT]):
+    """Plan, per-device bases and codecs, sender checks; subclasses build their trainer and add
+    ``on_activations``."""
 
     handler_concurrency = 4
 
@@ -49,6 +61,7 @@ class ServerBase(Actor, ABC):
         super().__init__(spec, env)
         self._plan: ServerPlan | None = None
         self._model: SplitLM | None = None
+        self._trainer: TrainerT | None = None
         self._compute = asyncio.Lock()
         self._devices: dict[str, ServedDevice] = {}
         self._bases: dict[str, BasisRegistry] = {}
@@ -76,7 +89,7 @@ class ServerBase(Actor, ABC):
             )
         model = await self.offload(load_shared_model, msg.model)
         self._model = model
-        await self.offload(self._build, msg, model)
+        self._trainer = await self.offload(self._build, msg, model)
         self._devices = {d.name: d for d in msg.devices}
         self._bases = {d.name: BasisRegistry() for d in msg.devices}
         self._codec_down = {d.name: codec_for(d.codec.down) for d in msg.devices}
@@ -92,18 +105,25 @@ class ServerBase(Actor, ABC):
         return Ack(of_msg_id=ctx.msg_id)
 
     @abstractmethod
-    def _build(self, plan: ServerPlan, model: SplitLM) -> None:
-        """Build the part and trainer this actor runs (called in the offload pool)."""
+    def _build(self, plan: ServerPlan, model: SplitLM) -> TrainerT:
+        """The part and trainer this actor runs (called in the offload pool)."""
 
     @property
-    @abstractmethod
+    def trainer(self) -> TrainerT:
+        if self._trainer is None:
+            self._require_plan()  # raises: no plan yet
+        assert self._trainer is not None  # built with the plan
+        return self._trainer
+
+    @property
     def part(self) -> Part:
         """The server part whose LoRA (and head) this actor trains."""
+        return self.trainer.part
 
-    @abstractmethod
     def _end_round(self, micro_batches: int) -> int:
         """Apply a ``per_round`` update over ``micro_batches`` (all devices' this round);
         returns the micro-batches whose gradient this actor accumulated (0: no update)."""
+        return self.trainer.end_round(micro_batches)
 
     # --- checks and tensors ------------------------------------------------------------------
     def _check_sender(self, msg: Activations, ctx: MsgContext) -> bool:

@@ -13,11 +13,10 @@ import dataclasses
 
 import torch
 
-from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.server_base import ServerBase
+from sft_actors.errors import ProtocolViolation
 from sft_actors.model import Part, SplitLM
-from sft_actors.topology import ActorSpec
 from sft_actors.train.accumulate import order_key
 from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.stages import StagePart
@@ -25,35 +24,17 @@ from sft_actors.wire import Activations, Gradients, ServerPlan, WireTensor
 from sft_actors.wire.coded import unpack_tensor
 
 
-class StageServerActor(ServerBase):
+class StageServerActor(ServerBase[DeviceTrainer]):
     """Blocks ``[start_block, end_block)``; the plan's ``next_stage`` takes its output."""
 
-    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
-        super().__init__(spec, env)
-        self._trainer: DeviceTrainer | None = None
-
-    @property
-    def trainer(self) -> DeviceTrainer:
-        if self._trainer is None:
-            self._require_plan()
-        assert self._trainer is not None  # set with the plan
-        return self._trainer
-
-    @property
-    def part(self) -> Part:
-        return self.trainer.part
-
-    def _build(self, plan: ServerPlan, model: SplitLM) -> None:
+    def _build(self, plan: ServerPlan, model: SplitLM) -> DeviceTrainer:
         if plan.end_block is None or not plan.next_stage:
-            raise ValueError(f"server {plan.server} is a head, not a middle stage; check the role factory")
+            raise ProtocolViolation(f"server {plan.server} is planned as the head, not a middle stage")
         part = StagePart(model, plan.start_block, plan.end_block, plan.model.lora, seed=plan.model.seed)
         # The stage's forward/backward bookkeeping is a device's: activations in, gradient back.
-        self._trainer = DeviceTrainer(
+        return DeviceTrainer(
             part, lr=plan.lr, max_inflight=plan.inflight, accumulate=plan.update == "per_round"
         )
-
-    def _end_round(self, micro_batches: int) -> int:
-        return self.trainer.end_round(micro_batches)
 
     async def on_activations(self, msg: Activations, ctx: MsgContext) -> Gradients:
         from_stage = self._check_sender(msg, ctx)
