@@ -3,10 +3,11 @@ anything is applied (a refused micro-batch leaves the server part exactly as it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from sft_actors.actors.testing import Idle, actor_env, serving, small_topology
 from sft_actors.errors import RemoteError
 from sft_actors.model import lora_state_dict
 from sft_actors.plan.assign import server_plans
-from sft_actors.wire import Activations, AdaptersRequest, Gradients, RoundClose, WireTensor
+from sft_actors.wire import Activations, AdaptersRequest, Gradients, RoundClose, ServerPlan, WireTensor
 
 pytestmark = pytest.mark.timeout(60)
 DIM, T = 64, 8  # llama-tiny's width; tokens per sequence
@@ -55,57 +56,58 @@ BAD: dict[str, tuple[Callable[[], Activations], str]] = {
 }
 
 
+@contextlib.asynccontextmanager
+async def head_server(
+    ctx: zmq.asyncio.Context,
+) -> AsyncIterator[tuple[Idle, HeadServerActor, Idle, ServerPlan]]:
+    """A real head server between a scripted coordinator and a scripted device ``dev0``
+    (a second device, ``dev1``, is planned but never connects)."""
+    topo = small_topology(devices=2)
+    (plan,) = server_plans(topo)
+    with actor_env(topo, ctx) as env:
+        coord, server, dev = (
+            Idle(topo.actor("coordinator"), env),
+            HeadServerActor(topo.actor("server"), env),
+            Idle(topo.actor("dev0"), env),
+        )
+        async with serving(coord, server, dev):
+            await dev.ready()
+            yield coord, server, dev, plan
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", sorted(BAD))
 async def test_bad_micro_batches_are_refused_and_change_nothing(
     case: str, zmq_ctx: zmq.asyncio.Context
 ) -> None:
-    topo = small_topology(devices=2)
-    (plan,) = server_plans(topo)
-    with actor_env(topo, zmq_ctx) as env:
-        coord, server, dev = (
-            Idle(topo.actor("coordinator"), env),
-            HeadServerActor(topo.actor("server"), env),
-            Idle(topo.actor("dev0"), env),
-        )
-        async with serving(coord, server, dev):
-            await dev.ready()
-            await coord.call("server", plan)
-            before = {k: v.clone() for k, v in lora_state_dict(server.part).items()}
-            make, why = BAD[case]
-            with pytest.raises(RemoteError, match="ProtocolViolation") as info:
-                await dev.call("server", make())
-            assert re.search(why, info.value.remote_message), info.value.remote_message
-            after = lora_state_dict(server.part)
-            assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was applied
-            # ...and the server still serves the device's honest micro-batch, which does train.
-            reply = await dev.call("server", activations())
-            assert isinstance(reply, Gradients) and reply.grad.desc.shape == (2, T, DIM)
-            trained = lora_state_dict(server.part)
-            assert any(not torch.equal(before[k], trained[k]) for k in before)
+    async with head_server(zmq_ctx) as (coord, server, dev, plan):
+        await coord.call("server", plan)
+        before = {k: v.clone() for k, v in lora_state_dict(server.part).items()}
+        make, why = BAD[case]
+        with pytest.raises(RemoteError, match="ProtocolViolation") as info:
+            await dev.call("server", make())
+        assert re.search(why, info.value.remote_message), info.value.remote_message
+        after = lora_state_dict(server.part)
+        assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was applied
+        # ...and the server still serves the device's honest micro-batch, which does train.
+        reply = await dev.call("server", activations())
+        assert isinstance(reply, Gradients) and reply.grad.desc.shape == (2, T, DIM)
+        trained = lora_state_dict(server.part)
+        assert any(not torch.equal(before[k], trained[k]) for k in before)
 
 
 @pytest.mark.asyncio
 async def test_only_the_coordinator_steers_the_server(zmq_ctx: zmq.asyncio.Context) -> None:
-    topo = small_topology(devices=1)
-    (plan,) = server_plans(topo)
-    with actor_env(topo, zmq_ctx) as env:
-        coord, server, dev = (
-            Idle(topo.actor("coordinator"), env),
-            HeadServerActor(topo.actor("server"), env),
-            Idle(topo.actor("dev0"), env),
-        )
-        async with serving(coord, server, dev):
-            await dev.ready()
-            hijack = dataclasses.replace(plan, lr=1e6)
-            for msg in (hijack, RoundClose(round=1, n_samples=2, micro_batches=1), AdaptersRequest(round=1)):
-                with pytest.raises(
-                    RemoteError, match="is the coordinator's to send; 'dev0' is not 'coordinator'"
-                ):
-                    await dev.call("server", msg)  # type: ignore[arg-type]
-            await coord.call("server", plan)
-            with pytest.raises(RemoteError, match="already has a plan"):
-                await coord.call("server", hijack)
-            assert server.plan.lr == plan.lr
-            up = await coord.call("server", AdaptersRequest(round=1))
-            assert set(lora_state_dict(server.part)) <= set(up.tensors)  # the coordinator may ask
+    async with head_server(zmq_ctx) as (coord, server, dev, plan):
+        hijack = dataclasses.replace(plan, lr=1e6)
+        for msg in (hijack, RoundClose(round=1, n_samples=2, micro_batches=1), AdaptersRequest(round=1)):
+            with pytest.raises(
+                RemoteError, match="is the coordinator's to send; 'dev0' is not 'coordinator'"
+            ):
+                await dev.call("server", msg)  # type: ignore[arg-type]
+        await coord.call("server", plan)
+        with pytest.raises(RemoteError, match="already has a plan"):
+            await coord.call("server", hijack)
+        assert server.plan.lr == plan.lr
+        up = await coord.call("server", AdaptersRequest(round=1))
+        assert set(lora_state_dict(server.part)) <= set(up.tensors)  # the coordinator may ask
