@@ -66,7 +66,8 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
     """Run the node's actors until they stop and return the exit code (see the module doc).
 
     Logging must be configured by the caller. Without ``outcome_file`` a coordinator's result
-    is printed on stdout as one JSON line ``{"result": ...}``; problems go to stderr, each line
+    is printed on stdout as one JSON line ``{"ok": ..., "result": ...}`` (the shape ``sft run``
+    prints); problems go to stderr, each line
     prefixed with ``prog``. With it, :func:`write_outcome` records the outcome there instead.
     """
     if opts.threads is not None:
@@ -100,7 +101,7 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
         return EXIT_FORCED
     _record(opts, result)
     if opts.outcome_file is None and result.result is not None:
-        print(json.dumps({"result": result.result}, default=str), flush=True)
+        print(json.dumps({"ok": result.ok, "result": result.result}, default=str), flush=True)
     if not result.ok:
         for who, why in result.failures.items():
             print(f"{prog}: {who}: {why}", file=sys.stderr)

@@ -160,5 +160,8 @@ def test_split_fine_tuning_across_two_network_namespaces(tmp_path: Path, two_hos
         assert p.returncode == 0, f"{name}: {outputs[name][1][-2000:]}"
     summary = json.loads(next((tmp_path / "runs").glob("tiny-*/summary.json")).read_text())
     assert len(summary["rounds"]) == 2 and summary["after"]["targets"] > 0
+    # The coordinator's node prints the run's headline as one JSON line, as `sft run` does.
+    line = json.loads(outputs["coordinator"][0].strip().splitlines()[-1])
+    assert line["ok"] is True and line["result"]["run_dir"] == summary["run_dir"]
     # The activations really crossed the board's (shaped) link.
     assert _tx_bytes(h.board_ns, h.board_dev) > summary["totals"]["bytes_up"]
