@@ -48,7 +48,6 @@ class DeviceActor(Actor):
     def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
         super().__init__(spec, env)
         self._session: DeviceSession | None = None
-        self._coordinator = ""  # who sent the plan: progress goes there
         self._compute = asyncio.Lock()
 
     @property
@@ -82,7 +81,6 @@ class DeviceActor(Actor):
             )
             await self.call(msg.server, upload, timeout_s=msg.train.round_timeout_s)
         self._session = session
-        self._coordinator = ctx.peer
         hist = session.data.label_histogram
         self.log.info(
             "plan_received",
@@ -195,7 +193,7 @@ class DeviceActor(Actor):
         self, round_: int, loss: float, *, wire_bytes: int = 0, raw_bytes: int = 0
     ) -> None:
         """Fire-and-forget progress to the coordinator (drives its progress bar)."""
-        coordinator = self._coordinator
+        coordinator = self.topology.coordinator.name  # the only peer that sends plans
         if coordinator in self.peers:
             progress = Metrics(
                 node=self.name, round=round_, step_loss=loss, wire_bytes=wire_bytes, raw_bytes=raw_bytes

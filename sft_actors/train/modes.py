@@ -15,7 +15,7 @@ Whether a mode codes is decided once, when the coordinator builds the plans
 
 from __future__ import annotations
 
-from sft_actors.codec import BasisRegistry, Codec, CodecPolicy
+from sft_actors.codec import BasisRegistry, Codec
 from sft_actors.codec.spec import ChainSpec
 
 
@@ -35,8 +35,3 @@ def codec_for(chain: ChainSpec, *, bases: BasisRegistry | None = None) -> Codec 
     A ``project`` stage needs ``bases`` (the device fits its basis, the server receives it).
     """
     return None if chain.is_identity else Codec(chain, bases=bases)
-
-
-def codecs(policy: CodecPolicy, *, bases: BasisRegistry | None = None) -> tuple[Codec | None, Codec | None]:
-    """(up, down) codecs of a policy; None where the chain is the identity."""
-    return codec_for(policy.up, bases=bases), codec_for(policy.down)
