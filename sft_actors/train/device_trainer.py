@@ -95,6 +95,9 @@ class DeviceTrainer:
         if not bool(torch.isfinite(grad).all()):  # never let a bad gradient reach the optimizer
             raise ProtocolViolation(f"the gradient for micro-batch {step} contains NaN or inf; dropped")
         torch.autograd.backward(entry.hidden, grad.to(entry.hidden.dtype))
+        grads = [t.grad for t in entry.snapshot.values()]
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            raise ProtocolViolation(f"micro-batch {step} gives non-finite gradients; no update made")
         if self.accumulate:  # kept per micro-batch, summed in step order at end_round
             self._accumulated.add(step, {name: t.grad for name, t in entry.snapshot.items()})
             return

@@ -39,8 +39,8 @@ def check_labels(model: SplitLM, hidden: torch.Tensor, labels: torch.Tensor) -> 
     """Labels match the batch: token ids (B, T) in [0, vocab) or ``IGNORE_INDEX`` for a Llama,
     class ids (B,) in [0, num_classes) for a ViT."""
     cfg = model.config
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ProtocolViolation(f"labels must be integers, got {labels.dtype}")
+    if labels.dtype != torch.int64:  # what the losses take (cross-entropy wants int64 targets)
+        raise ProtocolViolation(f"labels must be int64, got {labels.dtype}")
     if isinstance(cfg, LlamaConfig):
         want, high, ignore = tuple(hidden.shape[:2]), cfg.vocab_size, IGNORE_INDEX
     else:

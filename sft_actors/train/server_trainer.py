@@ -52,6 +52,9 @@ class ServerTrainer:
         if not bool(torch.isfinite(loss)):  # nothing applied: the shared part stays as it was
             raise ProtocolViolation(f"the loss of this micro-batch is {float(loss)}; no update made")
         loss.backward()
+        if not _all_finite([x.grad, *(p.grad for p in self.params.values())]):
+            self._take_grads()  # drop them: huge finite inputs can still overflow the backward
+            raise ProtocolViolation("this micro-batch gives non-finite gradients; no update made")
         if self.optimizer is not None:
             if self.update == "per_round":
                 self._accumulated.add(self.batches_done if key is None else key, self._take_grads())
@@ -86,6 +89,10 @@ class ServerTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return n
+
+
+def _all_finite(tensors: list[torch.Tensor | None]) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def count_targets(out: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
