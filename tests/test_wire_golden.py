@@ -40,6 +40,7 @@ from sft_actors.wire import (
     Metrics,
     ModelPlan,
     MsgKind,
+    Restore,
     RoundClose,
     RoundDone,
     RoundStart,
@@ -47,6 +48,8 @@ from sft_actors.wire import (
     ServedDevice,
     ServerPlan,
     Shutdown,
+    StateReport,
+    StateRequest,
     TrainPlan,
     Welcome,
     WireLimits,
@@ -196,7 +199,15 @@ def sample_messages() -> dict[MsgKind, Message]:
             round_timeout_s=60.0,
             devices=[ServedDevice(name="dev0", index=0, cut=4, codec=CODEC)],
         ),
-        RoundClose(round=3, n_samples=256, micro_batches=64),
+        RoundClose(round=3, n_samples=256, micro_batches=64, devices=("dev0", "dev2")),
+        StateRequest(round=3),
+        StateReport(
+            actor="dev0",
+            round=3,
+            tensors={"lora.blocks.0.q.lora_A": _t(lora_a)},
+            counters={"step": 12, "samples_since_aggregation": 48},
+        ),
+        Restore(round=3, tensors={"lora.blocks.0.q.lora_A": _t(lora_a)}, counters={"step": 12}),
     ]
     return {msg.KIND: msg for msg in samples}
 

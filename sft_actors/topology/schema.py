@@ -46,6 +46,23 @@ class TrainConfig:
     calibration_batches: int = 8
     #: Bound on one round (and on set-up: loading the model and data) before the run fails.
     round_timeout_s: float = 1800.0
+    #: A device that has not finished a round this many seconds after it started is a
+    #: straggler: dropped from that round (not from the run) and resynchronised at the next
+    #: averaging. None: ``round_timeout_s``.
+    round_deadline_s: float | None = None
+    #: Quorum: the fewest devices a round may close with. A round that would have fewer waits
+    #: up to ``[run.runtime] rejoin_timeout_s`` for devices to (re)join, then the run stops
+    #: with an error and a checkpoint. None: a majority, ``ceil(devices / 2)``.
+    min_devices: int | None = None
+
+    @property
+    def deadline_s(self) -> float:
+        """The round deadline in force (seconds)."""
+        return self.round_timeout_s if self.round_deadline_s is None else self.round_deadline_s
+
+    def quorum(self, n_devices: int) -> int:
+        """Fewest devices a round may close with, out of ``n_devices``."""
+        return (n_devices + 1) // 2 if self.min_devices is None else self.min_devices
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -67,6 +84,16 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class CheckpointConfig:
+    """``[run.checkpoint]``: what a run keeps so that ``--resume RUN_DIR`` can continue it."""
+
+    #: Write a checkpoint after every ``every`` rounds (and after the last round).
+    every: int = 1
+    #: Complete checkpoints kept in ``RUN_DIR/checkpoints`` (older ones are deleted).
+    keep: int = 2
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class RuntimeConfig:
     """Timing and queue bounds of the actor runtime. Validated against each other."""
 
@@ -82,6 +109,10 @@ class RuntimeConfig:
     hwm: int = 1000
     linger_ms: int = 200
     max_message_mb: float = 512.0
+    #: How long a lost coordinator or server may take to come back (restarted, or resumed
+    #: after a pause) before the actors waiting for it give up; also how long a coordinator
+    #: below quorum waits for devices to (re)join.
+    rejoin_timeout_s: float = 60.0
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -96,6 +127,7 @@ class RunConfig:
     #: The codec chain per role, parsed once (``[run.codec.up]`` / ``[run.codec.down]``).
     codec: CodecPolicy = field(default_factory=CodecPolicy)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

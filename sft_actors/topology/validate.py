@@ -47,6 +47,19 @@ def _validate_train(r: Reporter, topo: Topology) -> None:
         r.fail("[run.train]", "round_timeout_s", f"must be positive, got {t.round_timeout_s}")
     if t.lr <= 0:
         r.fail("[run.train]", "lr", f"must be positive, got {t.lr}")
+    if t.round_deadline_s is not None and not 0 < t.round_deadline_s <= t.round_timeout_s:
+        r.fail(
+            "[run.train]",
+            "round_deadline_s",
+            f"must be positive and at most round_timeout_s ({t.round_timeout_s}s), got {t.round_deadline_s}",
+        )
+    n = len(topo.devices)
+    if t.min_devices is not None and not 1 <= t.min_devices <= max(1, n):
+        r.fail("[run.train]", "min_devices", f"must be between 1 and the {n} devices, got {t.min_devices}")
+    ck = run.checkpoint
+    for key in ("every", "keep"):
+        if getattr(ck, key) < 1:
+            r.fail("[run.checkpoint]", key, f"must be at least 1, got {getattr(ck, key)}")
 
 
 def _validate_data_and_runtime(r: Reporter, topo: Topology) -> None:
@@ -63,6 +76,7 @@ def _validate_data_and_runtime(r: Reporter, topo: Topology) -> None:
         "request_timeout_s",
         "drain_timeout_s",
         "max_message_mb",
+        "rejoin_timeout_s",
     ):
         if getattr(rt, key) <= 0:
             r.fail("[run.runtime]", key, f"must be positive, got {getattr(rt, key)}")

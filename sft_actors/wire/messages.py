@@ -264,6 +264,42 @@ class RoundClose(Message, Request[Ack]):
     # accumulated gradient divided by this, in every stage alike (a stage that only some
     # devices' activations pass through must not weight them more than the head does).
     micro_batches: int
+    # The devices whose round counts (they finished it). A device lost or late mid-round is
+    # not here: its micro-batches accumulated this round are discarded, never half-applied.
+    # Empty (a 2.0 peer): every device.
+    devices: tuple[str, ...] = ()
+
+
+# --- durable runs --------------------------------------------------------------------------
+@dataclass(kw_only=True, frozen=True, slots=True)
+class StateReport(Message):
+    """What a device or server needs to continue exactly where it was: its trainable tensors
+    (``lora.*``, ``head.*``), optimizer state (``optim.*``) and counters (steps, samples)."""
+
+    KIND = MsgKind.STATE_REPORT
+    actor: str
+    round: int  # the last round this state has finished
+    tensors: dict[str, WireTensor]
+    counters: dict[str, int]
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class StateRequest(Message, Request[StateReport]):
+    """Coordinator → device/server, between rounds: send your state for a checkpoint."""
+
+    KIND = MsgKind.STATE_REQUEST
+    round: int
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Restore(Message, Request[Ack]):
+    """Coordinator → device/server: load this state (a resumed run, a restarted server, a
+    device that rejoins) and continue from round ``round + 1``."""
+
+    KIND = MsgKind.RESTORE
+    round: int
+    tensors: dict[str, WireTensor]
+    counters: dict[str, int]
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -319,6 +355,9 @@ ALL_MESSAGES: Final[tuple[type[Message], ...]] = (
     BasisUpload,
     ServerPlan,
     RoundClose,
+    StateRequest,
+    StateReport,
+    Restore,
 )
 
 
