@@ -60,6 +60,11 @@ class PeerTimeout(RuntimeFault):
     """A call got no reply in time, or a peer stopped sending heartbeats."""
 
 
+class PeerLost(PeerTimeout):
+    """A request was pending when its peer was lost (silent, disconnected, said BYE, or came
+    back as a new process): no reply will come."""
+
+
 class UnknownPeer(RuntimeFault):
     """A message was addressed to, or came from, a peer that is not known."""
 

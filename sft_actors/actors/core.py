@@ -25,7 +25,9 @@ import zmq.asyncio
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import HandlerSpec, MsgContext
 from sft_actors.actors.peers import LinkState, PeerLink, link_rate
+from sft_actors.actors.tasks import first_completed
 from sft_actors.errors import (
+    PeerLost,
     PeerTimeout,
     ProtocolError,
     SftError,
@@ -98,12 +100,29 @@ class ActorCore:
         """A peer completed the handshake (either direction)."""
 
     async def on_peer_lost(self, peer: str) -> None:
-        """No traffic from ``peer`` for ``heartbeat_timeout_s``. Losing the coordinator fails the actor."""
-        if peer == self.topology.coordinator.name and self.name != peer:
-            raise PeerTimeout(
-                f"coordinator {peer!r} silent for {self.settings.heartbeat_timeout_s}s; "
-                "check that it is running and reachable"
-            )
+        """``peer`` went silent for ``heartbeat_timeout_s`` or its connection dropped.
+
+        A lost coordinator or server may come back (restarted, or resumed after a pause): wait
+        up to ``rejoin_timeout_s`` for it (links this actor dialled are re-dialled meanwhile),
+        then fail the actor. Losing a device is the coordinator's business (it overrides this)."""
+        if peer != self.name and self.topology.actor(peer).addressed:
+            await self.await_return(peer)
+
+    async def await_return(self, peer: str) -> None:
+        """Wait until ``peer``'s link is established again; :class:`PeerTimeout` after
+        ``rejoin_timeout_s`` on the actor's clock."""
+        budget = self.settings.rejoin_timeout_s
+        deadline = self.clock.now() + budget
+        while self._links[peer].state is not LinkState.ESTABLISHED:
+            if self.clock.now() >= deadline:
+                raise PeerTimeout(
+                    f"{peer} was lost and did not come back within rejoin_timeout_s = {budget}s; "
+                    f"check that it is running and reachable (restart a coordinator with "
+                    f"--resume RUN_DIR to continue the run)"
+                )
+            self._peer_change.clear()
+            await first_completed(self._peer_change.wait(), self.clock.sleep_until(deadline))
+        self.log.info("peer_returned", peer=peer)
 
     async def on_peer_left(self, peer: str) -> None:
         """``peer`` said BYE."""
@@ -254,6 +273,10 @@ class ActorCore:
         )
         old = self._links.get(peer)
         self._links[peer] = link
+        if old is not None:
+            # The peer restarted (or re-dialled after a pause): nothing pending on the old
+            # session will be answered by this one.
+            self._fail_pending(peer, f"{peer} reconnected as a new session")
         if link.paced is not None:
             self._spawn(link.paced.run())
         welcome = Welcome(
@@ -264,10 +287,9 @@ class ActorCore:
         )
         frames = encode(welcome, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
         await link.send(frames, paced=False)
-        if old is None or old.state is not LinkState.ESTABLISHED:
-            self._established(link)
-        else:
-            link.state = LinkState.ESTABLISHED
+        if old is not None:
+            self.log.info("peer_rejoined", peer=peer, was=old.state.value)
+        self._established(link)
 
     async def _on_frames(self, link: PeerLink, frames: list[zmq.Frame], env: Envelope | None = None) -> None:
         nbytes = sum(len(f) for f in frames)
@@ -306,6 +328,7 @@ class ActorCore:
         if kind is MsgKind.BYE:
             link.state = LinkState.GONE
             self._peer_change.set()
+            self._fail_pending(link.peer, f"{link.peer} left (BYE)")
             self.log.debug("peer_left", peer=link.peer)
             self._spawn(self.on_peer_left(link.peer))
             return
@@ -383,12 +406,47 @@ class ActorCore:
                     self._lost(link, reason="silent")
 
     def _lost(self, link: PeerLink, *, reason: str) -> None:
-        """Mark ``link`` lost, log it once, and tell the subclass (``on_peer_lost``)."""
+        """Mark ``link`` lost, log it once, fail what is pending on it, re-dial it when this
+        actor dialled it, and tell the subclass (``on_peer_lost``)."""
         link.state = LinkState.LOST
         self._peer_change.set()
         silent_s = round(self.clock.now() - link.last_seen, 3)
         self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
+        self._fail_pending(link.peer, f"{link.peer} was lost ({reason}, silent for {silent_s}s)")
+        if link.dialled and not self._closing:
+            self._spawn(self._redial(link))
         self._spawn(self.on_peer_lost(link.peer))
+
+    def _fail_pending(self, peer: str, why: str) -> None:
+        """Every request pending on ``peer`` fails now with :class:`PeerLost` (no reply will come)."""
+        for owner, fut in list(self._pending.values()):
+            if owner == peer and not fut.done():
+                fut.set_exception(PeerLost(why))
+
+    async def _redial(self, link: PeerLink) -> None:
+        """HELLO again, every ``heartbeat_interval_s``, until the peer (a restarted process or
+        the same one after a pause) answers WELCOME; gives up after ``rejoin_timeout_s``.
+
+        Traffic alone is not enough: a restarted process rejects everything before HELLO."""
+        hello = Hello(node=self.name, role=self.spec.role, schema_hash=self.env.schema_hash)
+        interval = self.settings.heartbeat_interval_s
+        deadline = self.clock.now() + self.settings.rejoin_timeout_s
+        while self.clock.now() < deadline and not self._closing and self._links.get(link.peer) is link:
+            attempt = asyncio.ensure_future(self._request(link, hello))
+            try:
+                await first_completed(asyncio.shield(attempt), self.clock.sleep(interval))
+            finally:
+                if not attempt.done():
+                    attempt.cancel()
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                env = attempt.result()
+                if isinstance(env.msg, Welcome) and env.msg.schema_hash == self.env.schema_hash:
+                    link.set_window(max(1, min(self.settings.link_window, env.msg.credits)))
+                    if link.state is not LinkState.ESTABLISHED:
+                        self._established(link)
+                    self.log.info("peer_redialled", peer=link.peer)
+                    return
+                await self.clock.sleep(interval)  # refused (say, still starting): try again
 
 
 __all__ = ["ActorCore", "ActorState", "MsgContext"]

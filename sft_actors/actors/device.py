@@ -26,6 +26,7 @@ from sft_actors.codec import Codec
 from sft_actors.errors import ProtocolViolation
 from sft_actors.topology import ActorSpec
 from sft_actors.train.device_session import EVAL_STEP_BASE, DeviceSession, EvalMeter, RoundMeter, elapsed_ms
+from sft_actors.train.state import TrainerState
 from sft_actors.wire import (
     Ack,
     Activations,
@@ -37,8 +38,11 @@ from sft_actors.wire import (
     EvalRequest,
     EvalResult,
     Metrics,
+    Restore,
     RoundDone,
     RoundStart,
+    StateReport,
+    StateRequest,
     WireTensor,
 )
 from sft_actors.wire.coded import pack_tensor, step_seed, unpack_tensor
@@ -63,10 +67,11 @@ class DeviceActor(Actor):
         self.require_coordinator(ctx)
         if msg.device != self.name:
             raise ProtocolViolation(f"plan for {msg.device!r} sent to device {self.name!r}")
-        if self._session is not None:
-            raise ProtocolViolation(
-                f"device {self.name} already has a plan; re-planning a run is not supported"
-            )
+        if self._session is not None and self._session.plan == msg:
+            # Re-sent after this device rejoined (or the coordinator restarted): keep the
+            # session; RESTORE / ADAPTERS_DOWN bring its state in line with the run.
+            self.log.info("plan_confirmed", cut=msg.cut, server=msg.server)
+            return Ack(of_msg_id=ctx.msg_id)
         session = await self.offload(DeviceSession, msg)
         basis = await self.offload(session.fit_basis)
         if basis is not None:  # the server needs it before the first projected activations
@@ -226,6 +231,26 @@ class DeviceActor(Actor):
         request = self._activations(round_, -1 - i, act, labels, phase="eval")
         reply = await self.call(s.plan.server, request, timeout_s=s.plan.train.round_timeout_s)
         return reply.loss, reply.n_tokens, reply.correct
+
+    # --- durable runs ------------------------------------------------------------------------
+    async def on_state_request(self, msg: StateRequest, ctx: MsgContext) -> StateReport:
+        """Adapters, optimizer state and counters for the coordinator's checkpoint."""
+        self.require_coordinator(ctx)
+        async with self._compute:
+            state = await self.offload(self.session.state)
+        tensors = {k: WireTensor.from_torch(v) for k, v in state.tensors.items()}
+        return StateReport(actor=self.name, round=msg.round, tensors=tensors, counters=state.counters)
+
+    async def on_restore(self, msg: Restore, ctx: MsgContext) -> Ack:
+        """Continue from a checkpointed state (a resumed run, or this device rejoining)."""
+        self.require_coordinator(ctx)
+        state = TrainerState(
+            tensors={k: unpack_tensor(v) for k, v in msg.tensors.items()}, counters=dict(msg.counters)
+        )
+        async with self._compute:
+            await self.offload(self.session.restore, state)
+        self.log.info("state_restored", round=msg.round, step=state.counters.get("step"))
+        return Ack(of_msg_id=ctx.msg_id)
 
     # --- adapters --------------------------------------------------------------------------
     async def on_adapters_request(self, msg: AdaptersRequest, ctx: MsgContext) -> AdaptersUp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
@@ -26,14 +27,18 @@ from sft_actors.topology import ActorSpec
 from sft_actors.train.inputs import check_activations, check_labels
 from sft_actors.train.loading import load_shared_model
 from sft_actors.train.modes import codec_for
+from sft_actors.train.state import TrainerState
 from sft_actors.wire import (
     Ack,
     Activations,
     AdaptersRequest,
     AdaptersUp,
     BasisUpload,
+    Restore,
     RoundClose,
     ServerPlan,
+    StateReport,
+    StateRequest,
     WireTensor,
 )
 from sft_actors.wire.coded import pack_tensor, step_seed, unpack_tensor
@@ -41,11 +46,18 @@ from sft_actors.wire.plans import ServedDevice
 
 
 class RoundTrainer(Protocol):
-    """What a server actor trains with: a part, and a ``per_round`` update to apply."""
+    """What a server actor trains with: a part, a ``per_round`` update to apply, and its
+    state for checkpoints."""
 
     part: Part
 
     def end_round(self, micro_batches: int | None = None) -> int: ...
+
+    def drop_devices(self, keep: Callable[[int], bool]) -> int: ...
+
+    def state(self) -> TrainerState: ...
+
+    def restore(self, state: TrainerState) -> None: ...
 
 
 TrainerT = TypeVar("TrainerT", bound=RoundTrainer)
@@ -67,6 +79,8 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         self._bases: dict[str, BasisRegistry] = {}
         self._codec_down: dict[str, Codec | None] = {}
         self.batches_served = 0
+        #: The round whose training micro-batches are accepted (the next one to close).
+        self.open_round = 1
 
     @property
     def plan(self) -> ServerPlan:
@@ -84,8 +98,11 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         if msg.server != self.name:
             raise ProtocolViolation(f"plan for {msg.server!r} sent to server {self.name!r}")
         if self._plan is not None:
+            if msg == self._plan:  # a restarted coordinator re-sends it: keep what is built
+                self.log.info("plan_confirmed", round=self.open_round)
+                return Ack(of_msg_id=ctx.msg_id)
             raise ProtocolViolation(
-                f"server {self.name} already has a plan; re-planning a run is not supported"
+                f"server {self.name} already has a different plan; restart it to re-plan the run"
             )
         model = await self.offload(load_shared_model, msg.model)
         self._model = model
@@ -126,11 +143,21 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         return self.trainer.end_round(micro_batches)
 
     # --- checks and tensors ------------------------------------------------------------------
+    def _check_round(self, msg: Activations) -> None:
+        """Training micro-batches belong to the open round; a late device's activations of a
+        round that closed without it are refused (its gradient would land in the wrong round)."""
+        if msg.phase == "train" and msg.round != self.open_round:
+            raise ProtocolViolation(
+                f"activations of {msg.device} for round {msg.round}, but round {self.open_round} "
+                "is open on this server (the device was dropped from that round)"
+            )
+
     def _check_sender(self, msg: Activations, ctx: MsgContext) -> bool:
         """True if an upstream stage relayed ``msg``. Raises :class:`ProtocolViolation` for a
         device speaking as another, or activations at a cut other than the plan's (the device's
         own cut, or this stage's first block when a stage relays them)."""
         plan = self.plan
+        self._check_round(msg)
         from_stage = ctx.peer in plan.upstream
         if msg.device not in self._devices or (msg.device != ctx.peer and not from_stage):
             raise ProtocolViolation(f"activations claim device {msg.device!r} but came from {ctx.peer!r}")
@@ -174,12 +201,50 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         return Ack(of_msg_id=ctx.msg_id)
 
     async def on_round_close(self, msg: RoundClose, ctx: MsgContext) -> Ack:
-        """Every device finished the round: ``per_round`` applies the accumulated update now."""
+        """The round is over: micro-batches of devices it closed without (lost, late) are
+        discarded, then ``per_round`` applies the accumulated update of the rest."""
+        self.require_coordinator(ctx)
+        self._require_plan()
+        if msg.round != self.open_round:
+            raise ProtocolViolation(f"ROUND_CLOSE for round {msg.round}; round {self.open_round} is open")
+        counted = {self._devices[d].index for d in msg.devices if d in self._devices}
+        async with self._compute:
+            dropped = 0
+            if msg.devices:
+                dropped = await self.offload(self.trainer.drop_devices, lambda i: i in counted)
+            applied = await self.offload(self._end_round, msg.micro_batches)
+        self.open_round = msg.round + 1
+        if dropped:
+            self.log.warning("round_batches_discarded", round=msg.round, micro_batches=dropped)
+        self.log.debug("round_closed", round=msg.round, batches_applied=applied, samples=msg.n_samples)
+        return Ack(of_msg_id=ctx.msg_id)
+
+    # --- durable runs ----------------------------------------------------------------------
+    async def on_state_request(self, msg: StateRequest, ctx: MsgContext) -> StateReport:
+        """Adapters, optimizer state and counters for the coordinator's checkpoint."""
         self.require_coordinator(ctx)
         self._require_plan()
         async with self._compute:
-            applied = await self.offload(self._end_round, msg.micro_batches)
-        self.log.debug("round_closed", round=msg.round, batches_applied=applied, samples=msg.n_samples)
+            state = await self.offload(self.trainer.state)
+        counters = {**state.counters, "batches_served": self.batches_served}
+        return StateReport(
+            actor=self.name,
+            round=msg.round,
+            tensors={k: WireTensor.from_torch(v) for k, v in state.tensors.items()},
+            counters=counters,
+        )
+
+    async def on_restore(self, msg: Restore, ctx: MsgContext) -> Ack:
+        """Continue from a checkpoint (a resumed run, or this server restarted)."""
+        self.require_coordinator(ctx)
+        self._require_plan()
+        counters = dict(msg.counters)
+        self.batches_served = counters.pop("batches_served", 0)
+        state = TrainerState(tensors={k: unpack_tensor(v) for k, v in msg.tensors.items()}, counters=counters)
+        async with self._compute:
+            await self.offload(self.trainer.restore, state)
+        self.open_round = msg.round + 1
+        self.log.info("state_restored", round=msg.round, tensors=len(state.tensors))
         return Ack(of_msg_id=ctx.msg_id)
 
     async def on_adapters_request(self, msg: AdaptersRequest, ctx: MsgContext) -> AdaptersUp:

@@ -29,3 +29,20 @@ async def gather_owned(*coros: Coroutine[Any, Any, T]) -> list[T]:
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     return [t.result() for t in tasks]
+
+
+async def first_completed(*aws: Any) -> None:
+    """Wait until the first of ``aws`` finishes and cancel the others; re-raise its error.
+
+    E.g. ``first_completed(event.wait(), clock.sleep_until(deadline))``: an event or a deadline
+    on the actor's clock (never wall time, so tests drive it with a ManualClock)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]

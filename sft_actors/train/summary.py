@@ -36,6 +36,8 @@ class RoundRecord:
     encode_ms: float
     per_device_loss: dict[str, float] = field(default_factory=dict)
     per_device_bytes_up: dict[str, int] = field(default_factory=dict)
+    #: Devices dropped from this round (lost, late past the deadline, or failed) and why.
+    devices_lost: dict[str, str] = field(default_factory=dict)
 
     @property
     def ratio_up(self) -> float:
@@ -71,8 +73,11 @@ def eval_record(round_: int, parts: Sequence[EvalStats]) -> EvalRecord:
     )
 
 
-def round_record(round_: int, done: Sequence[RoundDone], *, seconds: float) -> RoundRecord:
-    """One round over all devices: sample-weighted loss, summed bytes, median step time."""
+def round_record(
+    round_: int, done: Sequence[RoundDone], *, seconds: float, lost: dict[str, str] | None = None
+) -> RoundRecord:
+    """One round over the devices that finished it (``lost``: the others, and why):
+    sample-weighted loss, summed bytes, median step time."""
     n = sum(m.n_samples for m in done)
     stats = [m.stats for m in done]
     return RoundRecord(
@@ -87,6 +92,7 @@ def round_record(round_: int, done: Sequence[RoundDone], *, seconds: float) -> R
         encode_ms=sum(st.encode_ms for st in stats),
         per_device_loss={m.device: round(m.loss, 5) for m in done},
         per_device_bytes_up={m.device: m.stats.bytes_up for m in done},
+        devices_lost=dict(lost or {}),
     )
 
 
@@ -104,6 +110,31 @@ class RunSummary:
     run_dir: str = ""
     adapters: dict[str, str] = field(default_factory=dict)
     planner: dict[str, Any] = field(default_factory=dict)  # predicted vs measured round delay
+    #: completed | interrupted | failed (``running`` in a checkpoint's copy), and why.
+    status: str = "running"
+    reason: str = ""
+    #: Whether a rerun with the same seed gives the same bytes, and if not, why not.
+    deterministic: bool = True
+    nondeterminism: list[str] = field(default_factory=list)
+    #: The last complete checkpoint: {"round": r, "path": …}; resumed_from: the round a
+    #: ``--resume`` continued after (None: a fresh run).
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    @property
+    def devices_lost(self) -> int:
+        """Device-rounds lost over the run (one device dropped from two rounds counts 2)."""
+        return sum(len(r.devices_lost) for r in self.rounds)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        """Inverse of :meth:`to_json` for the fields a resumed run continues from (history)."""
+        names = {f for f in cls.__dataclass_fields__} - {"rounds", "evals", "evals_raw"}
+        out = cls(**{k: v for k, v in data.items() if k in names})
+        out.rounds = [RoundRecord(**r) for r in data.get("rounds", [])]
+        out.evals = [EvalRecord(**e) for e in data.get("evals", [])]
+        out.evals_raw = [EvalRecord(**e) for e in data.get("evals_raw", [])]
+        return out
 
     @property
     def bytes_up(self) -> int:
@@ -117,6 +148,9 @@ class RunSummary:
         """The few numbers a person reads first (``sft run`` prints them as one JSON line)."""
         full = self.to_json()
         keep = (
+            "status",
+            "reason",
+            "devices_lost",
             "name",
             "mode",
             "model",
@@ -141,6 +175,7 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["devices_lost"] = self.devices_lost
         raw_up = sum(r.raw_up for r in self.rounds)
         raw_down = sum(r.raw_down for r in self.rounds)
         out["totals"] = {

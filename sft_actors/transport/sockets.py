@@ -42,6 +42,9 @@ def bind_router(
     try:
         _apply(sock, opts)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A restarted peer reconnects under its old name before the old connection is known
+        # dead: the new connection takes the routing id over (the default refuses it).
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.bind(endpoint)
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     except BaseException:

@@ -39,6 +39,6 @@ class MsgKind(IntEnum):
     SERVER_PLAN = 20  # coordinator -> server: block range, next stage, per-device codecs (2.0)
     ROUND_CLOSE = 21  # coordinator -> server: every device finished round r (2.0)
     # --- durable runs ------------------------------------------------------------------------
-    STATE_REQUEST = 22  # coordinator -> device/server: answer STATE_REPORT for a checkpoint (2.1)
-    STATE_REPORT = 23  # device/server -> coordinator: adapters, optimizer state, counters (2.1)
-    RESTORE = 24  # coordinator -> device/server: continue from this state (resume, rejoin) (2.1)
+    STATE_REQUEST = 22  # coordinator -> device/server: answer STATE_REPORT for a checkpoint (3.0)
+    STATE_REPORT = 23  # device/server -> coordinator: adapters, optimizer state, counters (3.0)
+    RESTORE = 24  # coordinator -> device/server: continue from this state (resume, rejoin) (3.0)

@@ -266,8 +266,7 @@ class RoundClose(Message, Request[Ack]):
     micro_batches: int
     # The devices whose round counts (they finished it). A device lost or late mid-round is
     # not here: its micro-batches accumulated this round are discarded, never half-applied.
-    # Empty (a 2.0 peer): every device.
-    devices: tuple[str, ...] = ()
+    devices: tuple[str, ...]
 
 
 # --- durable runs --------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""What makes a run durable: its directory, checkpoints, resume, and honest result files.
+
+The coordinator owns the run directory. A checkpoint (``train.checkpoint``: safetensors + JSON,
+written atomically) holds every server's and every in-step device's state (LoRA, optimizer
+moments, step and sample counters — asked for with STATE_REQUEST), the averaged device
+adapters, and the run's history (the summary so far). It is also kept in memory: a server lost
+mid-run is restored from it, and so is every device (a rollback), and a device that rejoins gets
+its own last state from it. ``--resume RUN_DIR`` loads the last complete one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sft_actors.actors.env import ActorEnv
+from sft_actors.errors import ConfigError
+from sft_actors.log import get_logger
+from sft_actors.topology import Topology
+from sft_actors.train import modes
+from sft_actors.train.checkpoint import checkpoint_bytes, latest_checkpoint, write_checkpoint
+from sft_actors.train.state import TrainerState
+from sft_actors.train.summary import RunSummary, new_run_dir, write_adapters, write_summary
+from sft_actors.wire import StateReport, StateRequest, WireTensor
+from sft_actors.wire.coded import unpack_tensor
+
+if TYPE_CHECKING:
+    from sft_actors.actors.base import Actor
+
+#: The coordinator's own entry in a checkpoint: the averaged device adapters under ``avg.``.
+COORDINATOR_STATE = "coordinator"
+_AVG = "avg."
+log = get_logger(component="durability")
+
+
+def deterministic(topology: Topology) -> tuple[bool, list[str]]:
+    """Whether a rerun with the same seed gives the same bytes, and the reasons it would not.
+
+    Compression seeds, data order and averaging are all derived from the seed; what depends on
+    timing is the order in which updates are applied when several micro-batches race."""
+    t = topology.run.train
+    parallel = not modes.sequential(t.mode) and not modes.whole_model_on_device(t.mode)
+    why = []
+    if parallel and len(topology.devices) > 1 and t.server_update == "per_batch":
+        why.append(
+            "server_update = per_batch applies the server's updates in the order devices' "
+            "micro-batches arrive; per_round sums them in a fixed order"
+        )
+    if t.max_inflight > 1 and not modes.whole_model_on_device(t.mode):
+        why.append(f"max_inflight = {t.max_inflight}: a device applies gradients in the order they come back")
+    return not why, why
+
+
+class Durability:
+    """Run directory, checkpoints (on disk and the last one in memory), result files."""
+
+    def __init__(self, topology: Topology, env: ActorEnv, summary: RunSummary) -> None:
+        self.topology = topology
+        self.env = env
+        self.summary = summary
+        self.run_dir: Path | None = None
+        #: The round the last checkpoint finished (0: set-up).
+        self.round = 0
+        #: The run's current per-block average of the devices' LoRA tensors.
+        self.device_adapters: dict[str, torch.Tensor] = {}
+        self._states: dict[str, TrainerState] = {}
+        self._history: dict[str, Any] = {}
+        self._adapters_at_checkpoint: dict[str, torch.Tensor] = {}
+
+    # --- opening ------------------------------------------------------------------------------
+    def open_run_dir(self) -> int | None:
+        """A fresh run directory, or (``--resume``) RUN_DIR's last checkpoint loaded: returns
+        the round it continues after (None for a fresh run). Raises :class:`CheckpointError`
+        (none, corrupted) or :class:`ConfigError` (written by another topology)."""
+        if self.env.resume_dir is None:
+            self._ensure_dir()
+            return None
+        ckpt = latest_checkpoint(self.env.resume_dir)
+        written_by = ckpt.meta.get("schema_hash")
+        if written_by != self.env.schema_hash:
+            raise ConfigError(
+                f"{ckpt.path} was written by a different topology (schema {written_by}, this one "
+                f"{self.env.schema_hash}): model, cuts, LoRA and codec must match to resume"
+            )
+        self.run_dir = self.env.resume_dir
+        self._states = {k: v for k, v in ckpt.states.items() if k != COORDINATOR_STATE}
+        own = ckpt.states.get(COORDINATOR_STATE)
+        self._adapters_at_checkpoint = (
+            {k[len(_AVG) :]: v for k, v in own.tensors.items() if k.startswith(_AVG)} if own else {}
+        )
+        self._history = dict(ckpt.meta.get("summary", {}))
+        self.round = ckpt.round
+        self.roll_back()
+        self.summary.resumed_from = ckpt.round
+        self.summary.run_dir = str(self.run_dir)
+        self.summary.checkpoint = {"round": ckpt.round, "path": str(ckpt.path)}
+        log.info("run_resumed", run_dir=str(self.run_dir), round=ckpt.round, actors=sorted(self._states))
+        return ckpt.round
+
+    def _ensure_dir(self) -> Path:
+        if self.run_dir is None:
+            run = self.topology.run
+            self.run_dir = new_run_dir(run.output.dir, run.name)
+            self.summary.run_dir = str(self.run_dir)
+        return self.run_dir
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def state_of(self, actor: str) -> dict[str, Any] | None:
+        """``actor``'s last checkpointed state as RESTORE fields, or None if it has none."""
+        state = self._states.get(actor)
+        if state is None:
+            return None
+        tensors = {k: WireTensor.from_torch(v) for k, v in state.tensors.items()}
+        return {"tensors": tensors, "counters": dict(state.counters)}
+
+    async def checkpoint(
+        self, r: int, actor: Actor, *, devices: Sequence[str], servers: Sequence[str]
+    ) -> Path:
+        """Ask ``devices`` and ``servers`` for their state and write checkpoint ``r``."""
+        timeout = self.topology.run.train.round_timeout_s
+        request = StateRequest(round=r)
+        reports: list[StateReport] = []
+        for peer in [*servers, *devices]:
+            reports.append(await actor.call(peer, request, timeout_s=timeout))
+        for rep in reports:
+            tensors = {k: unpack_tensor(v) for k, v in rep.tensors.items()}
+            self._states[rep.actor] = TrainerState(tensors=tensors, counters=dict(rep.counters))
+        self.round = r
+        self._adapters_at_checkpoint = dict(self.device_adapters)
+        self._history = copy.deepcopy(self.summary.to_json())
+        own = TrainerState(
+            tensors={_AVG + k: v for k, v in self.device_adapters.items()}, counters={"round": r}
+        )
+        meta = {"schema_hash": self.env.schema_hash, "run": self.topology.run.name, "summary": self._history}
+        keep = self.topology.run.checkpoint.keep
+        states = {**self._states, COORDINATOR_STATE: own}
+        path = await actor.offload(
+            write_checkpoint, self._ensure_dir(), r, meta=meta, states=states, keep=keep
+        )
+        self.summary.checkpoint = {"round": r, "path": str(path)}
+        actor.log.info("checkpoint_written", round=r, path=str(path), bytes=checkpoint_bytes(path))
+        return path
+
+    def roll_back(self) -> None:
+        """Back to the last checkpoint: the averaged adapters and the history it holds."""
+        self.device_adapters = dict(self._adapters_at_checkpoint)
+        if self._history:
+            old = RunSummary.from_json(self._history)
+            self.summary.rounds, self.summary.evals, self.summary.evals_raw = (
+                old.rounds,
+                old.evals,
+                old.evals_raw,
+            )
+            self.summary.setup_s = old.setup_s
+
+    # --- results -----------------------------------------------------------------------------
+    def write_summary(self) -> Path:
+        return write_summary(self.summary, self._ensure_dir())
+
+    def write_adapters(self, servers: dict[str, dict[str, torch.Tensor]]) -> None:
+        """``adapters_devices.safetensors`` (the devices' average) and one file per server."""
+        run = self.topology.run
+        run_dir = self._ensure_dir()
+        meta = {"model": run.model, "mode": run.train.mode, "run": run.name}
+        if self.device_adapters:
+            path = write_adapters(self.device_adapters, run_dir / "adapters_devices.safetensors", meta)
+            self.summary.adapters["devices"] = str(path)
+        for name, tensors in servers.items():
+            if tensors:
+                path = write_adapters(tensors, run_dir / f"adapters_{name}.safetensors", meta)
+                self.summary.adapters[name] = str(path)
+        log.info("run_written", run_dir=str(run_dir))
