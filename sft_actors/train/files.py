@@ -21,6 +21,7 @@ import torch
 
 #: safetensors aligns the data after the header to this many bytes (the header is space-padded).
 _HEADER_ALIGN = 8
+_FILE_MODE = 0o644
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,6 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; a run's files are 0644
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
