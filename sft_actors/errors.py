@@ -105,6 +105,11 @@ class PlanInfeasible(ConfigError):
     """The planner cannot satisfy a constraint (the message names the device and the limit)."""
 
 
+class CheckpointError(SftError):
+    """A checkpoint is missing, corrupt (a file's hash does not match) or incompatible (unknown
+    format, tensors of other shapes). The message names the path and what to do."""
+
+
 class DatasetCorrupt(SftError):
     """A dataset file exists but is not in the expected format (the message names the file)."""
 

@@ -100,6 +100,17 @@ class ShardBatches(Iterator[dict[str, torch.Tensor]]):
     def state_dict(self) -> BatchState:
         return {"epoch": self._epoch, "batch": self._batch}
 
+    def seek(self, batches_consumed: int) -> None:
+        """Position the iterator as if ``batches_consumed`` batches had been drawn from a fresh
+        one: the next batch is batch ``n % batches_per_epoch`` of epoch ``n // batches_per_epoch``.
+
+        Raises :class:`ConfigError` for a negative count."""
+        if batches_consumed < 0:
+            raise ConfigError(f"cannot seek to {batches_consumed} batches consumed (must be >= 0)")
+        epoch, batch = divmod(batches_consumed, self.batches_per_epoch)
+        self._epoch, self._batch = epoch, batch
+        self._order = self._epoch_order(epoch)
+
     def load_state_dict(self, state: BatchState) -> None:
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:

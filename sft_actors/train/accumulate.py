@@ -11,7 +11,7 @@ server actor or in several stages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -28,6 +28,11 @@ def order_key(device_index: int, step: int) -> int:
     return (device_index << _STEP_BITS) | step
 
 
+def device_of(key: int) -> int:
+    """The device index of an :func:`order_key`."""
+    return key >> _STEP_BITS
+
+
 class OrderedGradients:
     """Per-micro-batch gradients of a set of parameters, summed in key order on demand."""
 
@@ -42,6 +47,14 @@ class OrderedGradients:
         if key in self._grads:
             raise ProtocolViolation(f"micro-batch {key} was already accumulated this round")
         self._grads[key] = {name: g.detach().clone() for name, g in grads.items() if g is not None}
+
+    def discard(self, keep: Callable[[int], bool]) -> int:
+        """Forget the micro-batches whose order key ``keep`` rejects (e.g. ``lambda k:
+        device_of(k) != lost``: a device lost mid-round); returns how many were dropped."""
+        dropped = [key for key in self._grads if not keep(key)]
+        for key in dropped:
+            del self._grads[key]
+        return len(dropped)
 
     def apply_mean(self, params: Mapping[str, torch.nn.Parameter], divisor: int) -> int:
         """Set each parameter's ``.grad`` to the key-ordered sum over micro-batches / ``divisor``

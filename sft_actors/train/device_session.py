@@ -29,6 +29,7 @@ from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.loading import load_shared_model
 from sft_actors.train.modes import codec_for, whole_model_on_device
 from sft_actors.train.server_trainer import count_targets
+from sft_actors.train.state import TrainerState, counter
 from sft_actors.train.summary import median_or_zero
 from sft_actors.wire.messages import DevicePlan
 from sft_actors.wire.plans import EvalStats, EvalTask, RoundStats
@@ -232,6 +233,31 @@ class DeviceSession:
         if unexpected:
             raise ProtocolViolation(f"adapters for blocks this device does not hold: {unexpected[:3]}")
         return len(missing)
+
+    # --- state (checkpoints, rejoin) -----------------------------------------------------------
+    def state(self) -> TrainerState:
+        """The trainer's state tensors and the counters ``step`` (micro-batches drawn so far)
+        and ``samples_since_aggregation``. Take it between rounds (nothing in flight)."""
+        return TrainerState(
+            tensors=self.trainer.state_tensors(),
+            counters={
+                "step": self._global_step,
+                "samples_since_aggregation": self._samples_since_aggregation,
+            },
+        )
+
+    def restore(self, state: TrainerState) -> None:
+        """Continue from a :meth:`state`: load the LoRA and optimizer tensors, the counters, and
+        move the training batches so :meth:`next_batch` returns what the uninterrupted session
+        would have. The PCA basis (fitted deterministically from the plan) is left as it is.
+
+        Raises :class:`CheckpointError` for a missing counter or tensors that do not fit."""
+        step = counter(state, "step")
+        samples = counter(state, "samples_since_aggregation")
+        self.trainer.load_state_tensors(state.tensors)
+        self.batches.batches.seek(step)
+        self._global_step = step
+        self._samples_since_aggregation = samples
 
 
 def elapsed_ms(t0: float) -> float:

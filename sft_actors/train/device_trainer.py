@@ -15,6 +15,7 @@ it used, at most ``max_inflight - 1`` updates stale — is applied to the live p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ from torch.func import functional_call
 
 from sft_actors.errors import ConfigError, ProtocolViolation
 from sft_actors.model import Part
-from sft_actors.train.accumulate import OrderedGradients
+from sft_actors.train.accumulate import OrderedGradients, device_of
+from sft_actors.train.state import TrainerState, counter, load_trainer_tensors, trainer_tensors
 
 
 class StepOrderError(ProtocolViolation):
@@ -121,3 +123,36 @@ class DeviceTrainer:
     def abandon(self, step: int) -> None:
         """Drop a micro-batch whose gradient will never come (e.g. the server refused it)."""
         self._inflight.pop(step, None)
+
+    # --- state (checkpoints, rejoin) ----------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable parameters (``param.<name>``) and the optimizer state
+        (``optim.<name>.<entry>``). Micro-batches in flight or accumulated are not part of it:
+        take it between rounds."""
+        return trainer_tensors(self.params, self.optimizer)
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`state_tensors` output; forgets micro-batches in flight and accumulated.
+
+        Raises :class:`CheckpointError` naming the key for a missing parameter, an unknown key
+        or a shape/dtype mismatch (parameters then unchanged)."""
+        load_trainer_tensors(self.params, self.optimizer, tensors)
+        self._inflight.clear()
+        self._accumulated = OrderedGradients()
+
+    def state(self) -> TrainerState:
+        """:meth:`state_tensors` and the counter ``steps_done`` (a server stage's trainer)."""
+        return TrainerState(tensors=self.state_tensors(), counters={"steps_done": self.steps_done})
+
+    def restore(self, state: TrainerState) -> None:
+        """Load a :meth:`state`; raises :class:`CheckpointError` (see :meth:`load_state_tensors`)."""
+        steps_done = counter(state, "steps_done")
+        self.load_state_tensors(state.tensors)
+        self.steps_done = steps_done
+
+    def drop_devices(self, keep: Callable[[int], bool]) -> int:
+        """Forget accumulated micro-batches (``accumulate=True``, keyed by
+        :func:`~sft_actors.train.accumulate.order_key`) of devices whose index ``keep``
+        rejects; returns how many were dropped. Micro-batches in flight are left alone (their
+        gradient still comes back through the stages)."""
+        return self._accumulated.discard(lambda key: keep(device_of(key)))

@@ -8,6 +8,7 @@ devices' micro-batches (``per_round``, the mean of the accumulated gradients).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from sft_actors.errors import ConfigError, ProtocolViolation
 from sft_actors.model import Part
 from sft_actors.topology.schema import ServerUpdate
-from sft_actors.train.accumulate import OrderedGradients
+from sft_actors.train.accumulate import OrderedGradients, device_of
+from sft_actors.train.state import TrainerState, counter, load_trainer_tensors, trainer_tensors
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -89,6 +91,27 @@ class ServerTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return n
+
+    # --- state (checkpoints, a restarted server) ----------------------------------------------
+    def state(self) -> TrainerState:
+        """Trainable parameters (``param.<name>``), optimizer state (``optim.<name>.<entry>``)
+        and the counter ``batches_done``. Accumulated ``per_round`` gradients are not part of
+        it: take it between rounds."""
+        tensors = trainer_tensors(self.params, self.optimizer)
+        return TrainerState(tensors=tensors, counters={"batches_done": self.batches_done})
+
+    def restore(self, state: TrainerState) -> None:
+        """Load a :meth:`state`; forgets accumulated gradients. Raises :class:`CheckpointError`
+        naming the key for a missing parameter, an unknown key or a shape/dtype mismatch."""
+        batches_done = counter(state, "batches_done")
+        load_trainer_tensors(self.params, self.optimizer, state.tensors)
+        self._accumulated = OrderedGradients()
+        self.batches_done = batches_done
+
+    def drop_devices(self, keep: Callable[[int], bool]) -> int:
+        """Forget accumulated ``per_round`` micro-batches of devices whose index ``keep``
+        rejects (a device lost mid-round); returns how many were dropped."""
+        return self._accumulated.discard(lambda key: keep(device_of(key)))
 
 
 def _all_finite(tensors: list[torch.Tensor | None]) -> bool:

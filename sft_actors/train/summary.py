@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sft_actors.train.files import atomic_write_bytes, safetensors_bytes, strict_json_bytes
 from sft_actors.wire.messages import RoundDone
 from sft_actors.wire.plans import EvalStats
 
@@ -213,13 +213,13 @@ def new_run_dir(base: str | Path, name: str) -> Path:
 
 
 def write_summary(summary: RunSummary, run_dir: Path) -> Path:
-    path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary.to_json(), indent=2, allow_nan=True) + "\n")
-    return path
+    """Write ``run_dir/summary.json`` atomically, as strict JSON: a non-finite number (a NaN
+    loss, say) becomes ``null``. Returns the path."""
+    data = strict_json_bytes(summary.to_json(), indent=2, sort_keys=False)
+    return atomic_write_bytes(run_dir / "summary.json", data)
 
 
 def write_adapters(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
+    """Write LoRA tensors and string metadata as safetensors, atomically and deterministically
+    (equal tensors and metadata give byte-identical files). Returns ``path``."""
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
