@@ -341,9 +341,10 @@ class CoordinatorActor(Actor):
                 )
                 pending -= {deadline, server_down}
         finally:
-            for fut in (*calls.values(), deadline, server_down):
-                if not fut.done():
-                    fut.cancel()
+            late = [f for f in (*calls.values(), deadline, server_down) if not f.done()]
+            for fut in late:
+                fut.cancel()
+            await asyncio.gather(*late, return_exceptions=True)  # settled before they are read
         self._check_servers()
         done: list[RoundDone] = []
         lost: dict[str, str] = {}

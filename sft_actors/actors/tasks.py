@@ -45,4 +45,4 @@ async def first_completed(*aws: Any) -> None:
                 t.cancel()
     for t in done:
         if not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+            raise t.exception()
