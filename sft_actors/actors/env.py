@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zmq.asyncio
@@ -31,6 +32,9 @@ class ActorEnv:
     #: Time source of heartbeats, the liveness watchdog and link pacing. Tests pass a
     #: ``ManualClock`` (``dataclasses.replace(env, clock=...)``) to drive time themselves.
     clock: Clock = SYSTEM_CLOCK
+    #: ``--resume RUN_DIR``: continue the run from RUN_DIR's last complete checkpoint (the
+    #: coordinator reads it); None starts a new run. The runtime checks it holds ``checkpoints``.
+    resume_dir: Path | None = None
 
 
 #: Builds the actor for one ``[[actors]]`` entry. An ``Actor`` subclass is itself a factory.
