@@ -9,8 +9,14 @@ without depending on the CLI (the CLI imports the runtime, never the reverse). `
 :func:`main` parses them with argparse and adds ``--outcome-file``, through which
 ``run_processes`` collects each node's result and failures.
 
-Exit codes: 0 every actor stopped cleanly, 1 an actor failed, 2 a configuration or usage
-error, 130 a second signal forced the stop.
+Without ``--outcome-file`` the node prints one JSON line on stdout, the shape ``sft run``
+prints (see :mod:`sft_actors.cli.run`): ``{"ok": true, "status": "completed", "elapsed_s",
+"result", "lost"}`` or ``{"ok": false, "status": "interrupted"|"failed", "type", "error",
+"failures", "result", "lost"}``; ``result`` is the coordinator's (null on a node without one).
+
+Exit codes: 0 the run completed (a node without a coordinator: every actor stopped cleanly
+and no signal stopped it), 1 it failed, 2 a configuration or usage error, 130 interrupted (a
+signal began the polite stop, or a second one forced it).
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ from typing import Final, Literal, cast
 from sft_actors import log
 from sft_actors.actors.roles import parse_role_overrides
 from sft_actors.errors import SftError
-from sft_actors.runtime import RunResult, run_node, select_actors
+from sft_actors.runtime import RunResult, RunStatus, check_resume_dir, failure_line, run_node, select_actors
 from sft_actors.topology import Topology, check_hosts, load_topology
 
 EXIT_OK: Final[int] = 0
 EXIT_FAILED: Final[int] = 1
 EXIT_CONFIG: Final[int] = 2
-EXIT_FORCED: Final[int] = 130
+EXIT_INTERRUPTED: Final[int] = 130
+EXIT_FORCED: Final[int] = EXIT_INTERRUPTED  # a forced stop is an interrupted run too
+EXIT_CODES: Final[dict[RunStatus, int]] = {
+    "completed": EXIT_OK,
+    "interrupted": EXIT_INTERRUPTED,
+    "failed": EXIT_FAILED,
+}
 
 NodeTransport = Literal["tcp", "ipc"]
 
@@ -53,6 +65,8 @@ class NodeOptions:
     timeout_s: float | None = None
     #: Where to write the outcome as JSON (for ``run_processes``) instead of printing the result.
     outcome_file: Path | None = None
+    #: ``--resume RUN_DIR``: continue that run from its last checkpoint.
+    resume_dir: Path | None = None
 
 
 def _hosts_used(topo: Topology, opts: NodeOptions) -> set[str]:
@@ -65,16 +79,18 @@ def _hosts_used(topo: Topology, opts: NodeOptions) -> set[str]:
 def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
     """Run the node's actors until they stop and return the exit code (see the module doc).
 
-    Logging must be configured by the caller. Without ``outcome_file`` a coordinator's result
-    is printed on stdout as one JSON line ``{"ok": ..., "result": ...}`` (the shape ``sft run``
-    prints); problems go to stderr, each line
-    prefixed with ``prog``. With it, :func:`write_outcome` records the outcome there instead.
+    Logging must be configured by the caller. Without ``outcome_file`` the outcome is printed
+    on stdout as one JSON line (the shape ``sft run`` prints, see the module doc); problems go
+    to stderr, each line prefixed with ``prog``. With it, :func:`write_outcome` records the
+    outcome there instead.
     """
     if opts.threads is not None:
         import torch  # only a process that runs actors pays for importing torch here
 
         torch.set_num_threads(opts.threads)
     try:
+        if opts.resume_dir is not None:
+            check_resume_dir(opts.resume_dir)
         # Only this node's role needs its files here (an edge host holds no dataset).
         topo = load_topology(opts.topology, roles=(opts.role,))
         if opts.transport == "tcp":
@@ -89,29 +105,38 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
                 roles=parse_role_overrides(list(opts.role_factories)),
                 ipc_dir=opts.ipc_dir,
                 timeout_s=opts.timeout_s,
+                resume_dir=opts.resume_dir,
             )
         )
     except SftError as exc:
         _record(opts, RunResult(result=None, error=f"{type(exc).__name__}: {exc}"))
+        _print_line(opts, failure_line(type(exc).__name__, str(exc)))
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (asyncio.CancelledError, KeyboardInterrupt):  # a second signal forced the stop
-        _record(opts, RunResult(result=None, error="forced stop"))
+    except (asyncio.CancelledError, KeyboardInterrupt) as exc:  # a second signal forced the stop
+        _record(opts, RunResult(result=None, error="forced stop", signalled=True))
+        _print_line(opts, failure_line(type(exc).__name__, "forced stop", status="interrupted"))
         print(f"{prog}: forced stop", file=sys.stderr)
-        return EXIT_FORCED
+        return EXIT_INTERRUPTED
     _record(opts, result)
-    if opts.outcome_file is None and result.result is not None:
-        print(json.dumps({"ok": result.ok, "result": result.result}, default=str), flush=True)
+    _print_line(opts, result.line())
     if not result.ok:
+        print(f"{prog}: run {result.status}: {result.reason}", file=sys.stderr)
         for who, why in result.failures.items():
             print(f"{prog}: {who}: {why}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    for who, why in result.lost.items() if result.ok else ():
+        print(f"{prog}: lost {who}: {why}", file=sys.stderr)
+    return EXIT_CODES[result.status]
 
 
 def _record(opts: NodeOptions, result: RunResult) -> None:
     if opts.outcome_file is not None:
         write_outcome(opts.outcome_file, result)
+
+
+def _print_line(opts: NodeOptions, line: dict[str, object]) -> None:
+    if opts.outcome_file is None:
+        print(json.dumps(line, default=str), flush=True)
 
 
 def write_outcome(path: Path, result: RunResult) -> None:
@@ -142,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role-factory", action="append", default=[], help="ROLE=package.module:Class")
     p.add_argument("--threads", type=int, help="torch intra-op threads for this process")
     p.add_argument("--timeout-s", type=float, help="stop the node after this many seconds")
+    p.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint"
+    )
     p.add_argument("--log-format", default="console", help="console or json")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     p.add_argument("--outcome-file", type=Path, help="write the outcome here as JSON")
@@ -167,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         timeout_s=args.timeout_s,
         outcome_file=args.outcome_file,
+        resume_dir=args.resume,
     )
     return run_node_process(opts, prog="sft-node")
 

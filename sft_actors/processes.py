@@ -5,17 +5,26 @@ Every actor runs in its own ``python -m sft_actors.node_process`` (the entry poi
 that this process reads once the node has exited, so :func:`run_processes` returns one
 :class:`~sft_actors.runtime.RunResult`, like an in-process run. The nodes' stdout goes to
 this process's stderr: stdout is left to the caller's one summary line.
+
+The nodes run in their own session, so a terminal's Ctrl-C reaches only this process, which
+forwards it: the first SIGINT/SIGTERM/SIGHUP sends SIGINT once to every live node (each stops
+politely, in stages, and writes its outcome) and the run ends ``interrupted``; a second one
+forwards SIGINT again (the nodes then force their stop). The run lasts as long as the
+coordinator's process: a device or server process that dies (even ``kill -9``) is reported
+as lost, and the coordinator decides whether the run goes on without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -24,7 +33,7 @@ from sft_actors.actors import roles
 from sft_actors.actors.base import ActorState
 from sft_actors.errors import ConfigError
 from sft_actors.log import get_logger
-from sft_actors.runtime import ActorOutcome, RunResult
+from sft_actors.runtime import ActorOutcome, RunResult, check_resume_dir
 from sft_actors.topology import ActorSpec, Topology
 from sft_actors.transport.endpoints import Transport
 
@@ -42,19 +51,26 @@ async def run_processes(
     log_format: str = "console",
     log_level: str = "info",
     timeout_s: float | None = None,
+    resume_dir: str | Path | None = None,
+    handle_signals: bool = True,
 ) -> RunResult:
-    """Start one node process per actor of ``topology`` and wait for them all.
+    """Start one node process per actor of ``topology`` and wait for the coordinator's.
 
-    The first process to fail stops the others (SIGTERM: staged shutdown; SIGKILL when they
-    are still alive ``drain_timeout_s + 5`` seconds later), as does ``timeout_s`` (seconds).
-    An actor whose process died without reporting counts as failed with its exit code.
-    Raises :class:`ConfigError` for ``inproc`` (it only works inside one process) and for a
-    role factory that cannot be resolved (``role_factories``: ``ROLE=package.module:Class``).
+    When the coordinator's process exits, the others are stopped (SIGTERM: staged shutdown;
+    SIGKILL when they are still alive ``drain_timeout_s + 5`` seconds later), as they are at
+    ``timeout_s`` (seconds) or that grace after a signal. A process that died without
+    reporting counts as failed with its exit code; a non-coordinator one is also in
+    :attr:`RunResult.lost`. ``resume_dir`` is passed to every node as ``--resume``.
+    ``handle_signals``: forward SIGINT/SIGTERM/SIGHUP to the nodes (see the module doc).
+    Raises :class:`ConfigError` for ``inproc`` (it only works inside one process), for a role
+    factory that cannot be resolved (``role_factories``: ``ROLE=package.module:Class``) and
+    for a ``resume_dir`` without ``checkpoints``.
     """
     if transport == "inproc":
         raise ConfigError("--processes needs ipc or tcp; inproc only works inside one process")
     # Resolve the factories here too, so a bad --role-factory is a ConfigError before any start.
     roles.role_factories({a.role for a in topology.actors}, roles.parse_role_overrides(role_factories))
+    resume = None if resume_dir is None else check_resume_dir(resume_dir)
     grace = topology.run.runtime.drain_timeout_s + 5.0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sft-") as ipc_dir:
@@ -62,8 +78,12 @@ async def run_processes(
         out_dir.mkdir()
         files = {spec.name: out_dir / f"{i}.json" for i, spec in enumerate(topology.actors)}
         procs: dict[str, asyncio.subprocess.Process] = {}
+        signals = _SignalForwarder(procs, install=handle_signals)
+        error = None
         try:
             for spec in topology.actors:
+                if signals.count:
+                    break  # interrupted while starting: start no more
                 args = [
                     sys.executable, "-m", node_process.__name__, "--role", spec.role,
                     "--topology", str(topology_path), "--name", spec.name, "--transport", transport,
@@ -73,11 +93,61 @@ async def run_processes(
                 ]  # fmt: skip
                 for ref in role_factories:
                     args += ["--role-factory", ref]
-                procs[spec.name] = await asyncio.create_subprocess_exec(*args, stdout=_STDERR_FD)
-            error = await _watch_processes(procs, timeout_s)
+                if resume is not None:
+                    args += ["--resume", str(resume)]
+                # Own session: a terminal's SIGINT reaches only this process (it forwards).
+                procs[spec.name] = await asyncio.create_subprocess_exec(
+                    *args, stdout=_STDERR_FD, start_new_session=True
+                )
+            coordinators = {a.name for a in topology.actors if a.role == "coordinator"}
+            error = await _watch_processes(procs, coordinators, timeout_s, signals, grace)
         finally:
-            await _stop_processes(procs, grace)
-        return _collect(topology.actors, procs, files, error, time.perf_counter() - started)
+            signals.remove()
+            await _stop_processes(procs, grace, spare=signals.signalled_names)
+        result = _collect(topology.actors, procs, files, error, time.perf_counter() - started)
+        if signals.count and not result.signalled:
+            result = dataclasses.replace(result, signalled=True)
+        return result
+
+
+class _SignalForwarder:
+    """SIGINT/SIGTERM/SIGHUP here → SIGINT to every live node (again on each further signal)."""
+
+    def __init__(self, procs: Mapping[str, asyncio.subprocess.Process], *, install: bool) -> None:
+        self._procs = procs
+        self.count = 0
+        #: Nodes that got at least one forwarded SIGINT (they are stopping on their own).
+        self.signalled_names: set[str] = set()
+        self.event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._installed: list[int] = []
+        if not install or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+                self._installed.append(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self.count += 1
+        live = [name for name, p in self._procs.items() if p.returncode is None]
+        log.warning(
+            "signal_forwarded",
+            signal=signal.Signals(sig).name,
+            count=self.count,
+            nodes=len(live),
+            hint="send again to force" if self.count == 1 else None,
+        )
+        for name in live:
+            with contextlib.suppress(ProcessLookupError):
+                self._procs[name].send_signal(signal.SIGINT)
+            self.signalled_names.add(name)
+        self.event.set()
+
+    def remove(self) -> None:
+        for sig in self._installed:
+            self._loop.remove_signal_handler(sig)
+        self._installed.clear()
 
 
 def _collect(
@@ -89,6 +159,7 @@ def _collect(
 ) -> RunResult:
     """Merge what each node reported with how its process ended."""
     result = None
+    signalled = False
     outcomes: dict[str, ActorOutcome] = {}
     for spec in specs:
         proc = procs.get(spec.name)
@@ -97,7 +168,12 @@ def _collect(
         outcome = None if reported is None else reported.outcomes.get(spec.name)
         if reported is not None and spec.role == "coordinator":
             result = reported.result
-        if outcome is None or (code != 0 and outcome.state == ActorState.STOPPED.value):
+            signalled = signalled or reported.signalled  # someone signalled the coordinator's node
+        # A node that stopped cleanly exits 0, or 130 when a signal stopped it.
+        clean_exit = code == node_process.EXIT_OK or (
+            code == node_process.EXIT_INTERRUPTED and reported is not None and reported.signalled
+        )
+        if outcome is None or (not clean_exit and outcome.state == ActorState.STOPPED.value):
             if proc is None:
                 why = "process not started"
             elif reported is not None and reported.error:
@@ -106,39 +182,67 @@ def _collect(
                 why = f"process exited with code {code}"
             outcome = ActorOutcome(name=spec.name, role=spec.role, state=ActorState.FAILED.value, error=why)
         outcomes[spec.name] = outcome
-    return RunResult(result=result, outcomes=outcomes, elapsed_s=elapsed_s, error=error)
+    return RunResult(result=result, outcomes=outcomes, elapsed_s=elapsed_s, error=error, signalled=signalled)
 
 
 async def _watch_processes(
-    procs: Mapping[str, asyncio.subprocess.Process], timeout_s: float | None
+    procs: Mapping[str, asyncio.subprocess.Process],
+    coordinators: set[str],
+    timeout_s: float | None,
+    signals: _SignalForwarder,
+    grace_s: float,
 ) -> str | None:
-    """Wait until every process has exited or one has failed; the timeout's message, if it passed."""
+    """Wait until the coordinator's process has exited (every process, when none runs one);
+    the timeout's message, if it passed. Other processes that exit are logged, not acted on."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    watched = (set(procs) & coordinators) or set(procs)
     async with asyncio.TaskGroup() as tg:
         waits = {tg.create_task(p.wait()): name for name, p in procs.items()}
+        signalled = tg.create_task(signals.event.wait())
         pending = set(waits)
         error = None
-        while pending:
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        signal_deadline = None
+        while watched and pending:
+            if signals.count and signal_deadline is None:
+                signal_deadline = time.monotonic() + grace_s
+            ends = [d for d in (deadline, signal_deadline) if d is not None]
+            wait_s = None if not ends else max(0.0, min(ends) - time.monotonic())
+            done, _ = await asyncio.wait(
+                pending | {signalled}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending -= done
+            if signalled in done:  # wait for the next one
+                signals.event.clear()
+                signalled = tg.create_task(signals.event.wait())
             if not done:
+                if signal_deadline is not None and time.monotonic() >= signal_deadline:
+                    log.error("processes_stop_timeout", grace_s=grace_s)
+                    break
                 log.error("processes_timeout", timeout_s=timeout_s)
                 error = f"run did not finish within {timeout_s}s"
                 break
-            bad = {waits[t]: t.result() for t in done if t.result() != 0}
-            if bad:
-                log.error("process_failed", returncodes=bad)
-                break
-        for task in pending:
+            for task in done & set(waits):
+                name, code = waits[task], task.result()
+                watched.discard(name)
+                if name in coordinators:
+                    log.info("coordinator_exited", actor=name, returncode=code)
+                elif code != 0 and name not in signals.signalled_names:
+                    log.warning("process_lost", actor=name, returncode=code)
+        for task in [*pending, signalled]:
             task.cancel()  # the processes themselves are stopped by the caller
         return error
 
 
-async def _stop_processes(procs: Mapping[str, asyncio.subprocess.Process], grace_s: float) -> None:
+async def _stop_processes(
+    procs: Mapping[str, asyncio.subprocess.Process], grace_s: float, *, spare: Collection[str] = ()
+) -> None:
+    """SIGTERM every live process (but those in ``spare``, already stopping after a forwarded
+    signal: another would force them); SIGKILL what is still alive ``grace_s`` later."""
     alive = [p for p in procs.values() if p.returncode is None]
-    for p in alive:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
+    for name, p in procs.items():
+        if p.returncode is None and name not in spare:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
     if alive:
         try:
             async with asyncio.timeout(grace_s):

@@ -3,9 +3,11 @@
 ``run_topology`` and ``run_node`` share :func:`run_actors`: one zmq Context (required for
 ``inproc://``), one bounded offload thread pool and one TaskGroup per process. The run ends
 when the coordinator finishes (its SHUTDOWN stops everyone), when every local actor has
-stopped, or when an actor fails (the others are then stopped). SIGINT/SIGTERM begin the
-staged shutdown; a second signal cancels at once. One OS process per actor is
-:mod:`sft_actors.processes`; the process entry point is :mod:`sft_actors.node_process`.
+stopped, on a signal or at the timeout. A device or server that fails does not stop the
+others: the coordinator decides (by its quorum) whether the run goes on without it.
+SIGINT/SIGTERM/SIGHUP begin the staged shutdown (the run is then ``interrupted``); a second
+signal cancels at once. One OS process per actor is :mod:`sft_actors.processes`; the process
+entry point is :mod:`sft_actors.node_process`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import zmq
 import zmq.asyncio
@@ -46,28 +48,110 @@ class ActorOutcome:
     error: str | None = None
 
 
+RunStatus = Literal["completed", "interrupted", "failed"]
+RUN_STATUSES: tuple[RunStatus, ...] = ("completed", "interrupted", "failed")
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class RunResult:
-    """What a run produced: the coordinator's result (if it ran here) and each actor's fate."""
+    """What a run produced: the coordinator's result (if it ran here) and each actor's fate.
+
+    :attr:`status` is how the run ended: the coordinator's own word when its result is a dict
+    with a ``"status"`` key (and ``"reason"``); otherwise ``interrupted`` when a signal began
+    the stop (``signalled``), ``completed`` when the coordinator (or, on a node without one,
+    every actor) stopped cleanly and the run had no error, else ``failed``. ``ok`` is
+    ``status == "completed"``: a device lost on the way (see :attr:`lost`) does not fail a run
+    whose coordinator completed it.
+    """
 
     result: Any
     outcomes: Mapping[str, ActorOutcome] = field(default_factory=dict)
     elapsed_s: float = 0.0
     error: str | None = None
+    #: A signal (SIGINT/SIGTERM/SIGHUP) began the stop.
+    signalled: bool = False
+
+    @property
+    def status(self) -> RunStatus:
+        said = self._coordinator_says("status")
+        if said in RUN_STATUSES:
+            return cast(RunStatus, said)
+        if self.signalled:
+            return "interrupted"
+        return "completed" if self._clean else "failed"
+
+    @property
+    def reason(self) -> str:
+        """Why the run ended, in words (the coordinator's ``"reason"`` when it gave one)."""
+        said = self._coordinator_says("reason")
+        if said is not None and self._coordinator_says("status") in RUN_STATUSES:
+            return str(said)
+        status = self.status
+        if status == "interrupted":
+            return "stopped by a signal"
+        if status == "completed":
+            return "completed"
+        return "; ".join(f"{who}: {why}" for who, why in self.failures.items()) or "failed"
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(o.state == ActorState.STOPPED.value for o in self.outcomes.values())
+        return self.status == "completed"
+
+    @property
+    def _clean(self) -> bool:
+        if self.error is not None:
+            return False
+        coordinators = [o for o in self.outcomes.values() if o.role == "coordinator"]
+        judged = coordinators or list(self.outcomes.values())
+        return all(o.state == ActorState.STOPPED.value for o in judged)
+
+    def _coordinator_says(self, key: str) -> Any:
+        return self.result.get(key) if isinstance(self.result, Mapping) else None
 
     @property
     def failures(self) -> dict[str, str]:
+        """Every actor that did not stop cleanly (``<run>`` for the run itself, e.g. its timeout)."""
         out = {n: o.error or o.state for n, o in self.outcomes.items() if o.state != ActorState.STOPPED.value}
         if self.error:
             out["<run>"] = self.error
         return out
 
+    @property
+    def lost(self) -> dict[str, str]:
+        """Devices and servers that failed or died while a coordinator ran here (a subset of
+        :attr:`failures`); the coordinator decided whether the run could go on without them."""
+        if not any(o.role == "coordinator" for o in self.outcomes.values()):
+            return {}
+        return {
+            n: o.error or o.state
+            for n, o in self.outcomes.items()
+            if o.role != "coordinator" and o.state != ActorState.STOPPED.value
+        }
+
+    def line(self) -> dict[str, Any]:
+        """The one JSON line ``sft run`` and ``sft-node`` print (see :mod:`sft_actors.cli.run`)."""
+        if self.ok:
+            return {
+                "ok": True,
+                "status": self.status,
+                "elapsed_s": round(self.elapsed_s, 3),
+                "result": self.result,
+                "lost": self.lost,
+            }
+        status = self.status
+        if status == "interrupted":
+            kind, message = "Interrupted", f"run interrupted: {self.reason}"
+        else:
+            kind, message = ActorFailed.__name__, f"run failed: {self.reason}"
+        return failure_line(
+            kind, message, status=status, failures=self.failures, result=self.result, lost=self.lost
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (``result`` must be JSON-able, or is stringified by the caller's encoder)."""
+        """JSON-able form (``result`` must be JSON-able, or is stringified by the caller's encoder).
+
+        ``status`` and ``reason`` are there for readers; :meth:`from_dict` derives them again.
+        """
         return {
             "result": self.result,
             "outcomes": {
@@ -75,6 +159,9 @@ class RunResult:
             },
             "elapsed_s": self.elapsed_s,
             "error": self.error,
+            "signalled": self.signalled,
+            "status": self.status,
+            "reason": self.reason,
         }
 
     @classmethod
@@ -92,6 +179,7 @@ class RunResult:
                 outcomes=outcomes,
                 elapsed_s=float(data["elapsed_s"]),
                 error=data["error"],
+                signalled=bool(data.get("signalled", False)),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a run result: {exc!r}") from exc
@@ -99,8 +187,40 @@ class RunResult:
     def raise_for_failures(self) -> RunResult:
         if not self.ok:
             detail = "; ".join(f"{name}: {why}" for name, why in self.failures.items())
-            raise ActorFailed(f"run failed: {detail}")
+            raise ActorFailed(f"run {self.status}: {detail or self.reason}")
         return self
+
+
+def failure_line(
+    kind: str,
+    message: str,
+    *,
+    status: RunStatus = "failed",
+    failures: Mapping[str, str] | None = None,
+    result: Any = None,
+    lost: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The JSON line of a run that did not complete (``kind``: the error's class name)."""
+    return {
+        "ok": False,
+        "status": status,
+        "type": kind,
+        "error": message,
+        "failures": dict(failures or {}),
+        "result": result,
+        "lost": dict(lost or {}),
+    }
+
+
+def check_resume_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` if it can be resumed (a directory holding ``checkpoints``), else ConfigError."""
+    path = Path(run_dir)
+    if not (path / "checkpoints").is_dir():
+        raise ConfigError(
+            f"cannot resume: {path / 'checkpoints'} does not exist; pass the run directory a "
+            "previous `sft run` printed (its run_dir)"
+        )
+    return path
 
 
 async def run_topology(
@@ -113,8 +233,13 @@ async def run_topology(
     timeout_s: float | None = None,
     offload_workers: int = 2,
     handle_signals: bool = False,
+    resume_dir: str | Path | None = None,
 ) -> RunResult:
-    """Run every actor of ``topology`` in this process (what ``sft run F`` does)."""
+    """Run every actor of ``topology`` in this process (what ``sft run F`` does).
+
+    ``resume_dir``: continue the run in that directory from its last checkpoint
+    (:class:`ConfigError` before anything starts when it has no ``checkpoints``).
+    """
     with contextlib.ExitStack() as stack:
         if transport == "ipc" and ipc_dir is None:
             ipc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-"))
@@ -128,6 +253,7 @@ async def run_topology(
             timeout_s=timeout_s,
             offload_workers=offload_workers,
             handle_signals=handle_signals,
+            resume_dir=resume_dir,
         )
 
 
@@ -176,6 +302,7 @@ async def run_node(
     ipc_dir: str | Path | None = None,
     timeout_s: float | None = None,
     handle_signals: bool = True,
+    resume_dir: str | Path | None = None,
 ) -> RunResult:
     """Run the actors of one role (or one named actor) on this machine (what ``sft-node`` does)."""
     specs = select_actors(topology, role, name, host)
@@ -187,6 +314,7 @@ async def run_node(
         ipc_dir=ipc_dir,
         timeout_s=timeout_s,
         handle_signals=handle_signals,
+        resume_dir=resume_dir,
     )
 
 
@@ -201,8 +329,10 @@ async def run_actors(
     timeout_s: float | None = None,
     offload_workers: int = 2,
     handle_signals: bool = False,
+    resume_dir: str | Path | None = None,
 ) -> RunResult:
     """Start ``specs`` in one process, supervise them and shut them down in stages."""
+    resume = None if resume_dir is None else check_resume_dir(resume_dir)
     factories = role_factories({s.role for s in specs}, roles)
     own_ctx = ctx is None
     zctx = zmq.asyncio.Context() if ctx is None else ctx
@@ -217,13 +347,15 @@ async def run_actors(
         executor=executor,
         limits=wire_limits(topology),
         schema_hash=topology_schema_hash(topology),
+        resume_dir=resume,
     )
     t0 = time.perf_counter()
     error: str | None = None
+    signalled = False
     actors: list[Actor] = []
     try:
         actors = [factories[s.role](s, env) for s in specs]
-        error = await _supervise(actors, timeout_s=timeout_s, handle_signals=handle_signals)
+        error, signalled = await _supervise(actors, timeout_s=timeout_s, handle_signals=handle_signals)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         if own_ctx:
@@ -238,11 +370,23 @@ async def run_actors(
         )
         for a in actors
     }
-    return RunResult(result=result, outcomes=outcomes, elapsed_s=time.perf_counter() - t0, error=error)
+    return RunResult(
+        result=result,
+        outcomes=outcomes,
+        elapsed_s=time.perf_counter() - t0,
+        error=error,
+        signalled=signalled,
+    )
 
 
-async def _supervise(actors: list[Actor], *, timeout_s: float | None, handle_signals: bool) -> str | None:
-    """Serve all actors; stop the rest when the coordinator ends or any actor fails."""
+async def _supervise(
+    actors: list[Actor], *, timeout_s: float | None, handle_signals: bool
+) -> tuple[str | None, bool]:
+    """Serve all actors; stop the rest when the coordinator ends (or on a signal or the timeout).
+
+    A device or server that fails is left to the coordinator (it decides, by its quorum,
+    whether the run goes on). Returns (the timeout's message, whether a signal began the stop).
+    """
     error: str | None = None
     main = asyncio.current_task()
     signals = _SignalHandler(actors, main) if handle_signals else None
@@ -263,12 +407,14 @@ async def _supervise(actors: list[Actor], *, timeout_s: float | None, handle_sig
                     deadline = None
                 for task in done:
                     actor = tasks[task]
-                    if actor.state is ActorState.FAILED or actor.spec.role == "coordinator":
+                    if actor.spec.role == "coordinator":
                         _stop_all(actors, f"{actor.name} {actor.state.value}")
+                    elif actor.state is ActorState.FAILED:
+                        log.warning("actor_lost", actor=actor.name, role=actor.spec.role)
     finally:
         if signals is not None:
             signals.remove()
-    return error
+    return error, signals is not None and signals.signalled
 
 
 async def _serve(actor: Actor) -> None:
@@ -288,6 +434,8 @@ class _SignalHandler:
         self._actors = actors
         self._main = main
         self._count = 0
+        #: Set by the first signal: the run ends ``interrupted``.
+        self.signalled = False
         self._loop = asyncio.get_running_loop()
         self._installed: list[int] = []
         if threading.current_thread() is not threading.main_thread():
@@ -300,6 +448,7 @@ class _SignalHandler:
 
     def _on_signal(self, sig: int) -> None:
         self._count += 1
+        self.signalled = True
         if self._count == 1:
             log.warning("signal_stop", signal=signal.Signals(sig).name, hint="send again to force")
             _stop_all(self._actors, f"signal {signal.Signals(sig).name}")
@@ -329,8 +478,12 @@ def _terminate(ctx: zmq.asyncio.Context) -> None:
 
 
 __all__ = [
+    "RUN_STATUSES",
     "ActorOutcome",
     "RunResult",
+    "RunStatus",
+    "check_resume_dir",
+    "failure_line",
     "run_actors",
     "run_node",
     "run_topology",

@@ -32,7 +32,8 @@ class ActorEnv:
     #: Time source of heartbeats, the liveness watchdog and link pacing. Tests pass a
     #: ``ManualClock`` (``dataclasses.replace(env, clock=...)``) to drive time themselves.
     clock: Clock = SYSTEM_CLOCK
-    #: ``--resume RUN_DIR``: the coordinator continues the run from RUN_DIR's last checkpoint.
+    #: ``--resume RUN_DIR``: continue the run from RUN_DIR's last complete checkpoint (the
+    #: coordinator reads it); None starts a new run. The runtime checks it holds ``checkpoints``.
     resume_dir: Path | None = None
 
 

@@ -11,6 +11,7 @@ from sft_actors.cli.data import app as data_app
 from sft_actors.cli.model import app as model_app
 from sft_actors.cli.plan import plan_command
 from sft_actors.cli.run import run_command
+from sft_actors.cli.status import status_command
 from sft_actors.cli.topology import app as topology_app
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(topology_app, name="topology")
 app.command(name="run")(run_command)
+app.command(name="status")(status_command)
 app.add_typer(model_app, name="model")
 app.command(name="plan")(plan_command)
 

@@ -3,9 +3,14 @@
     sft-node --role device --topology topologies/lab.toml            # every device of this host
     sft-node --role server --topology topologies/lab.toml --name server
 
-Exits 0 when every actor stopped cleanly, 1 when one failed, 2 on a configuration error and
-130 when a second signal forced the stop. A coordinator's result is printed as one JSON line
-on stdout. The work is :func:`sft_actors.node_process.run_node_process` (also what
+    sft-node --role coordinator --topology topologies/lab.toml --resume runs/lab-20250101-120000
+
+Prints one JSON line on stdout, the shape ``sft run`` prints: ``ok``, ``status`` (completed,
+interrupted or failed), the coordinator's ``result`` (null on a node without one), ``lost``;
+and ``type``/``error``/``failures`` when it did not complete. Exits 0 when the run completed,
+1 when it failed, 2 on a configuration error and 130 when a signal interrupted it (one
+signal: polite staged stop; a second: forced). With ``--resume`` every node of the run gets
+the same RUN_DIR. The work is :func:`sft_actors.node_process.run_node_process` (also what
 ``run_processes`` starts); this module only parses the flags.
 """
 
@@ -38,6 +43,10 @@ def node(
     role_factory: RoleFactoryOption = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads for this process")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="stop the node after this many seconds")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint"),
+    ] = None,
     log_format: LogFormatOption = "console",
     log_level: LogLevelOption = "info",
 ) -> None:
@@ -57,6 +66,7 @@ def node(
         role_factories=role_factory or [],
         threads=threads,
         timeout_s=timeout_s,
+        resume_dir=resume,
     )
     code = run_node_process(opts, prog="sft-node")
     if code:

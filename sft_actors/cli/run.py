@@ -1,14 +1,27 @@
 """``sft run F``: a whole topology in one process (inproc) or as local processes (ipc/tcp).
 
-Either way the last line on stdout, and the only one, is one JSON object:
+Either way the last line on stdout, and the only one, is one JSON object that always has
+``ok`` and ``status``:
 
-    {"ok": true, "elapsed_s": 12.3, "result": {...the coordinator's result...}}
-    {"ok": false, "type": "ActorFailed", "error": "run failed: ...", "failures": {"dev0": "..."}}
+    {"ok": true, "status": "completed", "elapsed_s": 12.3, "result": {...}, "lost": {}}
+    {"ok": false, "status": "interrupted", "type": "Interrupted", "error": "run interrupted: ...",
+     "failures": {}, "result": {...} or null, "lost": {}}
+    {"ok": false, "status": "failed", "type": "ActorFailed", "error": "run failed: ...",
+     "failures": {"coordinator": "..."}, "result": null, "lost": {"dev0": "..."}}
 
-``type`` is the error's class name; ``failures`` maps each failed actor (``<run>`` for the run
-itself, e.g. its timeout) to why, and is empty when the run never started. Exit code: 0 on
-success; 1 when an actor or the run failed (or on an unexpected error); 2 for a configuration
-error (topology, role factory); 130 when a second signal forced the stop. Logs and per-actor
+``result`` is the coordinator's result (its ``status``/``reason`` keys, when it gives them,
+decide ``status``). ``type`` is the error's class name (``Interrupted`` for a run a signal
+stopped). ``failures`` maps every actor that did not stop cleanly (``<run>`` for the run
+itself, e.g. its timeout) to why, and is empty when the run never started. ``lost`` holds the
+devices and servers that failed or died while the coordinator went on without them: a run
+whose coordinator completed is ``completed`` even with a lost device.
+
+Exit code: 0 only when the run completed; 130 when it was interrupted (SIGINT/SIGTERM/SIGHUP:
+a polite staged stop, or a second signal that forced it); 1 when it failed (or on an
+unexpected error); 2 for a configuration error (topology, role factory, ``--resume`` without
+checkpoints). Under ``--processes`` the nodes run in their own session and this process
+forwards a signal to them, so one Ctrl-C is one polite stop. ``--resume RUN_DIR`` continues a
+run from its last checkpoint (``sft status RUN_DIR`` shows what is there). Logs and per-actor
 messages go to stderr. Bad option values are usage errors, reported by the option parser
 before anything runs.
 """
@@ -24,7 +37,7 @@ import typer
 
 from sft_actors.actors.roles import parse_role_overrides
 from sft_actors.cli.options import LogFormatOption, LogLevelOption, RoleFactoryOption, setup_logging
-from sft_actors.errors import ActorFailed, SftError
+from sft_actors.errors import SftError
 from sft_actors.log import get_logger
 from sft_actors.transport.endpoints import TRANSPORTS, Transport
 
@@ -42,6 +55,12 @@ def run_command(
     ] = None,
     role_factory: RoleFactoryOption = None,
     timeout_s: Annotated[float | None, typer.Option(help="stop the run after this many seconds")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", metavar="RUN_DIR", help="continue this run (its run_dir) from its last checkpoint"
+        ),
+    ] = None,
     log_format: LogFormatOption = "console",
     log_level: LogLevelOption = "info",
 ) -> None:
@@ -51,7 +70,7 @@ def run_command(
     if chosen not in TRANSPORTS:
         raise typer.BadParameter(f"transport must be one of {', '.join(TRANSPORTS)}")
     tp: Transport = "inproc" if chosen == "inproc" else "ipc" if chosen == "ipc" else "tcp"
-    code, line = _run(path, processes, tp, role_factory or [], timeout_s, fmt, log_level)
+    code, line = _run(path, processes, tp, role_factory or [], timeout_s, fmt, log_level, resume)
     typer.echo(json.dumps(line, default=str))
     if code:
         raise typer.Exit(code)
@@ -65,13 +84,17 @@ def _run(
     timeout_s: float | None,
     log_format: str,
     log_level: str,
+    resume: Path | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run the topology; (exit code, the JSON line). Never raises for a failed run."""
+    from sft_actors.node_process import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
     from sft_actors.processes import run_processes  # zmq, torch: loaded only when a run starts
-    from sft_actors.runtime import run_topology
+    from sft_actors.runtime import check_resume_dir, failure_line, run_topology
     from sft_actors.topology import load_topology
 
     try:
+        if resume is not None:
+            check_resume_dir(resume)
         topo = load_topology(path)
         roles = parse_role_overrides(refs)
         if processes:
@@ -83,6 +106,7 @@ def _run(
                 log_format=log_format,
                 log_level=log_level,
                 timeout_s=timeout_s,
+                resume_dir=resume,
             )
         else:
             runner = run_topology(
@@ -91,29 +115,29 @@ def _run(
                 roles=roles,
                 timeout_s=timeout_s,
                 handle_signals=True,
+                resume_dir=resume,
             )
         result = asyncio.run(runner)
     except SftError as exc:
         typer.echo(f"sft run: {exc}", err=True)
-        return 2, _failure(type(exc).__name__, str(exc))
+        return EXIT_CONFIG, failure_line(type(exc).__name__, str(exc))
     except (asyncio.CancelledError, KeyboardInterrupt) as exc:  # a second signal forced the stop
         typer.echo("sft run: forced stop", err=True)
-        return 130, _failure(type(exc).__name__, "forced stop")
+        return EXIT_INTERRUPTED, failure_line(type(exc).__name__, "forced stop", status="interrupted")
     except Exception as exc:  # a bug, not a usage error: keep the promise of one JSON line
         log.exception("run_crashed")
-        return 1, _failure(type(exc).__name__, str(exc))
+        return EXIT_FAILED, failure_line(type(exc).__name__, str(exc))
     return _outcome(result)
 
 
 def _outcome(result: RunResult) -> tuple[int, dict[str, Any]]:
-    if result.ok:
-        return 0, {"ok": True, "elapsed_s": round(result.elapsed_s, 3), "result": result.result}
-    failures = result.failures
-    for who, why in failures.items():
-        typer.echo(f"sft run: {who}: {why}", err=True)
-    detail = "; ".join(f"{who}: {why}" for who, why in failures.items())
-    return 1, _failure(ActorFailed.__name__, f"run failed: {detail}", failures)
+    from sft_actors.node_process import EXIT_CODES
 
-
-def _failure(kind: str, message: str, failures: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"ok": False, "type": kind, "error": message, "failures": failures or {}}
+    if not result.ok:
+        typer.echo(f"sft run: run {result.status}: {result.reason}", err=True)
+        for who, why in result.failures.items():
+            typer.echo(f"sft run: {who}: {why}", err=True)
+    else:
+        for who, why in result.lost.items():
+            typer.echo(f"sft run: lost {who}: {why}", err=True)
+    return EXIT_CODES[result.status], result.line()
