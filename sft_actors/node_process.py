@@ -89,7 +89,7 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
 
         torch.set_num_threads(opts.threads)
     try:
-        if opts.resume_dir is not None:
+        if opts.resume_dir is not None and opts.role == "coordinator":
             check_resume_dir(opts.resume_dir)
         # Only this node's role needs its files here (an edge host holds no dataset).
         topo = load_topology(opts.topology, roles=(opts.role,))

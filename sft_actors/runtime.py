@@ -332,7 +332,12 @@ async def run_actors(
     resume_dir: str | Path | None = None,
 ) -> RunResult:
     """Start ``specs`` in one process, supervise them and shut them down in stages."""
-    resume = None if resume_dir is None else check_resume_dir(resume_dir)
+    # Only a coordinator reads the run directory; a restarted server or device gets its state
+    # from the coordinator (RESTORE), and its host need not hold the run directory.
+    runs_coordinator = any(s.role == "coordinator" for s in specs)
+    resume = None if resume_dir is None or not runs_coordinator else check_resume_dir(resume_dir)
+    if resume_dir is not None and not runs_coordinator:
+        log.info("resume_from_coordinator", hint="this node's state comes from the coordinator's checkpoint")
     factories = role_factories({s.role for s in specs}, roles)
     own_ctx = ctx is None
     zctx = zmq.asyncio.Context() if ctx is None else ctx

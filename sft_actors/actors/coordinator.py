@@ -177,6 +177,8 @@ class CoordinatorActor(Actor):
             except ServerLost as exc:
                 self.log.warning("round_aborted", round=r, why=str(exc))
                 await self._recover_servers()
+                aborted = {"round": r, "why": str(exc), "rolled_back_to": self.store.round}
+                self.summary.rounds_aborted.append(aborted)
                 r = self.store.round + 1
                 continue
             r += 1

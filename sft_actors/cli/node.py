@@ -9,8 +9,10 @@ Prints one JSON line on stdout, the shape ``sft run`` prints: ``ok``, ``status``
 interrupted or failed), the coordinator's ``result`` (null on a node without one), ``lost``;
 and ``type``/``error``/``failures`` when it did not complete. Exits 0 when the run completed,
 1 when it failed, 2 on a configuration error and 130 when a signal interrupted it (one
-signal: polite staged stop; a second: forced). With ``--resume`` every node of the run gets
-the same RUN_DIR. The work is :func:`sft_actors.node_process.run_node_process` (also what
+signal: polite staged stop; a second: forced). ``--resume RUN_DIR`` matters to the
+coordinator, which continues the run from RUN_DIR's last checkpoint; a server or device is
+restarted as it was started (``--resume`` is accepted and not needed): the coordinator sends
+it its checkpointed state. The work is :func:`sft_actors.node_process.run_node_process` (also what
 ``run_processes`` starts); this module only parses the flags.
 """
 

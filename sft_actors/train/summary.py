@@ -120,6 +120,8 @@ class RunSummary:
     #: ``--resume`` continued after (None: a fresh run).
     checkpoint: dict[str, Any] = field(default_factory=dict)
     resumed_from: int | None = None
+    #: Rounds aborted because a server was lost mid-round: {"round", "why", "rolled_back_to"}.
+    rounds_aborted: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def devices_lost(self) -> int:
