@@ -108,7 +108,7 @@ async def test_only_the_coordinator_steers_the_server(zmq_ctx: zmq.asyncio.Conte
             ):
                 await dev.call("server", msg)  # type: ignore[arg-type]
         await coord.call("server", plan)
-        with pytest.raises(RemoteError, match="already has a plan"):
+        with pytest.raises(RemoteError, match="already has a different plan"):
             await coord.call("server", hijack)
         assert server.plan.lr == plan.lr
         up = await coord.call("server", AdaptersRequest(round=1))
