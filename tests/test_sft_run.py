@@ -368,10 +368,10 @@ async def test_a_missing_dataset_fails_the_run_with_a_clear_error(tmp_path: Path
     # devices), the run still ends with the data layer's own error, not a hang or a traceback.
     topo = load_topology(path, roles=("coordinator", "server"))
     result = await run_topology(topo, transport="inproc", timeout_s=120)
-    assert not result.ok
-    why = result.failures["coordinator"]
-    assert "DatasetNotFound" in why and str(missing) in why
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("t-*/summary.json"))
+    assert not result.ok and result.status == "failed"
+    assert "DatasetNotFound" in result.reason and str(missing) in result.reason
+    summary = json.loads((Path(result.result["run_dir"]) / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds"] == []
 
 
 @pytest.mark.asyncio

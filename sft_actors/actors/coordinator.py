@@ -57,6 +57,10 @@ from sft_actors.wire import (
 from sft_actors.wire.coded import unpack_tensor
 
 
+class SetupFailed(RuntimeFault):
+    """Devices answered their plan with an error and too few are left to train."""
+
+
 class ServerLost(RuntimeFault):
     """A server stage was lost mid-round: the round is aborted and the run rolls back."""
 
@@ -86,6 +90,7 @@ class CoordinatorActor(Actor):
         self._ended = False
         self._server_down = asyncio.Event()  # set while a server is lost mid-run
         self._relay_from: str | None = None  # sl: the device whose adapters the next one starts from
+        self._refused: dict[str, str] = {}  # device → why its last admission failed
         self._t0 = 0.0
         # Raw (uncompressed) evaluation beside the coded one, when any device codes.
         self._codes = any(not p.codec.up.is_identity for p in self._device_plans.values())
@@ -165,6 +170,8 @@ class CoordinatorActor(Actor):
         )
         await self._send_server_plans()
         await self._admit(self.members.pending, rollback=resumed is not None)
+        if not self.members.has_quorum and self._refused:  # set-up errors: waiting cannot help
+            raise next(iter(self._refused_errors()))
         self.summary.setup_s = time.perf_counter() - self._t0
         if resumed is None:
             await self._evaluate(0)
@@ -239,8 +246,13 @@ class CoordinatorActor(Actor):
             if isinstance(out, BaseException):
                 if not isinstance(out, SftError):
                     raise out
-                self.log.warning("device_not_admitted", device=d, error=f"{type(out).__name__}: {out}")
+                # It answered with an error (say, its dataset is missing): retrying cannot
+                # help until it comes back as a new session (fixed and restarted).
+                self._refused[d] = f"{type(out).__name__}: {out}"
+                self.members.link_lost(d)
+                self.log.warning("device_not_admitted", device=d, error=self._refused[d])
                 continue
+            self._refused.pop(d, None)
             self.members.admitted(d)
         self.log.info("devices_admitted", **self.members.describe())
 
@@ -271,6 +283,8 @@ class CoordinatorActor(Actor):
         deadline = self.clock.now() + budget
         while not self.members.has_quorum:
             if self.clock.now() >= deadline:
+                if self._refused:
+                    raise next(iter(self._refused_errors()))
                 raise PeerTimeout(
                     f"round {r}: {len(self.members.active)} active devices, fewer than the quorum "
                     f"min_devices = {self.members.quorum}, and none came back within rejoin_timeout_s = "
@@ -281,6 +295,16 @@ class CoordinatorActor(Actor):
                 self._peer_change.wait(), self.clock.sleep(self.settings.heartbeat_interval_s)
             )
             await self._admit(self.members.pending)
+
+    def _refused_errors(self) -> list[SetupFailed]:
+        quorum = self.members.quorum
+        return [
+            SetupFailed(
+                f"{d} could not set up its plan ({why}); {len(self.members.active)} devices are "
+                f"active, fewer than the quorum min_devices = {quorum}"
+            )
+            for d, why in self._refused.items()
+        ]
 
     # --- rounds --------------------------------------------------------------------------
     async def _round(self, r: int) -> None:
