@@ -57,8 +57,9 @@ async def run_processes(
     """Start one node process per actor of ``topology`` and wait for the coordinator's.
 
     When the coordinator's process exits, the others are stopped (SIGTERM: staged shutdown;
-    SIGKILL when they are still alive ``drain_timeout_s + 5`` seconds later), as they are at
-    ``timeout_s`` (seconds) or that grace after a signal. A process that died without
+    SIGKILL when they are still alive ``drain_timeout_s + 5`` seconds later; after a
+    coordinator that exited 0 they first get that long to leave on its SHUTDOWN), as they are
+    at ``timeout_s`` (seconds) or that grace after a signal. A process that died without
     reporting counts as failed with its exit code; a non-coordinator one is also in
     :attr:`RunResult.lost`. ``resume_dir`` is passed to every node as ``--resume``.
     ``handle_signals``: forward SIGINT/SIGTERM/SIGHUP to the nodes (see the module doc).
@@ -80,6 +81,7 @@ async def run_processes(
         procs: dict[str, asyncio.subprocess.Process] = {}
         signals = _SignalForwarder(procs, install=handle_signals)
         error = None
+        settled = False  # the coordinator's process exited 0: it has sent SHUTDOWN to the rest
         try:
             for spec in topology.actors:
                 if signals.count:
@@ -101,9 +103,13 @@ async def run_processes(
                 )
             coordinators = {a.name for a in topology.actors if a.role == "coordinator"}
             error = await _watch_processes(procs, coordinators, timeout_s, signals, grace)
+            ran = [procs[c] for c in coordinators if c in procs]
+            settled = error is None and not signals.count and all(p.returncode == 0 for p in ran)
         finally:
             signals.remove()
-            await _stop_processes(procs, grace, spare=signals.signalled_names)
+            await _stop_processes(
+                procs, grace, spare=signals.signalled_names, exit_first_s=grace if settled else 0.0
+            )
         result = _collect(topology.actors, procs, files, error, time.perf_counter() - started)
         if signals.count and not result.signalled:
             result = dataclasses.replace(result, signalled=True)
@@ -234,11 +240,20 @@ async def _watch_processes(
 
 
 async def _stop_processes(
-    procs: Mapping[str, asyncio.subprocess.Process], grace_s: float, *, spare: Collection[str] = ()
+    procs: Mapping[str, asyncio.subprocess.Process],
+    grace_s: float,
+    *,
+    spare: Collection[str] = (),
+    exit_first_s: float = 0.0,
 ) -> None:
-    """SIGTERM every live process (but those in ``spare``, already stopping after a forwarded
-    signal: another would force them); SIGKILL what is still alive ``grace_s`` later."""
+    """Give the live processes ``exit_first_s`` to exit by themselves, then SIGTERM those still
+    alive (but those in ``spare``, already stopping after a forwarded signal: another would
+    force them); SIGKILL what is still alive ``grace_s`` later."""
     alive = [p for p in procs.values() if p.returncode is None]
+    if alive and exit_first_s > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(exit_first_s):
+                await asyncio.gather(*(p.wait() for p in alive))
     for name, p in procs.items():
         if p.returncode is None and name not in spare:
             with contextlib.suppress(ProcessLookupError):

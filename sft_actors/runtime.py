@@ -356,15 +356,23 @@ async def run_actors(
     )
     t0 = time.perf_counter()
     error: str | None = None
-    signalled = False
     actors: list[Actor] = []
+    # Installed until the teardown is over: a signal then (say, the SIGTERM ``run_processes``
+    # sends once the coordinator has exited) must not kill the process before it reports.
+    signals = _SignalHandler(actors, asyncio.current_task()) if handle_signals else None
     try:
-        actors = [factories[s.role](s, env) for s in specs]
-        error, signalled = await _supervise(actors, timeout_s=timeout_s, handle_signals=handle_signals)
+        actors.extend(factories[s.role](s, env) for s in specs)
+        error = await _supervise(actors, timeout_s=timeout_s)
+        if signals is not None:
+            signals.settle()
     finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-        if own_ctx:
-            await asyncio.to_thread(_terminate, zctx)
+        try:
+            executor.shutdown(wait=False, cancel_futures=True)
+            if own_ctx:
+                await asyncio.to_thread(_terminate, zctx)
+        finally:
+            if signals is not None:
+                signals.remove()
     result = next((a.result for a in actors if a.spec.role == "coordinator"), None)
     outcomes = {
         a.name: ActorOutcome(
@@ -380,46 +388,37 @@ async def run_actors(
         outcomes=outcomes,
         elapsed_s=time.perf_counter() - t0,
         error=error,
-        signalled=signalled,
+        signalled=signals is not None and signals.signalled,
     )
 
 
-async def _supervise(
-    actors: list[Actor], *, timeout_s: float | None, handle_signals: bool
-) -> tuple[str | None, bool]:
-    """Serve all actors; stop the rest when the coordinator ends (or on a signal or the timeout).
+async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | None:
+    """Serve all actors; stop the rest when the coordinator ends (or at the timeout; a signal
+    stops them through :class:`_SignalHandler`).
 
     A device or server that fails is left to the coordinator (it decides, by its quorum,
-    whether the run goes on). Returns (the timeout's message, whether a signal began the stop).
+    whether the run goes on). Returns the timeout's message, if it passed.
     """
     error: str | None = None
-    main = asyncio.current_task()
-    signals = _SignalHandler(actors, main) if handle_signals else None
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = {tg.create_task(_serve(a)): a for a in actors}
-            pending = set(tasks)
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            while pending:
-                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, pending = await asyncio.wait(
-                    pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    error = f"run did not finish within {timeout_s}s"
-                    log.error("run_timeout", timeout_s=timeout_s)
-                    _stop_all(actors, "run timed out")
-                    deadline = None
-                for task in done:
-                    actor = tasks[task]
-                    if actor.spec.role == "coordinator":
-                        _stop_all(actors, f"{actor.name} {actor.state.value}")
-                    elif actor.state is ActorState.FAILED:
-                        log.warning("actor_lost", actor=actor.name, role=actor.spec.role)
-    finally:
-        if signals is not None:
-            signals.remove()
-    return error, signals is not None and signals.signalled
+    async with asyncio.TaskGroup() as tg:
+        tasks = {tg.create_task(_serve(a)): a for a in actors}
+        pending = set(tasks)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                error = f"run did not finish within {timeout_s}s"
+                log.error("run_timeout", timeout_s=timeout_s)
+                _stop_all(actors, "run timed out")
+                deadline = None
+            for task in done:
+                actor = tasks[task]
+                if actor.spec.role == "coordinator":
+                    _stop_all(actors, f"{actor.name} {actor.state.value}")
+                elif actor.state is ActorState.FAILED:
+                    log.warning("actor_lost", actor=actor.name, role=actor.spec.role)
+    return error
 
 
 async def _serve(actor: Actor) -> None:
@@ -433,7 +432,11 @@ def _stop_all(actors: list[Actor], reason: str) -> None:
 
 
 class _SignalHandler:
-    """First SIGINT/SIGTERM/SIGHUP: staged shutdown. Second: cancel everything now."""
+    """First SIGINT/SIGTERM/SIGHUP: staged shutdown. Second: cancel everything now.
+
+    After :meth:`settle` (every actor has stopped; the process is tearing down) a first signal
+    changes nothing: the run has already ended the way it did.
+    """
 
     def __init__(self, actors: list[Actor], main: asyncio.Task[Any] | None) -> None:
         self._actors = actors
@@ -441,6 +444,7 @@ class _SignalHandler:
         self._count = 0
         #: Set by the first signal: the run ends ``interrupted``.
         self.signalled = False
+        self._settled = False
         self._loop = asyncio.get_running_loop()
         self._installed: list[int] = []
         if threading.current_thread() is not threading.main_thread():
@@ -453,6 +457,9 @@ class _SignalHandler:
 
     def _on_signal(self, sig: int) -> None:
         self._count += 1
+        if self._count == 1 and self._settled:
+            log.info("signal_after_run", signal=signal.Signals(sig).name)
+            return
         self.signalled = True
         if self._count == 1:
             log.warning("signal_stop", signal=signal.Signals(sig).name, hint="send again to force")
@@ -461,9 +468,14 @@ class _SignalHandler:
             log.warning("signal_force", signal=signal.Signals(sig).name)
             self._main.cancel()
 
+    def settle(self) -> None:
+        """Every actor has stopped: a first signal from now on is only logged."""
+        self._settled = True
+
     def remove(self) -> None:
         for sig in self._installed:
             self._loop.remove_signal_handler(sig)
+        self._installed.clear()
 
 
 def _terminate(ctx: zmq.asyncio.Context) -> None:

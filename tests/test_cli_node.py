@@ -49,7 +49,8 @@ def test_sft_run_in_one_process() -> None:
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     line = json.loads(out.stdout.strip().splitlines()[-1])
-    assert line["ok"] is True and line["result"] == {"rounds": 2, "devices": ["dev0", "dev1"]}
+    assert line["ok"] is True and line["status"] == "completed", line
+    assert line["result"] == {"rounds": 2, "devices": ["dev0", "dev1"]}
 
 
 def test_sft_node_errors_are_clear() -> None:
