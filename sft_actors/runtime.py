@@ -56,7 +56,8 @@ RUN_STATUSES: tuple[RunStatus, ...] = ("completed", "interrupted", "failed")
 class RunResult:
     """What a run produced: the coordinator's result (if it ran here) and each actor's fate.
 
-    :attr:`status` is how the run ended: the coordinator's own word when its result is a dict
+    :attr:`status` is how the run ended: ``failed`` when the run itself erred (its timeout ran
+    out); else the coordinator's own word when its result is a dict
     with a ``"status"`` key (and ``"reason"``); otherwise ``interrupted`` when a signal began
     the stop (``signalled``), ``completed`` when the coordinator (or, on a node without one,
     every actor) stopped cleanly and the run had no error, else ``failed``. ``ok`` is
@@ -73,6 +74,8 @@ class RunResult:
 
     @property
     def status(self) -> RunStatus:
+        if self.error is not None and not self.signalled:  # e.g. --timeout-s ran out: a failure
+            return "failed"
         said = self._coordinator_says("status")
         if said in RUN_STATUSES:
             return cast(RunStatus, said)
@@ -84,6 +87,8 @@ class RunResult:
     def reason(self) -> str:
         """Why the run ended, in words (the coordinator's ``"reason"`` when it gave one)."""
         said = self._coordinator_says("reason")
+        if self.error is not None and not self.signalled:
+            return self.error
         if said is not None and self._coordinator_says("status") in RUN_STATUSES:
             return str(said)
         status = self.status

@@ -25,7 +25,6 @@ from sft_actors.topology import ActorSpec, Topology, load_topology
 from sft_actors.wire import RoundDone, RoundStart
 
 ROOT = Path(__file__).resolve().parent.parent
-COORDINATORS: list[CoordinatorActor] = []
 
 
 def _topology(tmp_path: Path, *, rounds: int = 3, extra_train: str = "", devices: int = 3) -> Topology:
@@ -41,15 +40,19 @@ def _topology(tmp_path: Path, *, rounds: int = 3, extra_train: str = "", devices
 
 
 class _Coordinator(CoordinatorActor):
-    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
-        super().__init__(spec, env)
-        COORDINATORS.append(self)
+    """Sets ``ROUNDS_CLOSED[r]`` once round ``r`` is closed, averaged and checkpointed."""
+
+    async def _round(self, r: int) -> None:
+        await super()._round(r)
+        ROUNDS_CLOSED.setdefault(r, asyncio.Event()).set()
 
 
-async def _round_recorded(n: int) -> None:
-    """Until the coordinator has recorded ``n`` rounds (bounded: the test's timeout)."""
-    while not COORDINATORS or len(COORDINATORS[-1].summary.rounds) < n:
-        await asyncio.sleep(0.02)
+ROUNDS_CLOSED: dict[int, asyncio.Event] = {}
+
+
+async def _round_closed(r: int) -> None:
+    """Until the coordinator has closed round ``r`` (bounded: the test's timeout)."""
+    await ROUNDS_CLOSED.setdefault(r, asyncio.Event()).wait()
 
 
 class FailsRoundTwo(DeviceActor):
@@ -78,7 +81,7 @@ class LateInRoundTwo(DeviceActor):
 
     async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> RoundDone:
         if msg.round == 2:
-            await _round_recorded(2)
+            await _round_closed(2)
         return await super().on_round_start(msg, ctx)
 
 
@@ -87,6 +90,10 @@ def _roles(special: dict[str, type[DeviceActor]]) -> dict[str, Any]:
         return special.get(spec.name, DeviceActor)(spec, env)
 
     return {"device": device, "coordinator": _Coordinator}
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file()
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -127,6 +134,7 @@ async def test_a_crashed_device_is_lost_and_the_run_completes_without_it(tmp_pat
 @pytest.mark.asyncio
 @pytest.mark.timeout(180)
 async def test_a_straggler_is_dropped_from_the_round_not_the_run(tmp_path: Path) -> None:
+    ROUNDS_CLOSED.clear()
     topo = _topology(tmp_path, extra_train="round_deadline_s = 3.0\n")
     result = await run_topology(topo, roles=_roles({"dev0": LateInRoundTwo}), timeout_s=150)
     assert result.ok, result.failures
@@ -144,7 +152,7 @@ async def test_below_quorum_the_run_stops_with_an_error_a_summary_and_a_checkpoi
     assert s["status"] == "failed"
     assert "quorum" in s["reason"] and "min_devices = 3" in s["reason"]
     assert s["checkpoint"]["round"] >= 1
-    assert Path(s["checkpoint"]["path"], "checkpoint.json").is_file()
+    assert _is_file(Path(s["checkpoint"]["path"], "checkpoint.json"))
     assert result.result["status"] == "failed"
     with pytest.raises(ActorFailed):
         result.raise_for_failures()

@@ -158,7 +158,8 @@ def test_resume_without_checkpoints_is_a_configuration_error(tmp_path: Path) -> 
         line = json.loads(out.stdout.strip().splitlines()[-1])
         assert line["ok"] is False and line["status"] == "failed" and line["type"] == "ConfigError"
         assert expected in line["error"], line
-    out = runner.invoke(node_app, ["--role", "coordinator", "--topology", str(TINY), "--resume", str(tmp_path)])
+    node_args = ["--role", "coordinator", "--topology", str(TINY), "--resume", str(tmp_path)]
+    out = runner.invoke(node_app, node_args)
     assert out.exit_code == 2 and expected in out.output, out.output
 
 

@@ -410,6 +410,9 @@ class ActorCore:
         actor dialled it, and tell the subclass (``on_peer_lost``)."""
         link.state = LinkState.LOST
         self._peer_change.set()
+        if self._closing:  # stopping anyway: nothing to wait for or to re-dial
+            self._fail_pending(link.peer, f"{link.peer} was lost ({reason}) while {self.name} stopped")
+            return
         silent_s = round(self.clock.now() - link.last_seen, 3)
         self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
         self._fail_pending(link.peer, f"{link.peer} was lost ({reason}, silent for {silent_s}s)")
