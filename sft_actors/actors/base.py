@@ -38,7 +38,7 @@ from sft_actors.errors import (
 )
 from sft_actors.transport.sockets import bind_router, connect_dealer
 from sft_actors.wire.envelope import encode, remote_error
-from sft_actors.wire.messages import Bye, Error, Hello, Message, R, Request, Shutdown, Welcome
+from sft_actors.wire.messages import Bye, Error, Message, R, Request, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
 
 T = TypeVar("T")
@@ -118,9 +118,17 @@ class Actor(ActorCore):
 
     async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run CPU-heavy ``fn`` in the runtime's bounded thread pool; the event loop (and
-        heartbeats) keep running meanwhile."""
+        heartbeats) keep running meanwhile. Cancelling the caller waits for ``fn`` to end."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.env.executor, functools.partial(fn, *args, **kwargs))
+        fut = loop.run_in_executor(self.env.executor, functools.partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # A thread cannot be interrupted: let the work finish before the caller unwinds, so
+            # nothing it mutates (a forward in flight, an optimizer step) lands after cleanup.
+            with contextlib.suppress(BaseException):
+                await fut
+            raise
 
     async def connect(self, peer: str) -> None:
         """Dial an addressed actor by name and complete the handshake (idempotent)."""
@@ -220,7 +228,7 @@ class Actor(ActorCore):
         self._spawn(self._recv_loop(sock, link))
         if link.paced is not None:
             self._spawn(link.paced.run())
-        hello = Hello(node=self.name, role=self.spec.role, schema_hash=self.env.schema_hash)
+        hello = self._hello()
         timeout = self.settings.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):

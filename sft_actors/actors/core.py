@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -91,6 +92,8 @@ class ActorCore:
         self._ready_reached = False
         self._closing = False
         self._uplink: Pacer | None = None
+        #: This process's session of the actor: peers tell a restart from a re-dial by it.
+        self.session_id = secrets.token_hex(8)
         self._sock_opts = SocketOptions(
             sndhwm=self.settings.hwm, rcvhwm=self.settings.hwm, linger_ms=self.settings.linger_ms
         )
@@ -154,6 +157,11 @@ class ActorCore:
         if not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()
+
+    def _hello(self) -> Hello:
+        return Hello(
+            node=self.name, role=self.spec.role, schema_hash=self.env.schema_hash, session=self.session_id
+        )
 
     def _pacer_for(self, peer: str) -> Pacer | None:
         rate = link_rate(self.topology, self.name, peer)
@@ -262,6 +270,10 @@ class ActorCore:
             self._spawn(self.on_handshake_refused(peer, exc))
             return
         assert self._router is not None
+        old = self._links.get(peer)
+        if old is not None and old.session and old.session == hello.session:
+            await self._rewelcome(old, env)  # the same process re-dialling (after a pause)
+            return
         link = PeerLink(
             peer=peer,
             socket=self._router,
@@ -271,7 +283,7 @@ class ActorCore:
             pacer=self._pacer_for(peer),
             clock=self.clock,
         )
-        old = self._links.get(peer)
+        link.session = hello.session
         self._links[peer] = link
         if old is not None:
             # The peer restarted (or re-dialled after a pause): nothing pending on the old
@@ -279,17 +291,30 @@ class ActorCore:
             self._fail_pending(peer, f"{peer} reconnected as a new session")
         if link.paced is not None:
             self._spawn(link.paced.run())
+        await self._send_welcome(link, env)
+        if old is not None:
+            self.log.info("peer_rejoined", peer=peer, was=old.state.value)
+        self._established(link)
+
+    async def _send_welcome(self, link: PeerLink, hello: Envelope) -> None:
         welcome = Welcome(
             node=self.name,
             schema_hash=self.env.schema_hash,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             credits=self.settings.link_window,
         )
-        frames = encode(welcome, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
+        frames = encode(welcome, sender=self.name, msg_id=next(self._ids), reply_to=hello.msg_id)
         await link.send(frames, paced=False)
-        if old is not None:
-            self.log.info("peer_rejoined", peer=peer, was=old.state.value)
-        self._established(link)
+
+    async def _rewelcome(self, link: PeerLink, hello: Envelope) -> None:
+        """A HELLO from the session we know: answer it; the link is what it was (a lost one
+        recovers, as on any traffic)."""
+        link.seen(0)
+        if link.state in (LinkState.LOST, LinkState.GONE):
+            link.state = LinkState.ESTABLISHED
+            self.log.info("peer_recovered", peer=link.peer)
+            self._spawn(self.on_peer_joined(link.peer))
+        await self._send_welcome(link, hello)
 
     async def _on_frames(self, link: PeerLink, frames: list[zmq.Frame], env: Envelope | None = None) -> None:
         nbytes = sum(len(f) for f in frames)
@@ -431,7 +456,7 @@ class ActorCore:
         the same one after a pause) answers WELCOME; gives up after ``rejoin_timeout_s``.
 
         Traffic alone is not enough: a restarted process rejects everything before HELLO."""
-        hello = Hello(node=self.name, role=self.spec.role, schema_hash=self.env.schema_hash)
+        hello = self._hello()
         interval = self.settings.heartbeat_interval_s
         deadline = self.clock.now() + self.settings.rejoin_timeout_s
         while self.clock.now() < deadline and not self._closing and self._links.get(link.peer) is link:

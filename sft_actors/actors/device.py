@@ -132,6 +132,10 @@ class DeviceActor(Actor):
                     tg.create_task(self._exchange(request, window, meter))
         except BaseExceptionGroup as group:  # surface the first real cause to the coordinator
             raise first_error(group) from None
+        finally:
+            # A round that failed half-way (a refused or lost micro-batch) may leave forwards
+            # whose gradient will never come; the next round starts with none in flight.
+            self.session.trainer.abandon_all()
 
     async def _forward(self, round_: int, meter: RoundMeter) -> tuple[Activations, float]:
         s = self.session

@@ -57,6 +57,8 @@ class PeerLink:
         self.bytes_in = 0
         self.messages_in = 0
         self.paced: PacedSender | None = None
+        #: The peer's process session (its HELLO's ``session``); "" until known.
+        self.session = ""
         if pacer is not None:
             self.paced = PacedSender(pacer.rate, self._send_now, pacer=pacer)
 

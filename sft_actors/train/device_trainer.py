@@ -124,6 +124,12 @@ class DeviceTrainer:
         """Drop a micro-batch whose gradient will never come (e.g. the server refused it)."""
         self._inflight.pop(step, None)
 
+    def abandon_all(self) -> int:
+        """Drop every micro-batch in flight (a round that failed half-way); returns how many."""
+        n = len(self._inflight)
+        self._inflight.clear()
+        return n
+
     # --- state (checkpoints, rejoin) ----------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the trainable parameters (``param.<name>``) and the optimizer state

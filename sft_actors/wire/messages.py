@@ -74,6 +74,9 @@ class Hello(Message):
     role: str
     schema_hash: str  # see schema.schema_hash; a mismatch is refused with SchemaMismatch
     capabilities: list[str] = field(default_factory=list)
+    # Random per process start: a HELLO with a new session is a restarted peer (nothing
+    # pending on the old one will be answered); the same session is a re-dial after a pause.
+    session: str = ""
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
