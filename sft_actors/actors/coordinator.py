@@ -160,6 +160,7 @@ class CoordinatorActor(Actor):
     async def _run(self) -> None:
         await self._gather()
         resumed = self.store.open_run_dir()
+        self._relay_from = self.store.relay_from
         self.log.info(
             "run_started",
             mode=self.train.mode,
@@ -452,6 +453,7 @@ class CoordinatorActor(Actor):
                 await self.await_return(s)
         self._server_down.clear()
         self.store.roll_back()
+        self._relay_from = self.store.relay_from
         self.log.warning("rolled_back", to_round=self.store.round)
         await self._send_server_plans()
         self.members.resync_all()
@@ -494,6 +496,7 @@ class CoordinatorActor(Actor):
     async def _checkpoint(self, r: int, devices: list[str] | None = None) -> None:
         """Every server's and the in-step devices' state, with the run's history, on disk."""
         members = self.members.active if devices is None else devices
+        self.store.relay_from = self._relay_from
         await self.store.checkpoint(r, self, devices=members, servers=self.servers)
         self._check_servers()
 

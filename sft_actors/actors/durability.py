@@ -70,6 +70,9 @@ class Durability:
         self._states: dict[str, TrainerState] = {}
         self._history: dict[str, Any] = {}
         self._adapters_at_checkpoint: dict[str, torch.Tensor] = {}
+        #: ``sl``: the device whose adapters the next one starts from (checkpointed with it).
+        self.relay_from: str | None = None
+        self._relay_at_checkpoint: str | None = None
 
     # --- opening ------------------------------------------------------------------------------
     def open_run_dir(self) -> int | None:
@@ -93,6 +96,8 @@ class Durability:
             {k[len(_AVG) :]: v for k, v in own.tensors.items() if k.startswith(_AVG)} if own else {}
         )
         self._history = dict(ckpt.meta.get("summary", {}))
+        relay = ckpt.meta.get("relay_from")
+        self._relay_at_checkpoint = relay if isinstance(relay, str) else None
         self.round = ckpt.round
         self.roll_back()
         self.summary.resumed_from = ckpt.round
@@ -131,11 +136,17 @@ class Durability:
             self._states[rep.actor] = TrainerState(tensors=tensors, counters=dict(rep.counters))
         self.round = r
         self._adapters_at_checkpoint = dict(self.device_adapters)
+        self._relay_at_checkpoint = self.relay_from
         self._history = copy.deepcopy(self.summary.to_json())
         own = TrainerState(
             tensors={_AVG + k: v for k, v in self.device_adapters.items()}, counters={"round": r}
         )
-        meta = {"schema_hash": self.env.schema_hash, "run": self.topology.run.name, "summary": self._history}
+        meta = {
+            "schema_hash": self.env.schema_hash,
+            "run": self.topology.run.name,
+            "summary": self._history,
+            "relay_from": self.relay_from,
+        }
         keep = self.topology.run.checkpoint.keep
         states = {**self._states, COORDINATOR_STATE: own}
         path = await actor.offload(
@@ -148,6 +159,7 @@ class Durability:
     def roll_back(self) -> None:
         """Back to the last checkpoint: the averaged adapters and the history it holds."""
         self.device_adapters = dict(self._adapters_at_checkpoint)
+        self.relay_from = self._relay_at_checkpoint
         if self._history:
             old = RunSummary.from_json(self._history)
             self.summary.rounds, self.summary.evals, self.summary.evals_raw = (

@@ -44,6 +44,12 @@ def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> N
         f"  train: {t.rounds} rounds × {t.steps_per_round} steps, batch {t.batch_size}, "
         f"seq {t.seq_len}, lr {t.lr}, max_inflight {t.max_inflight}, server_update {t.server_update}"
     )
+    n = len(topo.devices)
+    typer.echo(
+        f"  elastic: quorum {t.quorum(n)} of {n} devices, round deadline {t.deadline_s:g}s, "
+        f"rejoin within {run.runtime.rejoin_timeout_s:g}s, checkpoint every {run.checkpoint.every} "
+        f"round(s), keep {run.checkpoint.keep}"
+    )
     typer.echo(f"  {'actor':<16} {'role':<12} {'host':<12} {'endpoint':<24} {'split':<28} link")
     split_of = _splits(topo)
     for a in topo.actors:
