@@ -65,6 +65,11 @@ class PeerLost(PeerTimeout):
     back as a new process): no reply will come."""
 
 
+class ServerLost(RuntimeFault):
+    """A server stage was lost mid-round: the round is aborted and the run rolls back to its
+    last checkpoint once the server is back."""
+
+
 class UnknownPeer(RuntimeFault):
     """A message was addressed to, or came from, a peer that is not known."""
 

@@ -35,7 +35,7 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.membership import Membership
 from sft_actors.actors.peers import LinkState
 from sft_actors.actors.tasks import first_completed, gather_owned
-from sft_actors.errors import PeerTimeout, RuntimeFault, SftError
+from sft_actors.errors import PeerTimeout, RuntimeFault, ServerLost, SftError
 from sft_actors.plan.assign import device_plans, server_plans
 from sft_actors.topology import CODED_MODES, ActorSpec
 from sft_actors.train import modes
@@ -52,6 +52,8 @@ from sft_actors.wire import (
     RoundClose,
     RoundDone,
     RoundStart,
+    StateReport,
+    StateRequest,
     WireTensor,
 )
 from sft_actors.wire.coded import unpack_tensor
@@ -59,10 +61,6 @@ from sft_actors.wire.coded import unpack_tensor
 
 class SetupFailed(RuntimeFault):
     """Devices answered their plan with an error and too few are left to train."""
-
-
-class ServerLost(RuntimeFault):
-    """A server stage was lost mid-round: the round is aborted and the run rolls back."""
 
 
 class CoordinatorActor(Actor):
@@ -91,6 +89,7 @@ class CoordinatorActor(Actor):
         self._server_down = asyncio.Event()  # set while a server is lost mid-run
         self._relay_from: str | None = None  # sl: the device whose adapters the next one starts from
         self._refused: dict[str, str] = {}  # device → why its last admission failed
+        self._admitting: dict[str, asyncio.Task[None]] = {}
         self._t0 = 0.0
         # Raw (uncompressed) evaluation beside the coded one, when any device codes.
         self._codes = any(not p.codec.up.is_identity for p in self._device_plans.values())
@@ -234,28 +233,42 @@ class CoordinatorActor(Actor):
                     p.server, Restore(round=self.store.round, **state), timeout_s=self.round_timeout_s
                 )
 
-    async def _admit(self, devices: list[str], *, rollback: bool = False) -> None:
-        """Plan, state and adapters for ``devices`` (in parallel); each becomes active. With
+    async def _admit(
+        self, devices: list[str], *, rollback: bool = False, grace_s: float | None = None
+    ) -> None:
+        """Plan, state and adapters for ``devices``, in parallel; each becomes active. With
         ``rollback`` a device gets exactly its checkpointed state; otherwise (a rejoin) its last
-        state, then the run's current averaged adapters."""
-        if not devices:
+        state, then the run's current averaged adapters. With ``grace_s`` (seconds on the
+        clock) admissions still running then go on in the background: a device busy finishing
+        a round it was dropped from never holds up the others; it joins a later round."""
+        for d in devices:
+            task = self._admitting.get(d)
+            if task is None or task.done():
+                self._admitting[d] = self._spawn(self._admit_logged(d, rollback))
+        tasks = [self._admitting[d] for d in devices]
+        if not tasks:
             return
-        outcomes = await asyncio.gather(
-            *(self._admit_one(d, rollback=rollback) for d in devices), return_exceptions=True
-        )
-        for d, out in zip(devices, outcomes, strict=True):
-            if isinstance(out, BaseException):
-                if not isinstance(out, SftError):
-                    raise out
-                # It answered with an error (say, its dataset is missing): retrying cannot
-                # help until it comes back as a new session (fixed and restarted).
-                self._refused[d] = f"{type(out).__name__}: {out}"
-                self.members.link_lost(d)
-                self.log.warning("device_not_admitted", device=d, error=self._refused[d])
-                continue
-            self._refused.pop(d, None)
-            self.members.admitted(d)
+        everyone = asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        if grace_s is None:
+            await everyone
+        else:
+            await first_completed(everyone, self.clock.sleep(grace_s))
         self.log.info("devices_admitted", **self.members.describe())
+
+    async def _admit_logged(self, device: str, rollback: bool) -> None:
+        try:
+            await self._admit_one(device, rollback=rollback)
+        except Exception as exc:  # it answered with an error, or its link went: not admitted
+            # Say, its dataset is missing: retrying cannot help until it comes back as a new
+            # session (fixed and restarted).
+            self._refused[device] = f"{type(exc).__name__}: {exc}"
+            self.members.link_lost(device)
+            self.log.warning("device_not_admitted", device=device, error=self._refused[device])
+            if not isinstance(exc, SftError):
+                raise  # a bug: fail the coordinator loudly
+            return
+        self._refused.pop(device, None)
+        self.members.admitted(device)
 
     async def _admit_one(self, device: str, *, rollback: bool) -> None:
         t = self.round_timeout_s
@@ -274,7 +287,7 @@ class CoordinatorActor(Actor):
 
     async def _ensure_quorum(self, r: int) -> None:
         """Admit devices that (re)joined; below quorum, wait up to ``rejoin_timeout_s`` for more."""
-        await self._admit(self.members.pending)
+        await self._admit(self.members.pending, grace_s=self.settings.heartbeat_timeout_s)
         if self.members.has_quorum:
             return
         budget = self.settings.rejoin_timeout_s
@@ -292,10 +305,9 @@ class CoordinatorActor(Actor):
                     f"{budget}s; restart the lost devices and run again with --resume RUN_DIR"
                 )
             self._peer_change.clear()
-            await first_completed(
-                self._peer_change.wait(), self.clock.sleep(self.settings.heartbeat_interval_s)
-            )
-            await self._admit(self.members.pending)
+            tick = self.settings.heartbeat_interval_s
+            await first_completed(self._peer_change.wait(), self.clock.sleep(tick))
+            await self._admit(self.members.pending, grace_s=tick)
 
     def _refused_errors(self) -> list[SetupFailed]:
         quorum = self.members.quorum
@@ -347,10 +359,11 @@ class CoordinatorActor(Actor):
             seconds=round(record.seconds, 2),
         )
         last = r == self.train.rounds
+        in_step = [m.device for m in done]
         if done and not modes.sequential(self.train.mode) and (r % self.train.aggregate_every == 0 or last):
-            await self._aggregate(r, [m.device for m in done])
+            in_step = await self._aggregate(r, in_step)
         if last or r % self.topology.run.checkpoint.every == 0:
-            await self._checkpoint(r, [m.device for m in done])
+            await self._checkpoint(r, in_step)
 
     async def _run_parallel(self, r: int, active: list[str]) -> tuple[list[RoundDone], dict[str, str]]:
         """Every active device's round at once, under the deadline; (finished, dropped → why)."""
@@ -471,34 +484,61 @@ class CoordinatorActor(Actor):
         await self.call(dst, AdaptersDown(round=r, tensors=held), timeout_s=self.round_timeout_s)
         self.store.device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
 
-    async def _aggregate(self, r: int, devices: list[str]) -> None:
-        """FedAvg per block over the devices that finished round ``r`` (sample-weighted)."""
-        ups = await gather_owned(*(self._collect(d, r) for d in devices))
+    async def _aggregate(self, r: int, devices: list[str]) -> list[str]:
+        """FedAvg per block over the devices that finished round ``r`` (sample-weighted); a
+        device lost meanwhile is left out (and resynchronised when it is back). Returns the
+        devices whose adapters were averaged."""
+        ups = await self._each_device(devices, r, "averaging", lambda d: self._collect(d, r))
         contributions = [
             Contribution(
                 device=u.device,
                 n_samples=u.n_samples,
                 tensors={k: unpack_tensor(v) for k, v in u.tensors.items()},
             )
-            for u in ups
+            for u in ups.values()
         ]
+        if not contributions:
+            return []
         averaged = await self.offload(average_per_block, contributions)
         self.store.device_adapters = averaged
-        sends = []
-        for u, c in zip(ups, contributions, strict=True):
-            mine = {k: WireTensor.from_torch(averaged[k]) for k in c.tensors if k in averaged}
-            sends.append(
-                self.call(u.device, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
-            )
-        await gather_owned(*sends)
+
+        def send_back(d: str) -> Any:
+            mine = {k: WireTensor.from_torch(averaged[k]) for k in ups[d].tensors if k in averaged}
+            return self.call(d, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
+
+        synced = await self._each_device(list(ups), r, "averaging", send_back)
         self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
+        return list(synced)
+
+    async def _each_device(self, devices: list[str], r: int, stage: str, request: Any) -> dict[str, Any]:
+        """``request(device)`` for each device at once; the replies of those that answered.
+        A device that fails here is dropped (counted as lost in round ``r``'s record)."""
+        replies = await asyncio.gather(*(request(d) for d in devices), return_exceptions=True)
+        out: dict[str, Any] = {}
+        for d, rep in zip(devices, replies, strict=True):
+            if not isinstance(rep, BaseException):
+                out[d] = rep
+                continue
+            if not isinstance(rep, SftError):
+                raise rep
+            why = f"lost during {stage}: {type(rep).__name__}: {rep}"
+            self.log.warning("device_dropped", round=r, device=d, why=why)
+            self.members.dropped([d])
+            if self.summary.rounds and self.summary.rounds[-1].round == r:
+                self.summary.rounds[-1].devices_lost.setdefault(d, why)
+        return out
 
     async def _checkpoint(self, r: int, devices: list[str] | None = None) -> None:
         """Every server's and the in-step devices' state, with the run's history, on disk."""
         members = self.members.active if devices is None else devices
         self.store.relay_from = self._relay_from
-        await self.store.checkpoint(r, self, devices=members, servers=self.servers)
+        servers = await self._server_calls(StateRequest(round=r))
+        states = await self._each_device(members, r, "checkpointing", lambda d: self._state_of(d, r))
+        await self.store.checkpoint(r, self, [*servers, *states.values()])
         self._check_servers()
+
+    async def _state_of(self, device: str, r: int) -> StateReport:
+        return await self.call(device, StateRequest(round=r), timeout_s=self.round_timeout_s)
 
     # --- evaluation and results ----------------------------------------------------------------
     async def _evaluate_raw(self, r: int) -> None:

@@ -25,7 +25,7 @@ from sft_actors.train import modes
 from sft_actors.train.checkpoint import checkpoint_bytes, latest_checkpoint, write_checkpoint
 from sft_actors.train.state import TrainerState
 from sft_actors.train.summary import RunSummary, new_run_dir, write_adapters, write_summary
-from sft_actors.wire import StateReport, StateRequest, WireTensor
+from sft_actors.wire import StateReport, WireTensor
 from sft_actors.wire.coded import unpack_tensor
 
 if TYPE_CHECKING:
@@ -122,15 +122,9 @@ class Durability:
         tensors = {k: WireTensor.from_torch(v) for k, v in state.tensors.items()}
         return {"tensors": tensors, "counters": dict(state.counters)}
 
-    async def checkpoint(
-        self, r: int, actor: Actor, *, devices: Sequence[str], servers: Sequence[str]
-    ) -> Path:
-        """Ask ``devices`` and ``servers`` for their state and write checkpoint ``r``."""
-        timeout = self.topology.run.train.round_timeout_s
-        request = StateRequest(round=r)
-        reports: list[StateReport] = []
-        for peer in [*servers, *devices]:
-            reports.append(await actor.call(peer, request, timeout_s=timeout))
+    async def checkpoint(self, r: int, actor: Actor, reports: Sequence[StateReport]) -> Path:
+        """Write checkpoint ``r`` from the actors' STATE_REPORTs (an actor without a report
+        this time keeps its previous state) with the averaged adapters and the history."""
         for rep in reports:
             tensors = {k: unpack_tensor(v) for k, v in rep.tensors.items()}
             self._states[rep.actor] = TrainerState(tensors=tensors, counters=dict(rep.counters))
