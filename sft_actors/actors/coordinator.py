@@ -26,34 +26,14 @@ import asyncio
 import time
 from typing import Any
 
-from tqdm import tqdm
-
-from sft_actors.actors.base import Actor
-from sft_actors.actors.durability import Durability, deterministic
-from sft_actors.actors.env import ActorEnv
-from sft_actors.actors.handlers import MsgContext
-from sft_actors.actors.membership import Membership
-from sft_actors.actors.peers import LinkState
+from sft_actors.actors.coordinator_rounds import RoundsCoordinator
 from sft_actors.actors.tasks import first_completed, gather_owned
 from sft_actors.errors import PeerTimeout, RuntimeFault, ServerLost, SftError
-from sft_actors.plan.assign import device_plans, server_plans
-from sft_actors.topology import CODED_MODES, ActorSpec
 from sft_actors.train import modes
-from sft_actors.train.aggregate import Contribution, average_per_block, block_of
-from sft_actors.train.summary import EvalRecord, RunSummary, eval_record, median_or_zero, round_record
+from sft_actors.train.aggregate import block_of
 from sft_actors.wire import (
     AdaptersDown,
-    AdaptersRequest,
-    AdaptersUp,
-    DevicePlan,
-    EvalRequest,
-    Metrics,
     Restore,
-    RoundClose,
-    RoundDone,
-    RoundStart,
-    StateReport,
-    StateRequest,
     WireTensor,
 )
 from sft_actors.wire.coded import unpack_tensor
@@ -63,42 +43,7 @@ class SetupFailed(RuntimeFault):
     """Devices answered their plan with an error and too few are left to train."""
 
 
-class CoordinatorActor(Actor):
-    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
-        super().__init__(spec, env)
-        run = self.topology.run
-        self.train = run.train
-        self.devices = [d.name for d in self.topology.devices]
-        # The one place a run's configuration becomes what each actor does.
-        self._device_plans: dict[str, DevicePlan] = {p.device: p for p in device_plans(self.topology)}
-        # fedlora trains whole models on the devices: a server in the file takes no part.
-        whole = modes.whole_model_on_device(run.train.mode)
-        self._server_plans = [] if whole else server_plans(self.topology)
-        self.servers = [p.server for p in self._server_plans]
-        self._cuts = {d: p.cut for d, p in self._device_plans.items()}
-        self.summary = RunSummary(
-            name=run.name, mode=run.train.mode, model=run.model, devices={} if whole else dict(self._cuts)
-        )
-        self.summary.deterministic, self.summary.nondeterminism = deterministic(self.topology)
-        self.members = Membership(devices=self.devices, quorum=run.train.quorum(len(self.devices)))
-        self.store = Durability(self.topology, env, self.summary)
-        self._bar: tqdm[Any] | None = None
-        self._bar_wire = self._bar_raw = 0  # bytes on the wire / raw, this round (progress bar)
-        self._running = False
-        self._ended = False
-        self._server_down = asyncio.Event()  # set while a server is lost mid-run
-        self._relay_from: str | None = None  # sl: the device whose adapters the next one starts from
-        self._refused: dict[str, str] = {}  # device → why its last admission failed
-        self._admitting: dict[str, asyncio.Task[None]] = {}
-        self._t0 = 0.0
-        # Raw (uncompressed) evaluation beside the coded one, when any device codes.
-        self._codes = any(not p.codec.up.is_identity for p in self._device_plans.values())
-
-    @property
-    def round_timeout_s(self) -> float:
-        return self.train.round_timeout_s
-
-    # --- liveness: devices come and go; a server's loss aborts the round ----------------------
+class CoordinatorActor(RoundsCoordinator):
     async def on_peer_joined(self, peer: str) -> None:
         if not self._running:
             return
@@ -124,11 +69,6 @@ class CoordinatorActor(Actor):
             self.log.warning("server_lost", server=peer, why=why)
             self._server_down.set()
 
-    def _is_up(self, peer: str) -> bool:
-        link = self._links.get(peer)
-        return link is not None and link.state is LinkState.ESTABLISHED
-
-    # --- the run ---------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         self._t0 = time.perf_counter()
         self._running = True
@@ -180,6 +120,7 @@ class CoordinatorActor(Actor):
         r = self.store.round + 1
         while r <= self.train.rounds:
             try:
+                await self._ensure_quorum(r)
                 await self._round(r)
             except ServerLost as exc:
                 self.log.warning("round_aborted", round=r, why=str(exc))
@@ -201,7 +142,6 @@ class CoordinatorActor(Actor):
         self.summary.planner = await self.offload(self._planner_prediction)
         await self._write_results()
 
-    # --- set-up: who is here, plans, admission -------------------------------------------------
     async def _gather(self) -> None:
         """Every server; every device, or — once ``connect_timeout_s`` passed — a quorum."""
         try:
@@ -319,145 +259,6 @@ class CoordinatorActor(Actor):
             for d, why in self._refused.items()
         ]
 
-    # --- rounds --------------------------------------------------------------------------
-    async def _round(self, r: int) -> None:
-        await self._ensure_quorum(r)
-        active = self.members.active
-        self._open_bar(r, len(active))
-        started = time.perf_counter()
-        try:
-            if modes.sequential(self.train.mode):
-                done, lost = await self._run_sequential(r, active)
-            else:
-                done, lost = await self._run_parallel(r, active)
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = None
-        self._check_servers()
-        self.members.dropped(lost)
-        steps = self.train.steps_per_round * len(done)  # training micro-batches this round
-        close = RoundClose(
-            round=r,
-            n_samples=sum(m.n_samples for m in done),
-            micro_batches=steps,
-            devices=tuple(m.device for m in done),
-        )
-        await self._server_calls(close)
-        record = round_record(r, done, seconds=time.perf_counter() - started, lost=lost)
-        self.summary.rounds.append(record)
-        self.log.info(
-            "round_done",
-            round=r,
-            loss=round(record.loss, 4),
-            devices=len(done),
-            devices_lost=len(lost),
-            bytes_up=record.bytes_up,
-            bytes_down=record.bytes_down,
-            ratio_up=round(record.ratio_up, 2),
-            ratio_down=round(record.ratio_down, 2),
-            seconds=round(record.seconds, 2),
-        )
-        last = r == self.train.rounds
-        in_step = [m.device for m in done]
-        if done and not modes.sequential(self.train.mode) and (r % self.train.aggregate_every == 0 or last):
-            in_step = await self._aggregate(r, in_step)
-        if last or r % self.topology.run.checkpoint.every == 0:
-            await self._checkpoint(r, in_step)
-
-    async def _run_parallel(self, r: int, active: list[str]) -> tuple[list[RoundDone], dict[str, str]]:
-        """Every active device's round at once, under the deadline; (finished, dropped → why)."""
-        start = RoundStart(round=r)
-        calls = {
-            d: asyncio.ensure_future(self.call(d, start, timeout_s=self.round_timeout_s)) for d in active
-        }
-        deadline = asyncio.ensure_future(self.clock.sleep(self.train.deadline_s))
-        server_down = asyncio.ensure_future(self._server_down.wait())
-        try:
-            pending: set[asyncio.Future[Any]] = set(calls.values())
-            while pending and not deadline.done() and not server_down.done():
-                _, pending = await asyncio.wait(
-                    pending | {deadline, server_down}, return_when=asyncio.FIRST_COMPLETED
-                )
-                pending -= {deadline, server_down}
-        finally:
-            late = [f for f in (*calls.values(), deadline, server_down) if not f.done()]
-            for fut in late:
-                fut.cancel()
-            await asyncio.gather(*late, return_exceptions=True)  # settled before they are read
-        self._check_servers()
-        done: list[RoundDone] = []
-        lost: dict[str, str] = {}
-        for d, fut in calls.items():
-            if fut.cancelled():
-                lost[d] = f"late: not done {self.train.deadline_s}s after the round started"
-            elif fut.exception() is not None:
-                lost[d] = f"{type(fut.exception()).__name__}: {fut.exception()}"
-            else:
-                done.append(fut.result())
-        for d, why in lost.items():
-            self.log.warning("device_dropped", round=r, device=d, why=why)
-        return done, lost
-
-    async def _run_sequential(self, r: int, active: list[str]) -> tuple[list[RoundDone], dict[str, str]]:
-        """Vanilla split learning: one device after the other, each starting from the adapters
-        the previous one ended with; a device that fails is skipped."""
-        done: list[RoundDone] = []
-        lost: dict[str, str] = {}
-        for d in active:
-            try:
-                if self._relay_from is not None and self._relay_from != d:
-                    await self._relay(self._relay_from, d, r)
-                async with asyncio.timeout(self.train.deadline_s):
-                    done.append(await self.call(d, RoundStart(round=r), timeout_s=self.round_timeout_s))
-                self._relay_from = d
-            except (SftError, TimeoutError) as exc:
-                self._check_servers()
-                lost[d] = f"{type(exc).__name__}: {exc}"
-                self.log.warning("device_dropped", round=r, device=d, why=lost[d])
-        return done, lost
-
-    def _open_bar(self, r: int, devices: int) -> None:
-        self._bar_wire = self._bar_raw = 0
-        self._bar = tqdm(
-            total=self.train.steps_per_round * devices,
-            desc=f"round {r}/{self.train.rounds}",
-            unit="step",
-            leave=True,
-            disable=None,
-        )
-
-    async def on_metrics(self, msg: Metrics, ctx: MsgContext) -> None:
-        """Per-step progress from devices (fire and forget)."""
-        if self._bar is not None:
-            self._bar_wire += msg.wire_bytes
-            self._bar_raw += msg.raw_bytes
-            ratio = self._bar_raw / self._bar_wire if self._bar_wire else 1.0
-            self._bar.update(1)
-            self._bar.set_postfix(
-                loss=f"{msg.step_loss:.3f}",
-                wire=f"{self._bar_wire / 1e6:.2f}MB",
-                ratio=f"{ratio:.1f}x",
-                refresh=False,
-            )
-
-    # --- servers: calls, loss, recovery ---------------------------------------------------------
-    def _check_servers(self) -> None:
-        if self._server_down.is_set():
-            down = [s for s in self.servers if not self._is_up(s)]
-            raise ServerLost(f"server {', '.join(down) or 'stage'} was lost during the round")
-
-    async def _server_calls(self, msg: Any) -> list[Any]:
-        """The same request to every server; a lost server aborts the round (ServerLost)."""
-        try:
-            return list(
-                await gather_owned(*(self.call(s, msg, timeout_s=self.round_timeout_s) for s in self.servers))
-            )
-        except (PeerTimeout, RuntimeFault) as exc:
-            if self._server_down.is_set() or not all(self._is_up(s) for s in self.servers):
-                raise ServerLost(f"{type(exc).__name__}: {exc}") from exc
-            raise
-
     async def _recover_servers(self) -> None:
         """Wait (``rejoin_timeout_s``) for lost servers to come back, then restore every actor
         from the last checkpoint and continue after its round."""
@@ -471,143 +272,3 @@ class CoordinatorActor(Actor):
         await self._send_server_plans()
         self.members.resync_all()
         await self._admit(self.members.pending, rollback=True)
-
-    # --- adapters ------------------------------------------------------------------------
-    async def _collect(self, peer: str, r: int) -> AdaptersUp:
-        return await self.call(peer, AdaptersRequest(round=r), timeout_s=self.round_timeout_s)
-
-    async def _relay(self, src: str, dst: str, r: int) -> None:
-        """Vanilla split learning: the next device starts from the previous device's adapters."""
-        up = await self._collect(src, r)
-        cut = self._cuts[dst]
-        held = {k: v for k, v in up.tensors.items() if (block_of(k) or 0) < cut}  # blocks dst holds
-        await self.call(dst, AdaptersDown(round=r, tensors=held), timeout_s=self.round_timeout_s)
-        self.store.device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
-
-    async def _aggregate(self, r: int, devices: list[str]) -> list[str]:
-        """FedAvg per block over the devices that finished round ``r`` (sample-weighted); a
-        device lost meanwhile is left out (and resynchronised when it is back). Returns the
-        devices whose adapters were averaged."""
-        ups = await self._each_device(devices, r, "averaging", lambda d: self._collect(d, r))
-        contributions = [
-            Contribution(
-                device=u.device,
-                n_samples=u.n_samples,
-                tensors={k: unpack_tensor(v) for k, v in u.tensors.items()},
-            )
-            for u in ups.values()
-        ]
-        if not contributions:
-            return []
-        averaged = await self.offload(average_per_block, contributions)
-        self.store.device_adapters = averaged
-
-        def send_back(d: str) -> Any:
-            mine = {k: WireTensor.from_torch(averaged[k]) for k in ups[d].tensors if k in averaged}
-            return self.call(d, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
-
-        synced = await self._each_device(list(ups), r, "averaging", send_back)
-        self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
-        return list(synced)
-
-    async def _each_device(self, devices: list[str], r: int, stage: str, request: Any) -> dict[str, Any]:
-        """``request(device)`` for each device at once; the replies of those that answered.
-        A device that fails here is dropped (counted as lost in round ``r``'s record)."""
-        replies = await asyncio.gather(*(request(d) for d in devices), return_exceptions=True)
-        out: dict[str, Any] = {}
-        for d, rep in zip(devices, replies, strict=True):
-            if not isinstance(rep, BaseException):
-                out[d] = rep
-                continue
-            if not isinstance(rep, SftError):
-                raise rep
-            why = f"lost during {stage}: {type(rep).__name__}: {rep}"
-            self.log.warning("device_dropped", round=r, device=d, why=why)
-            self.members.dropped([d])
-            if self.summary.rounds and self.summary.rounds[-1].round == r:
-                self.summary.rounds[-1].devices_lost.setdefault(d, why)
-        return out
-
-    async def _checkpoint(self, r: int, devices: list[str] | None = None) -> None:
-        """Every server's and the in-step devices' state, with the run's history, on disk."""
-        members = self.members.active if devices is None else devices
-        self.store.relay_from = self._relay_from
-        servers = await self._server_calls(StateRequest(round=r))
-        states = await self._each_device(members, r, "checkpointing", lambda d: self._state_of(d, r))
-        await self.store.checkpoint(r, self, [*servers, *states.values()])
-        self._check_servers()
-
-    async def _state_of(self, device: str, r: int) -> StateReport:
-        return await self.call(device, StateRequest(round=r), timeout_s=self.round_timeout_s)
-
-    # --- evaluation and results ----------------------------------------------------------------
-    async def _evaluate_raw(self, r: int) -> None:
-        """With a codec on, also measure the model alone (activations sent uncompressed)."""
-        if self._codes:
-            rec = await self._evaluate(r, through_codec=False)
-            if rec is not None:
-                self.summary.evals_raw.append(rec)
-
-    async def _evaluate(self, r: int, *, through_codec: bool = True) -> EvalRecord | None:
-        """Held-out evaluation over the active devices' shares (a lost device's share is
-        missing from this one; ``targets`` says how much was evaluated)."""
-        request = EvalRequest(round=r, through_codec=through_codec)
-        active = self.members.active
-        replies = await asyncio.gather(
-            *(self.call(d, request, timeout_s=self.round_timeout_s) for d in active), return_exceptions=True
-        )
-        stats = [m.stats for m in replies if not isinstance(m, BaseException)]
-        failed = [d for d, m in zip(active, replies, strict=True) if isinstance(m, BaseException)]
-        for m in replies:
-            if isinstance(m, BaseException) and not isinstance(m, SftError):
-                raise m
-        self._check_servers()
-        if not stats:
-            self.log.warning("heldout_skipped", round=r, why="no device answered")
-            return None
-        rec = eval_record(r, stats)
-        if through_codec:
-            self.summary.evals.append(rec)
-        self.log.info(
-            "heldout_evaluated",
-            round=r,
-            codec=through_codec and self._codes,
-            loss=round(rec.loss, 4),
-            perplexity=None if rec.perplexity is None else round(rec.perplexity, 3),
-            accuracy=rec.accuracy,
-            targets=rec.targets,
-            devices_missing=failed or None,
-        )
-        return rec
-
-    def _planner_prediction(self) -> dict[str, Any]:
-        """The planner's per-round delay for this topology's cuts, codec and links, beside the
-        measured one: how far the delay model is from what this run saw (assumed device FLOP/s
-        and the shared CPU of a one-machine run make them differ; the gap is the point)."""
-        from sft_actors.plan.from_topology import predict_topology, problem_from_topology
-
-        measured = median_or_zero([r.seconds for r in self.summary.rounds])
-        if self.train.mode not in CODED_MODES:
-            why = (
-                f"the delay model covers sft (parallel devices, coded tensors), not mode {self.train.mode!r}"
-            )
-            return {"measured_round_s": measured, "predicted_round_s": None, "why_not": why}
-        try:
-            problem, assumed = problem_from_topology(self.topology)
-            pred = predict_topology(self.topology, problem)
-        except SftError as exc:
-            return {"measured_round_s": measured, "predicted_round_s": None, "why_not": str(exc)}
-        return {
-            "measured_round_s": measured,
-            "predicted_round_s": pred.round_delay_s,
-            "predicted_device_round_s": pred.device_round_s,
-            "assumed": assumed,
-        }
-
-    async def _write_results(self) -> None:
-        server_states: dict[str, AdaptersUp] = {}
-        for s in self.servers:
-            server_states[s] = await self._collect(s, self.train.rounds)
-        self.store.write_adapters(
-            {s: {k: unpack_tensor(v) for k, v in up.tensors.items()} for s, up in server_states.items()}
-        )
