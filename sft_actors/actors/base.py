@@ -23,8 +23,9 @@ from typing import Any, TypeVar, cast
 
 import zmq
 
-from sft_actors.actors.core import ActorCore, ActorState, MsgContext
+from sft_actors.actors.core import ActorState, MsgContext
 from sft_actors.actors.handlers import build_handler_table
+from sft_actors.actors.liveness import LiveActor
 from sft_actors.actors.peers import LinkState, PeerLink
 from sft_actors.errors import (
     ActorFailed,
@@ -45,7 +46,7 @@ T = TypeVar("T")
 _CLEANUP_TIMEOUT_S = 10.0
 
 
-class Actor(ActorCore):
+class Actor(LiveActor):
     """Base class of every actor; construct with ``(spec, env)`` and ``await serve()``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -16,7 +16,6 @@ import contextlib
 import enum
 import itertools
 import secrets
-import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -26,10 +25,8 @@ import zmq.asyncio
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import HandlerSpec, MsgContext
 from sft_actors.actors.peers import LinkState, PeerLink, link_rate
-from sft_actors.actors.tasks import first_completed
 from sft_actors.errors import (
     PeerLost,
-    PeerTimeout,
     ProtocolError,
     SftError,
     UnknownMessageKind,
@@ -42,7 +39,7 @@ from sft_actors.transport.link import Pacer
 from sft_actors.transport.sockets import SocketOptions
 from sft_actors.wire.envelope import Envelope, decode, encode, encode_error
 from sft_actors.wire.kinds import MsgKind
-from sft_actors.wire.messages import Error, Heartbeat, Hello, Message, Welcome
+from sft_actors.wire.messages import Error, Hello, Message, Welcome
 from sft_actors.wire.schema import check_schema
 
 
@@ -101,31 +98,6 @@ class ActorCore:
     # --- liveness hooks (overridden by actors) ----------------------------------------------
     async def on_peer_joined(self, peer: str) -> None:
         """A peer completed the handshake (either direction)."""
-
-    async def on_peer_lost(self, peer: str) -> None:
-        """``peer`` went silent for ``heartbeat_timeout_s`` or its connection dropped.
-
-        A lost coordinator or server may come back (restarted, or resumed after a pause): wait
-        up to ``rejoin_timeout_s`` for it (links this actor dialled are re-dialled meanwhile),
-        then fail the actor. Losing a device is the coordinator's business (it overrides this)."""
-        if peer != self.name and self.topology.actor(peer).addressed:
-            await self.await_return(peer)
-
-    async def await_return(self, peer: str) -> None:
-        """Wait until ``peer``'s link is established again; :class:`PeerTimeout` after
-        ``rejoin_timeout_s`` on the actor's clock."""
-        budget = self.settings.rejoin_timeout_s
-        deadline = self.clock.now() + budget
-        while self._links[peer].state is not LinkState.ESTABLISHED:
-            if self.clock.now() >= deadline:
-                raise PeerTimeout(
-                    f"{peer} was lost and did not come back within rejoin_timeout_s = {budget}s; "
-                    f"check that it is running and reachable (restart a coordinator with "
-                    f"--resume RUN_DIR to continue the run)"
-                )
-            self._peer_change.clear()
-            await first_completed(self._peer_change.wait(), self.clock.sleep_until(deadline))
-        self.log.info("peer_returned", peer=peer)
 
     async def on_peer_left(self, peer: str) -> None:
         """``peer`` said BYE."""
@@ -201,6 +173,12 @@ class ActorCore:
             return await fut
         finally:
             self._pending.pop(msg_id, None)
+
+    def _fail_pending(self, peer: str, why: str) -> None:
+        """Every request pending on ``peer`` fails now with :class:`PeerLost` (no reply will come)."""
+        for owner, fut in list(self._pending.values()):
+            if owner == peer and not fut.done():
+                fut.set_exception(PeerLost(why))
 
     # --- inbound path -----------------------------------------------------------------------
     async def _recv_loop(self, sock: zmq.asyncio.Socket, link: PeerLink | None) -> None:
@@ -398,83 +376,6 @@ class ActorCore:
             frames = encode_error(exc, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
             with contextlib.suppress(UnknownPeer, zmq.ZMQError):
                 await self.link(ctx.peer).send(frames, paced=False)
-
-    # --- liveness ---------------------------------------------------------------------------
-    async def _heartbeat_loop(self) -> None:
-        seq = 0
-        while True:
-            seq += 1
-            beat = Heartbeat(node=self.name, seq=seq, sent_at_ns=time.time_ns())
-            for link in list(self._links.values()):
-                if link.state in (LinkState.ESTABLISHED, LinkState.LOST):
-                    was_established = link.state is LinkState.ESTABLISHED
-                    # Heartbeats bypass link emulation: they model the control channel, and a
-                    # 40 MB activation on a slow link must not look like a dead peer.
-                    try:
-                        await link.send(encode(beat, sender=self.name, msg_id=next(self._ids)), paced=False)
-                    except UnknownPeer:
-                        # The ROUTER says the peer's connection is gone (e.g. its process was
-                        # killed): that is a lost peer too, known before the silence timeout.
-                        if was_established:
-                            self._lost(link, reason="disconnected")
-                    except zmq.ZMQError:
-                        pass
-            await self.clock.sleep(self.settings.heartbeat_interval_s)
-
-    async def _watchdog_loop(self) -> None:
-        timeout = self.settings.heartbeat_timeout_s
-        while True:
-            await self.clock.sleep(min(self.settings.heartbeat_interval_s, timeout / 4))
-            now = self.clock.now()
-            for link in list(self._links.values()):
-                if link.state is LinkState.ESTABLISHED and now - link.last_seen > timeout:
-                    self._lost(link, reason="silent")
-
-    def _lost(self, link: PeerLink, *, reason: str) -> None:
-        """Mark ``link`` lost, log it once, fail what is pending on it, re-dial it when this
-        actor dialled it, and tell the subclass (``on_peer_lost``)."""
-        link.state = LinkState.LOST
-        self._peer_change.set()
-        if self._closing:  # stopping anyway: nothing to wait for or to re-dial
-            self._fail_pending(link.peer, f"{link.peer} was lost ({reason}) while {self.name} stopped")
-            return
-        silent_s = round(self.clock.now() - link.last_seen, 3)
-        self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
-        self._fail_pending(link.peer, f"{link.peer} was lost ({reason}, silent for {silent_s}s)")
-        if link.dialled and not self._closing:
-            self._spawn(self._redial(link))
-        self._spawn(self.on_peer_lost(link.peer))
-
-    def _fail_pending(self, peer: str, why: str) -> None:
-        """Every request pending on ``peer`` fails now with :class:`PeerLost` (no reply will come)."""
-        for owner, fut in list(self._pending.values()):
-            if owner == peer and not fut.done():
-                fut.set_exception(PeerLost(why))
-
-    async def _redial(self, link: PeerLink) -> None:
-        """HELLO again, every ``heartbeat_interval_s``, until the peer (a restarted process or
-        the same one after a pause) answers WELCOME; gives up after ``rejoin_timeout_s``.
-
-        Traffic alone is not enough: a restarted process rejects everything before HELLO."""
-        hello = self._hello()
-        interval = self.settings.heartbeat_interval_s
-        deadline = self.clock.now() + self.settings.rejoin_timeout_s
-        while self.clock.now() < deadline and not self._closing and self._links.get(link.peer) is link:
-            attempt = asyncio.ensure_future(self._request(link, hello))
-            try:
-                await first_completed(asyncio.shield(attempt), self.clock.sleep(interval))
-            finally:
-                if not attempt.done():
-                    attempt.cancel()
-            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
-                env = attempt.result()
-                if isinstance(env.msg, Welcome) and env.msg.schema_hash == self.env.schema_hash:
-                    link.set_window(max(1, min(self.settings.link_window, env.msg.credits)))
-                    if link.state is not LinkState.ESTABLISHED:
-                        self._established(link)
-                    self.log.info("peer_redialled", peer=link.peer)
-                    return
-                await self.clock.sleep(interval)  # refused (say, still starting): try again
 
 
 __all__ = ["ActorCore", "ActorState", "MsgContext"]
