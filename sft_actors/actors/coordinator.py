@@ -111,7 +111,7 @@ class CoordinatorActor(Actor):
         self._peer_gone(peer, "left (BYE)")
 
     def _peer_gone(self, peer: str, why: str) -> None:
-        if not self._running:
+        if not self._running or self._ended:  # the run is over: nodes leaving is no loss
             return
         if peer in self._device_plans:
             self.members.link_lost(peer)
@@ -325,7 +325,8 @@ class CoordinatorActor(Actor):
         if done and not modes.sequential(self.train.mode) and (r % self.train.aggregate_every == 0 or last):
             await self._aggregate(r, [m.device for m in done])
         if last or r % self.topology.run.checkpoint.every == 0:
-            await self._checkpoint(r, [m.device for m in done])
+            # Not a device dropped while its adapters were averaged: its state is not this round's.
+            await self._checkpoint(r, [m.device for m in done if m.device not in record.devices_lost])
 
     async def _run_parallel(self, r: int, active: list[str]) -> tuple[list[RoundDone], dict[str, str]]:
         """Every active device's round at once, under the deadline; (finished, dropped → why)."""
@@ -447,7 +448,11 @@ class CoordinatorActor(Actor):
 
     async def _aggregate(self, r: int, devices: list[str]) -> None:
         """FedAvg per block over the devices that finished round ``r`` (sample-weighted)."""
-        ups = await gather_owned(*(self._collect(d, r) for d in devices))
+        ups = self._after_round(
+            r, devices, await asyncio.gather(*(self._collect(d, r) for d in devices), return_exceptions=True)
+        )
+        if not ups:
+            return
         contributions = [
             Contribution(
                 device=u.device,
@@ -464,13 +469,36 @@ class CoordinatorActor(Actor):
             sends.append(
                 self.call(u.device, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
             )
-        await gather_owned(*sends)
+        sent = await asyncio.gather(*sends, return_exceptions=True)
+        self._after_round(r, [u.device for u in ups], sent)
         self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
+
+    def _after_round(self, r: int, devices: list[str], outcomes: list[Any]) -> list[Any]:
+        """The results of calls to ``devices`` once round ``r`` closed (averaging). A device
+        whose call failed (lost since, or an error) is dropped as if from round ``r`` — counted
+        there, re-admitted later if it is still or again connected — instead of failing the run."""
+        kept = []
+        for d, out in zip(devices, outcomes, strict=True):
+            if not isinstance(out, BaseException):
+                kept.append(out)
+                continue
+            if not isinstance(out, SftError):
+                raise out
+            why = f"{type(out).__name__}: {out}"
+            self.members.dropped([d])
+            self.summary.rounds[-1].devices_lost.setdefault(d, why)
+            self.log.warning("device_dropped", round=r, device=d, why=why)
+        return kept
 
     async def _checkpoint(self, r: int, devices: list[str] | None = None) -> None:
         """Every server's and the in-step devices' state, with the run's history, on disk."""
         members = self.members.active if devices is None else devices
-        await self.store.checkpoint(r, self, devices=members, servers=self.servers)
+        try:
+            await self.store.checkpoint(r, self, devices=members, servers=self.servers)
+        except (PeerTimeout, RuntimeFault) as exc:  # a device's failure is not raised (kept state)
+            if self._server_down.is_set() or not all(self._is_up(s) for s in self.servers):
+                raise ServerLost(f"{type(exc).__name__}: {exc}") from exc
+            raise
         self._check_servers()
 
     # --- evaluation and results ----------------------------------------------------------------

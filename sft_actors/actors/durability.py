@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sft_actors.actors.env import ActorEnv
-from sft_actors.errors import ConfigError
+from sft_actors.errors import ConfigError, SftError
 from sft_actors.log import get_logger
 from sft_actors.topology import Topology
 from sft_actors.train import modes
@@ -120,12 +120,21 @@ class Durability:
     async def checkpoint(
         self, r: int, actor: Actor, *, devices: Sequence[str], servers: Sequence[str]
     ) -> Path:
-        """Ask ``devices`` and ``servers`` for their state and write checkpoint ``r``."""
+        """Ask ``devices`` and ``servers`` for their state and write checkpoint ``r``. A server
+        that does not answer fails the checkpoint; a device that does not (lost since the round)
+        keeps its previous state in it."""
         timeout = self.topology.run.train.round_timeout_s
         request = StateRequest(round=r)
         reports: list[StateReport] = []
         for peer in [*servers, *devices]:
-            reports.append(await actor.call(peer, request, timeout_s=timeout))
+            try:
+                reports.append(await actor.call(peer, request, timeout_s=timeout))
+            except SftError as exc:
+                if peer in servers:
+                    raise
+                actor.log.warning(
+                    "checkpoint_kept_device_state", round=r, device=peer, error=f"{type(exc).__name__}: {exc}"
+                )
         for rep in reports:
             tensors = {k: unpack_tensor(v) for k, v in rep.tensors.items()}
             self._states[rep.actor] = TrainerState(tensors=tensors, counters=dict(rep.counters))
