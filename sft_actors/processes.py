@@ -78,6 +78,7 @@ async def run_processes(
         out_dir.mkdir()
         files = {spec.name: out_dir / f"{i}.json" for i, spec in enumerate(topology.actors)}
         procs: dict[str, asyncio.subprocess.Process] = {}
+        error: str | None = "not started"
         signals = _SignalForwarder(procs, install=handle_signals)
         error = None
         try:
@@ -103,7 +104,10 @@ async def run_processes(
             error = await _watch_processes(procs, coordinators, timeout_s, signals, grace)
         finally:
             signals.remove()
-            await _stop_processes(procs, grace, spare=signals.signalled_names)
+            # The coordinator ended the run: the others got SHUTDOWN and are stopping; a SIGTERM
+            # now would kill one whose handlers are already gone (exit -15, counted as lost).
+            settle = grace if error is None and not signals.count else 0.0
+            await _stop_processes(procs, grace, spare=signals.signalled_names, settle_s=settle)
         result = _collect(topology.actors, procs, files, error, time.perf_counter() - started)
         if signals.count and not result.signalled:
             result = dataclasses.replace(result, signalled=True)
@@ -234,11 +238,21 @@ async def _watch_processes(
 
 
 async def _stop_processes(
-    procs: Mapping[str, asyncio.subprocess.Process], grace_s: float, *, spare: Collection[str] = ()
+    procs: Mapping[str, asyncio.subprocess.Process],
+    grace_s: float,
+    *,
+    spare: Collection[str] = (),
+    settle_s: float = 0.0,
 ) -> None:
-    """SIGTERM every live process (but those in ``spare``, already stopping after a forwarded
-    signal: another would force them); SIGKILL what is still alive ``grace_s`` later."""
+    """After up to ``settle_s`` for them to exit on their own: SIGTERM every live process (but
+    those in ``spare``, already stopping after a forwarded signal: another would force them);
+    SIGKILL what is still alive ``grace_s`` later."""
     alive = [p for p in procs.values() if p.returncode is None]
+    if alive and settle_s > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settle_s):
+                await asyncio.gather(*(p.wait() for p in alive))
+        alive = [p for p in alive if p.returncode is None]
     for name, p in procs.items():
         if p.returncode is None and name not in spare:
             with contextlib.suppress(ProcessLookupError):

@@ -48,7 +48,7 @@ class _Coordinator(CoordinatorActor):
 
 async def _round_recorded(n: int) -> None:
     """Until the coordinator has recorded ``n`` rounds (bounded: the test's timeout)."""
-    while not COORDINATORS or len(COORDINATORS[-1].summary.rounds) < n:
+    while not COORDINATORS or len(COORDINATORS[-1].summary.rounds) < n:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
 
 
@@ -144,7 +144,7 @@ async def test_below_quorum_the_run_stops_with_an_error_a_summary_and_a_checkpoi
     assert s["status"] == "failed"
     assert "quorum" in s["reason"] and "min_devices = 3" in s["reason"]
     assert s["checkpoint"]["round"] >= 1
-    assert Path(s["checkpoint"]["path"], "checkpoint.json").is_file()
+    assert Path(s["checkpoint"]["path"], "checkpoint.json").is_file()  # noqa: ASYNC240
     assert result.result["status"] == "failed"
     with pytest.raises(ActorFailed):
         result.raise_for_failures()

@@ -102,7 +102,8 @@ async def test_bad_micro_batches_are_refused_and_change_nothing(
 async def test_only_the_coordinator_steers_the_server(zmq_ctx: zmq.asyncio.Context) -> None:
     async with head_server(zmq_ctx) as (coord, server, dev, plan):
         hijack = dataclasses.replace(plan, lr=1e6)
-        for msg in (hijack, RoundClose(round=1, n_samples=2, micro_batches=1, devices=("dev0",)), AdaptersRequest(round=1)):
+        close = RoundClose(round=1, n_samples=2, micro_batches=1, devices=("dev0",))
+        for msg in (hijack, close, AdaptersRequest(round=1)):
             with pytest.raises(
                 RemoteError, match="is the coordinator's to send; 'dev0' is not 'coordinator'"
             ):
