@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny", choices=sorted(MODELS))
     p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=8, help="rounds of each run (≥ 3: rounds 3.. are timed)")
+    p.add_argument("--rounds", type=int, default=20, help="rounds of each run (≥ 3: rounds 3.. are timed)")
     p.add_argument("--repeats", type=int, default=3, help="devices that fall silent (detection samples)")
     p.add_argument("--lost", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=2)
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             FAULTS.clear()
             devices = len(MODELS[a.model][1]) if a.model != "llama-tiny" else a.devices
             _, result, _, _ = run(a, work, "checkpoint", devices=devices, rounds=1)
-            out["devices"] = devices
+            out["devices"], out["rounds"] = devices, 1
             out["checkpoint"] = checkpoint_size(Path(result.result["run_dir"]))
         else:
             out["detect"] = bench_detect(a, work)
