@@ -177,8 +177,6 @@ def run_mode(a: argparse.Namespace, mode: str, work: Path) -> dict[str, Any]:
     }
 
 
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")

@@ -44,8 +44,6 @@ from sft_actors.wire.tensors import WireTensor
 SHARED: dict[str, Any] = {}  # the frozen base model and the batch, shared by every actor
 
 
-
-
 def rss_mb() -> float:
     """Current resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:

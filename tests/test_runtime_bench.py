@@ -68,3 +68,22 @@ def test_scale_bench_smoke() -> None:
     growth = (r["rss_round_mb"] - r["rss_before_mb"]) / 4
     assert r["extra_rss_mb_per_device"] == pytest.approx(growth, rel=1e-9)
     assert r["connect_s"] + r["round_s"] <= r["total_s"]  # both happen inside the timed run
+
+
+def test_faults_bench_smoke() -> None:
+    r = run_bench("faults.py", "--devices", "3", "--rounds", "3", "--repeats", "1")
+    assert (r["model"], r["devices"], r["rounds"]) == ("llama-tiny", 3, 3)
+    d = r["detect"]
+    assert d["repeats"] == len(d["latencies_s"]) == 1 and d["median_s"] == d["latencies_s"][0]
+    assert d["median_timeouts"] == pytest.approx(d["median_s"] / d["heartbeat_timeout_s"], rel=1e-9)
+    rows = r["loss"]
+    assert [(row["lost"], row["clean_devices"]) for row in rows] == [(0, 3), (1, 2), (2, 1)]
+    for row in rows:
+        assert row["lost_devices"] == [f"dev{i}" for i in range(row["lost"])]
+        assert row["ratio"] == pytest.approx(row["round_s_median"] / row["clean_round_s_median"], rel=1e-9)
+    assert r["max_loss_ratio"] == max(row["ratio"] for row in rows[1:])
+    c = r["checkpoint"]
+    assert c["round"] == 3 and c["bytes"] == sum(c["files"].values())
+    actors = ["coordinator", "dev0", "dev1", "dev2", "server"]
+    assert sorted(c["files"]) == ["checkpoint.json", *(f"{a}.safetensors" for a in actors)]
+    assert r["resume"]["resumed_from"] == 3

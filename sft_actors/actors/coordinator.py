@@ -60,7 +60,7 @@ class CoordinatorActor(RoundsCoordinator):
         self._peer_gone(peer, "left (BYE)")
 
     def _peer_gone(self, peer: str, why: str) -> None:
-        if not self._running:
+        if not self._running or self._ended:  # the run is over: nodes leaving is no loss
             return
         if peer in self._device_plans:
             self.members.link_lost(peer)
