@@ -87,8 +87,10 @@ class TimedCoordinator(CoordinatorActor):
         REC.setdefault("lost_at", {}).setdefault(peer, time.perf_counter())
         await super().on_peer_lost(peer)
 
-    async def _admit(self, devices: list[str], *, rollback: bool = False) -> None:
-        await super()._admit(devices, rollback=rollback)
+    async def _admit(
+        self, devices: list[str], *, rollback: bool = False, grace_s: float | None = None
+    ) -> None:
+        await super()._admit(devices, rollback=rollback, grace_s=grace_s)
         REC.setdefault("admitted_at", time.perf_counter())
 
     async def _round(self, r: int) -> None:
