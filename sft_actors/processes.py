@@ -78,6 +78,12 @@ async def run_processes(
         out_dir = Path(ipc_dir) / "outcomes"
         out_dir.mkdir()
         files = {spec.name: out_dir / f"{i}.json" for i, spec in enumerate(topology.actors)}
+        common = [
+            "--topology", str(topology_path), "--transport", transport, "--ipc-dir", ipc_dir,
+            "--threads", str(threads_per_process), "--log-format", log_format, "--log-level", log_level,
+            *(a for ref in role_factories for a in ("--role-factory", ref)),
+            *(("--resume", str(resume)) if resume is not None else ()),
+        ]  # fmt: skip
         procs: dict[str, asyncio.subprocess.Process] = {}
         signals = _SignalForwarder(procs, install=handle_signals)
         error = None
@@ -86,21 +92,7 @@ async def run_processes(
             for spec in topology.actors:
                 if signals.count:
                     break  # interrupted while starting: start no more
-                args = [
-                    sys.executable, "-m", node_process.__name__, "--role", spec.role,
-                    "--topology", str(topology_path), "--name", spec.name, "--transport", transport,
-                    "--ipc-dir", ipc_dir, "--threads", str(threads_per_process),
-                    "--log-format", log_format, "--log-level", log_level,
-                    "--outcome-file", str(files[spec.name]),
-                ]  # fmt: skip
-                for ref in role_factories:
-                    args += ["--role-factory", ref]
-                if resume is not None:
-                    args += ["--resume", str(resume)]
-                # Own session: a terminal's SIGINT reaches only this process (it forwards).
-                procs[spec.name] = await asyncio.create_subprocess_exec(
-                    *args, stdout=_STDERR_FD, start_new_session=True
-                )
+                procs[spec.name] = await _start_node(spec, [*common, "--outcome-file", str(files[spec.name])])
             coordinators = {a.name for a in topology.actors if a.role == "coordinator"}
             error = await _watch_processes(procs, coordinators, timeout_s, signals, grace)
             ran = [procs[c] for c in coordinators if c in procs]
@@ -114,6 +106,13 @@ async def run_processes(
         if signals.count and not result.signalled:
             result = dataclasses.replace(result, signalled=True)
         return result
+
+
+async def _start_node(spec: ActorSpec, args: Sequence[str]) -> asyncio.subprocess.Process:
+    """One ``node_process`` for ``spec``, in its own session: a terminal's SIGINT reaches only
+    this process, which forwards it."""
+    argv = [sys.executable, "-m", node_process.__name__, "--role", spec.role, "--name", spec.name, *args]
+    return await asyncio.create_subprocess_exec(*argv, stdout=_STDERR_FD, start_new_session=True)
 
 
 class _SignalForwarder:

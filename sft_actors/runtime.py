@@ -19,11 +19,10 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -33,199 +32,19 @@ from sft_actors.actors.env import ActorEnv, topology_schema_hash, wire_limits
 from sft_actors.actors.roles import RoleFactories, role_factories
 from sft_actors.errors import ActorFailed, ConfigError
 from sft_actors.log import get_logger
+from sft_actors.outcome import (
+    RUN_STATUSES,
+    ActorOutcome,
+    RunResult,
+    RunStatus,
+    check_resume_dir,
+    failure_line,
+)
 from sft_actors.topology import ActorSpec, Topology
 from sft_actors.transport.endpoints import Endpoints, Transport
 
 _TERM_TIMEOUT_S = 5.0
 log = get_logger(component="runtime")
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class ActorOutcome:
-    name: str
-    role: str
-    state: str
-    error: str | None = None
-
-
-RunStatus = Literal["completed", "interrupted", "failed"]
-RUN_STATUSES: tuple[RunStatus, ...] = ("completed", "interrupted", "failed")
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class RunResult:
-    """What a run produced: the coordinator's result (if it ran here) and each actor's fate.
-
-    :attr:`status` is how the run ended: ``failed`` when the run itself erred (its timeout ran
-    out); else the coordinator's own word when its result is a dict
-    with a ``"status"`` key (and ``"reason"``); otherwise ``interrupted`` when a signal began
-    the stop (``signalled``), ``completed`` when the coordinator (or, on a node without one,
-    every actor) stopped cleanly and the run had no error, else ``failed``. ``ok`` is
-    ``status == "completed"``: a device lost on the way (see :attr:`lost`) does not fail a run
-    whose coordinator completed it.
-    """
-
-    result: Any
-    outcomes: Mapping[str, ActorOutcome] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-    error: str | None = None
-    #: A signal (SIGINT/SIGTERM/SIGHUP) began the stop.
-    signalled: bool = False
-
-    @property
-    def status(self) -> RunStatus:
-        if self.error is not None and not self.signalled:  # e.g. --timeout-s ran out: a failure
-            return "failed"
-        said = self._coordinator_says("status")
-        if said in RUN_STATUSES:
-            return cast(RunStatus, said)
-        if self.signalled:
-            return "interrupted"
-        return "completed" if self._clean else "failed"
-
-    @property
-    def reason(self) -> str:
-        """Why the run ended, in words (the coordinator's ``"reason"`` when it gave one)."""
-        said = self._coordinator_says("reason")
-        if self.error is not None and not self.signalled:
-            return self.error
-        if said is not None and self._coordinator_says("status") in RUN_STATUSES:
-            return str(said)
-        status = self.status
-        if status == "interrupted":
-            return "stopped by a signal"
-        if status == "completed":
-            return "completed"
-        return "; ".join(f"{who}: {why}" for who, why in self.failures.items()) or "failed"
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "completed"
-
-    @property
-    def _clean(self) -> bool:
-        if self.error is not None:
-            return False
-        coordinators = [o for o in self.outcomes.values() if o.role == "coordinator"]
-        judged = coordinators or list(self.outcomes.values())
-        return all(o.state == ActorState.STOPPED.value for o in judged)
-
-    def _coordinator_says(self, key: str) -> Any:
-        return self.result.get(key) if isinstance(self.result, Mapping) else None
-
-    @property
-    def failures(self) -> dict[str, str]:
-        """Every actor that did not stop cleanly (``<run>`` for the run itself, e.g. its timeout)."""
-        out = {n: o.error or o.state for n, o in self.outcomes.items() if o.state != ActorState.STOPPED.value}
-        if self.error:
-            out["<run>"] = self.error
-        return out
-
-    @property
-    def lost(self) -> dict[str, str]:
-        """Devices and servers that failed or died while a coordinator ran here (a subset of
-        :attr:`failures`); the coordinator decided whether the run could go on without them."""
-        if not any(o.role == "coordinator" for o in self.outcomes.values()):
-            return {}
-        return {
-            n: o.error or o.state
-            for n, o in self.outcomes.items()
-            if o.role != "coordinator" and o.state != ActorState.STOPPED.value
-        }
-
-    def line(self) -> dict[str, Any]:
-        """The one JSON line ``sft run`` and ``sft-node`` print (see :mod:`sft_actors.cli.run`)."""
-        if self.ok:
-            return {
-                "ok": True,
-                "status": self.status,
-                "elapsed_s": round(self.elapsed_s, 3),
-                "result": self.result,
-                "lost": self.lost,
-            }
-        status = self.status
-        if status == "interrupted":
-            kind, message = "Interrupted", f"run interrupted: {self.reason}"
-        else:
-            kind, message = ActorFailed.__name__, f"run failed: {self.reason}"
-        return failure_line(
-            kind, message, status=status, failures=self.failures, result=self.result, lost=self.lost
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (``result`` must be JSON-able, or is stringified by the caller's encoder).
-
-        ``status`` and ``reason`` are there for readers; :meth:`from_dict` derives them again.
-        """
-        return {
-            "result": self.result,
-            "outcomes": {
-                n: {"role": o.role, "state": o.state, "error": o.error} for n, o in self.outcomes.items()
-            },
-            "elapsed_s": self.elapsed_s,
-            "error": self.error,
-            "signalled": self.signalled,
-            "status": self.status,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunResult:
-        """Inverse of :meth:`to_dict`; :class:`ValueError` when ``data`` does not have its shape."""
-        try:
-            outcomes = {
-                str(n): ActorOutcome(
-                    name=str(n), role=str(o["role"]), state=str(o["state"]), error=o["error"]
-                )
-                for n, o in data["outcomes"].items()
-            }
-            return cls(
-                result=data["result"],
-                outcomes=outcomes,
-                elapsed_s=float(data["elapsed_s"]),
-                error=data["error"],
-                signalled=bool(data.get("signalled", False)),
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"not a run result: {exc!r}") from exc
-
-    def raise_for_failures(self) -> RunResult:
-        if not self.ok:
-            detail = "; ".join(f"{name}: {why}" for name, why in self.failures.items())
-            raise ActorFailed(f"run {self.status}: {detail or self.reason}")
-        return self
-
-
-def failure_line(
-    kind: str,
-    message: str,
-    *,
-    status: RunStatus = "failed",
-    failures: Mapping[str, str] | None = None,
-    result: Any = None,
-    lost: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """The JSON line of a run that did not complete (``kind``: the error's class name)."""
-    return {
-        "ok": False,
-        "status": status,
-        "type": kind,
-        "error": message,
-        "failures": dict(failures or {}),
-        "result": result,
-        "lost": dict(lost or {}),
-    }
-
-
-def check_resume_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` if it can be resumed (a directory holding ``checkpoints``), else ConfigError."""
-    path = Path(run_dir)
-    if not (path / "checkpoints").is_dir():
-        raise ConfigError(
-            f"cannot resume: {path / 'checkpoints'} does not exist; pass the run directory a "
-            "previous `sft run` printed (its run_dir)"
-        )
-    return path
 
 
 async def run_topology(
@@ -337,12 +156,7 @@ async def run_actors(
     resume_dir: str | Path | None = None,
 ) -> RunResult:
     """Start ``specs`` in one process, supervise them and shut them down in stages."""
-    # Only a coordinator reads the run directory; a restarted server or device gets its state
-    # from the coordinator (RESTORE), and its host need not hold the run directory.
-    runs_coordinator = any(s.role == "coordinator" for s in specs)
-    resume = None if resume_dir is None or not runs_coordinator else check_resume_dir(resume_dir)
-    if resume_dir is not None and not runs_coordinator:
-        log.info("resume_from_coordinator", hint="this node's state comes from the coordinator's checkpoint")
+    resume = _resume_dir(specs, resume_dir)
     factories = role_factories({s.role for s in specs}, roles)
     own_ctx = ctx is None
     zctx = zmq.asyncio.Context() if ctx is None else ctx
@@ -378,23 +192,30 @@ async def run_actors(
         finally:
             if signals is not None:
                 signals.remove()
-    result = next((a.result for a in actors if a.spec.role == "coordinator"), None)
-    outcomes = {
-        a.name: ActorOutcome(
-            name=a.name,
-            role=a.spec.role,
-            state=a.state.value,
-            error=None if a.error is None else f"{type(a.error).__name__}: {a.error}",
-        )
-        for a in actors
-    }
     return RunResult(
-        result=result,
-        outcomes=outcomes,
+        result=next((a.result for a in actors if a.spec.role == "coordinator"), None),
+        outcomes={a.name: _outcome(a) for a in actors},
         elapsed_s=time.perf_counter() - t0,
         error=error,
         signalled=signals is not None and signals.signalled,
     )
+
+
+def _resume_dir(specs: Sequence[ActorSpec], resume_dir: str | Path | None) -> Path | None:
+    """The run directory to resume, checked, when this node runs the coordinator: only it reads
+    the directory; a restarted server or device gets its state from the coordinator (RESTORE),
+    and its host need not hold the directory."""
+    if resume_dir is None:
+        return None
+    if not any(s.role == "coordinator" for s in specs):
+        log.info("resume_from_coordinator", hint="this node's state comes from the coordinator's checkpoint")
+        return None
+    return check_resume_dir(resume_dir)
+
+
+def _outcome(actor: Actor) -> ActorOutcome:
+    error = None if actor.error is None else f"{type(actor.error).__name__}: {actor.error}"
+    return ActorOutcome(name=actor.name, role=actor.spec.role, state=actor.state.value, error=error)
 
 
 async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | None:
