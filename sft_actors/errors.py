@@ -46,6 +46,11 @@ class ProtocolViolation(ProtocolError):
     the server's first block, a gradient for a micro-batch that is not in flight."""
 
 
+class NotWelcomed(ProtocolError):
+    """A message from a peer this actor has no handshake with (it must say HELLO first). A
+    dialling peer that gets it back knows the actor it dialled restarted and forgot it."""
+
+
 # --- codec -----------------------------------------------------------------------------
 class CodecError(SftError):
     """A tensor cannot be encoded (e.g. NaN/inf) or a payload cannot be decoded."""

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -280,6 +281,9 @@ class _SignalHandler:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
                 self._installed.append(sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # a node that seems stuck
+            self._loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+            self._installed.append(signal.SIGUSR1)
 
     def _on_signal(self, sig: int) -> None:
         self._count += 1
@@ -302,6 +306,16 @@ class _SignalHandler:
         for sig in self._installed:
             self._loop.remove_signal_handler(sig)
         self._installed.clear()
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: every asyncio task's stack to stderr (``kill -USR1 PID`` on a node that seems
+    stuck shows what each actor is waiting for)."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} asyncio tasks (SIGUSR1) ---", file=sys.stderr)
+    for task in tasks:
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _terminate(ctx: zmq.asyncio.Context) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from sft_actors.actors.coordinator_rounds import RoundsCoordinator
 from sft_actors.actors.tasks import first_completed, gather_owned
-from sft_actors.errors import PeerTimeout, RuntimeFault, ServerLost, SftError
+from sft_actors.errors import PeerTimeout, RemoteError, RuntimeFault, ServerLost, SftError
 from sft_actors.train import modes
 from sft_actors.train.aggregate import block_of
 from sft_actors.wire import (
@@ -50,8 +50,11 @@ class CoordinatorActor(RoundsCoordinator):
         if peer in self._device_plans:
             self.members.joined(peer)
             self.log.info("device_joined", device=peer, **self.members.describe())
-        elif peer in self.servers and all(self._is_up(s) for s in self.servers):
-            self._server_down.clear()
+        elif peer in self.servers and self._planned and not self._recovering:
+            # Back from a pause, or restarted before it was found silent: its state is unknown
+            # (a restarted one has none), so the round in progress is aborted and rolled back.
+            self.log.warning("server_rejoined", server=peer)
+            self._server_down.set()
 
     async def on_peer_lost(self, peer: str) -> None:
         self._peer_gone(peer, "lost")
@@ -109,6 +112,7 @@ class CoordinatorActor(RoundsCoordinator):
             resumed_from=resumed,
         )
         await self._send_server_plans()
+        self._planned = True  # from now on a server that (re)joins must be restored
         await self._admit(self.members.pending, rollback=resumed is not None)
         if not self.members.has_quorum and self._refused:  # set-up errors: waiting cannot help
             raise next(iter(self._refused_errors()))
@@ -199,14 +203,18 @@ class CoordinatorActor(RoundsCoordinator):
         try:
             await self._admit_one(device, rollback=rollback)
         except Exception as exc:  # it answered with an error, or its link went: not admitted
-            # Say, its dataset is missing: retrying cannot help until it comes back as a new
-            # session (fixed and restarted).
-            self._refused[device] = f"{type(exc).__name__}: {exc}"
-            self.members.link_lost(device)
-            self.log.warning("device_not_admitted", device=device, error=self._refused[device])
+            why = f"{type(exc).__name__}: {exc}"
+            self.log.warning("device_not_admitted", device=device, error=why)
             if not isinstance(exc, SftError):
                 raise  # a bug: fail the coordinator loudly
-            return
+            if isinstance(exc, RemoteError):
+                # It refused (say, its dataset is missing): retrying cannot help until it
+                # comes back as a new session, fixed and restarted.
+                self._refused[device] = why
+                self.members.link_lost(device)
+            elif not self._is_up(device):
+                self.members.link_lost(device)
+            return  # otherwise still pending: tried again at the next round
         self._refused.pop(device, None)
         self.members.admitted(device)
 
@@ -260,12 +268,29 @@ class CoordinatorActor(RoundsCoordinator):
         ]
 
     async def _recover_servers(self) -> None:
-        """Wait (``rejoin_timeout_s``) for lost servers to come back, then restore every actor
-        from the last checkpoint and continue after its round."""
-        for s in self.servers:
-            if not self._is_up(s):
-                await self.await_return(s)
-        self._server_down.clear()
+        """Wait (``rejoin_timeout_s`` each time) for lost servers to come back, then restore
+        every actor from the last checkpoint and continue after its round. A server lost again
+        meanwhile starts it over."""
+        self._recovering = True
+        try:
+            while True:
+                for s in self.servers:
+                    if not self._is_up(s):
+                        await self.await_return(s)
+                try:
+                    await self._roll_back()
+                except (PeerTimeout, RuntimeFault) as exc:
+                    if all(self._is_up(s) for s in self.servers):
+                        raise
+                    self.log.warning("recovery_interrupted", why=f"{type(exc).__name__}: {exc}")
+                    continue
+                if all(self._is_up(s) for s in self.servers):
+                    self._server_down.clear()
+                    return
+        finally:
+            self._recovering = False
+
+    async def _roll_back(self) -> None:
         self.store.roll_back()
         self._relay_from = self.store.relay_from
         self.log.warning("rolled_back", to_round=self.store.round)

@@ -56,6 +56,8 @@ class CoordinatorBase(Actor):
         self._running = False
         self._ended = False
         self._server_down = asyncio.Event()  # set while a server is lost mid-run
+        self._recovering = False  # restoring servers and devices from the last checkpoint
+        self._planned = False  # the servers have their plans (the run has started)
         self._relay_from: str | None = None  # sl: the device whose adapters the next one starts from
         self._refused: dict[str, str] = {}  # device → why its last admission failed
         self._admitting: dict[str, asyncio.Task[None]] = {}

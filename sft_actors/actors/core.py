@@ -26,6 +26,7 @@ from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import HandlerSpec, MsgContext
 from sft_actors.actors.peers import LinkState, PeerLink, link_rate
 from sft_actors.errors import (
+    NotWelcomed,
     PeerLost,
     ProtocolError,
     SftError,
@@ -185,11 +186,16 @@ class ActorCore:
         """Read one socket forever. ``link`` is None for the ROUTER (route from the first frame)."""
         while True:
             frames = await sock.recv_multipart(copy=False)
-            if link is None:
-                identity, frames = frames[0].bytes, frames[1:]
-                await self._on_router_frames(identity, frames)
-            else:
-                await self._on_frames(link, frames)
+            try:
+                if link is None:
+                    identity, frames = frames[0].bytes, frames[1:]
+                    await self._on_router_frames(identity, frames)
+                else:
+                    await self._on_frames(link, frames)
+            except (SftError, zmq.ZMQError) as exc:
+                # E.g. a WELCOME to a peer that vanished meanwhile: that peer's problem, not
+                # a reason to stop reading everyone else's messages.
+                self.log.warning("inbound_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _on_router_frames(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         peer = identity.decode(errors="replace")
@@ -208,7 +214,7 @@ class ActorCore:
         if env.kind is MsgKind.HELLO:
             await self._on_hello(identity, env)
         elif link is None or link.dialled or link.state is LinkState.GONE:
-            refusal = ProtocolError(f"{self.name}: send HELLO before {env.kind.name}")
+            refusal = NotWelcomed(f"{self.name}: send HELLO before {env.kind.name}")
             await self._reject(identity, refusal, env)
         else:
             await self._on_frames(link, frames, env)
@@ -301,11 +307,16 @@ class ActorCore:
             if env is None:
                 return
         link.seen(nbytes)
-        if link.state is LinkState.LOST:
+        kind = env.kind
+        # A peer this actor dialled that answers "send HELLO first" restarted and forgot it: its
+        # traffic is no sign of life of the old link, and it must hear HELLO again.
+        forgot = kind is MsgKind.ERROR and link.dialled and _code(env) == NotWelcomed.__name__
+        if forgot and link.state is LinkState.ESTABLISHED:
+            self._peer_forgot_us(link)
+        elif not forgot and link.state is LinkState.LOST:
             link.state = LinkState.ESTABLISHED
             self.log.info("peer_recovered", peer=link.peer)
             self._spawn(self.on_peer_joined(link.peer))
-        kind = env.kind
         if env.reply_to:
             pending = self._pending.get(env.reply_to)
             if pending is not None and pending[0] == link.peer and not pending[1].done():
@@ -348,6 +359,10 @@ class ActorCore:
         )
         await self._mailbox.put((env, ctx))
 
+    def _peer_forgot_us(self, link: PeerLink) -> None:
+        """A peer this actor dialled answers as if it never heard of it (it restarted before it
+        was found silent). The liveness layer treats that as a lost link (and re-dials)."""
+
     async def _dispatch_loop(self) -> None:
         while True:
             env, ctx = await self._mailbox.get()
@@ -376,6 +391,10 @@ class ActorCore:
             frames = encode_error(exc, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
             with contextlib.suppress(UnknownPeer, zmq.ZMQError):
                 await self.link(ctx.peer).send(frames, paced=False)
+
+
+def _code(env: Envelope) -> str:
+    return env.msg.code if isinstance(env.msg, Error) else ""
 
 
 __all__ = ["ActorCore", "ActorState", "MsgContext"]

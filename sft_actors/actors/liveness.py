@@ -17,15 +17,21 @@ import time
 import zmq
 
 from sft_actors.actors.core import ActorCore
+from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.peers import LinkState, PeerLink
 from sft_actors.actors.tasks import first_completed
 from sft_actors.errors import PeerTimeout, UnknownPeer
+from sft_actors.topology import ActorSpec
 from sft_actors.wire.envelope import encode
 from sft_actors.wire.messages import Heartbeat, Welcome
 
 
 class LiveActor(ActorCore):
     """An :class:`ActorCore` whose links are watched (subclass :class:`Actor`, not this)."""
+
+    def __init__(self, spec: ActorSpec, env: ActorEnv) -> None:
+        super().__init__(spec, env)
+        self._redials: dict[str, asyncio.Task[None]] = {}  # peer -> its re-dial, one at a time
 
     async def on_peer_lost(self, peer: str) -> None:
         """``peer`` went silent for ``heartbeat_timeout_s`` or its connection dropped.
@@ -83,6 +89,9 @@ class LiveActor(ActorCore):
                 if link.state is LinkState.ESTABLISHED and now - link.last_seen > timeout:
                     self._lost(link, reason="silent")
 
+    def _peer_forgot_us(self, link: PeerLink) -> None:
+        self._lost(link, reason="restarted")
+
     def _lost(self, link: PeerLink, *, reason: str) -> None:
         """Mark ``link`` lost, log it once, fail what is pending on it, re-dial it when this
         actor dialled it, and tell the subclass (``on_peer_lost``)."""
@@ -94,8 +103,9 @@ class LiveActor(ActorCore):
         silent_s = round(self.clock.now() - link.last_seen, 3)
         self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
         self._fail_pending(link.peer, f"{link.peer} was lost ({reason}, silent for {silent_s}s)")
-        if link.dialled and not self._closing:
-            self._spawn(self._redial(link))
+        redial = self._redials.get(link.peer)
+        if link.dialled and not self._closing and (redial is None or redial.done()):
+            self._redials[link.peer] = self._spawn(self._redial(link))
         self._spawn(self.on_peer_lost(link.peer))
 
     async def _redial(self, link: PeerLink) -> None:
@@ -108,12 +118,15 @@ class LiveActor(ActorCore):
         deadline = self.clock.now() + self.settings.rejoin_timeout_s
         while self.clock.now() < deadline and not self._closing and self._links.get(link.peer) is link:
             attempt = asyncio.ensure_future(self._request(link, hello))
+            pause = asyncio.ensure_future(self.clock.sleep(interval))
             try:
-                await first_completed(asyncio.shield(attempt), self.clock.sleep(interval))
+                await asyncio.wait({attempt, pause}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not attempt.done():
-                    attempt.cancel()
-            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                for fut in (attempt, pause):
+                    if not fut.done():
+                        fut.cancel()
+                await asyncio.gather(attempt, pause, return_exceptions=True)  # lost again: retry
+            if not attempt.cancelled() and attempt.exception() is None:
                 env = attempt.result()
                 if isinstance(env.msg, Welcome) and env.msg.schema_hash == self.env.schema_hash:
                     link.set_window(max(1, min(self.settings.link_window, env.msg.credits)))
