@@ -236,7 +236,7 @@ async def test_garbage_gets_error_frames_and_others_are_served(zmq_ctx: zmq.asyn
                 big = encode(act(400_000), sender="dev1", msg_id=2)
                 assert (await answer([bytes(f) for f in big])).code == "FrameTooLarge"
                 # Well-formed, but before HELLO.
-                assert (await answer(encode(act(), sender="dev1", msg_id=3))).code == "ProtocolError"
+                assert (await answer(encode(act(), sender="dev1", msg_id=3))).code == "NotWelcomed"
                 echoed = await dev0.call("server", act())  # still serving others
                 assert isinstance(echoed, Gradients) and echoed.grad.to_torch().tolist() == ECHO
                 assert server.state is ActorState.READY
