@@ -194,7 +194,7 @@ async def run_actors(
             if signals is not None:
                 signals.remove()
     return RunResult(
-        result=next((a.result for a in actors if a.spec.role == "coordinator"), None),
+        result=_run_result(actors),
         outcomes={a.name: _outcome(a) for a in actors},
         elapsed_s=time.perf_counter() - t0,
         error=error,
@@ -212,6 +212,15 @@ def _resume_dir(specs: Sequence[ActorSpec], resume_dir: str | Path | None) -> Pa
         log.info("resume_from_coordinator", hint="this node's state comes from the coordinator's checkpoint")
         return None
     return check_resume_dir(resume_dir)
+
+
+def _run_result(actors: Sequence[Actor]) -> Any:
+    """The coordinator's result where it runs; elsewhere how its SHUTDOWN said the run ended
+    (so a device's node exits 1 when the run failed, 130 when it was interrupted)."""
+    coordinators = [a for a in actors if a.spec.role == "coordinator"]
+    if coordinators:
+        return coordinators[0].result
+    return next((a.run_verdict for a in actors if a.run_verdict is not None), None)
 
 
 def _outcome(actor: Actor) -> ActorOutcome:

@@ -263,19 +263,25 @@ class Actor(LiveActor):
         budget = self.settings.drain_timeout_s
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
-                if self._finishing_run:
-                    await self._broadcast_control(Shutdown(reason=self._stop_reason))
+                # The coordinator's stop, whatever its cause, ends the run for everyone.
+                announce = self._finishing_run or self.spec.role == "coordinator"
+                if announce:
+                    await self._broadcast_control(self._shutdown_message())
                 await self._mailbox.join()
                 for link in self._links.values():
                     if link.paced is not None:
                         await link.paced.drain()
-                if self._finishing_run:
+                if announce:
                     # Let every peer leave first so none mistakes our exit for a failure.
                     while any(link.alive and not link.dialled for link in self._links.values()):
                         self._peer_change.clear()
                         await self._peer_change.wait()
                 await self._broadcast_control(Bye(node=self.name, reason=self._stop_reason))
         self.log.debug("actor_stopping", reason=self._stop_reason)
+
+    def _shutdown_message(self) -> Shutdown:
+        """What a coordinator's SHUTDOWN says (the coordinator adds how the run ended)."""
+        return Shutdown(reason=self._stop_reason)
 
     async def _broadcast_control(self, msg: Message) -> None:
         for link in list(self._links.values()):

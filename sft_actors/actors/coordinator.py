@@ -31,11 +31,7 @@ from sft_actors.actors.tasks import first_completed, gather_owned
 from sft_actors.errors import PeerTimeout, RemoteError, RuntimeFault, ServerLost, SftError
 from sft_actors.train import modes
 from sft_actors.train.aggregate import block_of
-from sft_actors.wire import (
-    AdaptersDown,
-    Restore,
-    WireTensor,
-)
+from sft_actors.wire import AdaptersDown, Restore, Shutdown, WireTensor
 from sft_actors.wire.coded import unpack_tensor
 
 
@@ -87,9 +83,18 @@ class CoordinatorActor(RoundsCoordinator):
         """A stop that did not come from the run's end (a signal, a crash) still writes an
         honest summary; the last checkpoint stays for ``--resume``."""
         if self._running and not self._ended:
-            status = "failed" if exc is not None else "interrupted"
-            self._end(status, self._stop_reason if exc is None else f"{type(exc).__name__}: {exc}")
+            if exc is None or isinstance(exc, asyncio.CancelledError):  # a signal; a second forces
+                self._end("interrupted", self._stop_reason or "forced stop")
+            else:
+                self._end("failed", f"{type(exc).__name__}: {exc}")
             self.result = self.summary.headline()
+
+    def _shutdown_message(self) -> Shutdown:
+        """SHUTDOWN tells every node how the run ended: what ``_end`` recorded, or — a stop
+        that came first (a signal) — interrupted."""
+        if self._ended:
+            return Shutdown(reason=self.summary.reason, status=self.summary.status)
+        return Shutdown(reason=self._stop_reason or "stopped", status="interrupted")
 
     def _end(self, status: str, reason: str) -> None:
         self._ended = True

@@ -40,7 +40,7 @@ from sft_actors.transport.link import Pacer
 from sft_actors.transport.sockets import SocketOptions
 from sft_actors.wire.envelope import Envelope, decode, encode, encode_error
 from sft_actors.wire.kinds import MsgKind
-from sft_actors.wire.messages import Error, Hello, Message, Welcome
+from sft_actors.wire.messages import Error, Hello, Message, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
 
 
@@ -73,6 +73,8 @@ class ActorCore:
         self.error: BaseException | None = None
         #: What a coordinator's run produced (``stop_run(result)`` or ``run()``'s return value).
         self.result: Any = None
+        #: How the run ended, as the coordinator's SHUTDOWN said ({"status", "reason"}).
+        self.run_verdict: dict[str, str] | None = None
         self.refused: list[tuple[str, SftError]] = []
         self._links: dict[str, PeerLink] = {}
         self._router: zmq.asyncio.Socket | None = None
@@ -337,6 +339,9 @@ class ActorCore:
             return
         if kind is MsgKind.SHUTDOWN:
             if link.peer == self.topology.coordinator.name:
+                assert isinstance(env.msg, Shutdown)
+                if env.msg.status:  # this node ends the way the run did
+                    self.run_verdict = {"status": env.msg.status, "reason": env.msg.reason}
                 self.stop(f"shutdown from {link.peer}")
             return
         if kind is MsgKind.BYE:

@@ -103,10 +103,21 @@ class LiveActor(ActorCore):
         silent_s = round(self.clock.now() - link.last_seen, 3)
         self.log.warning("peer_lost", peer=link.peer, reason=reason, silent_s=silent_s)
         self._fail_pending(link.peer, f"{link.peer} was lost ({reason}, silent for {silent_s}s)")
+        self._start_redial(link)
+        self._spawn(self.on_peer_lost(link.peer))
+
+    async def on_peer_left(self, peer: str) -> None:
+        """``peer`` said BYE. A coordinator or server that leaves may be restarted (a server
+        stopped by hand, say): re-dial it and wait for it as for a lost one."""
+        if peer != self.name and self.topology.actor(peer).addressed and not self._closing:
+            self._start_redial(self._links[peer])
+            await self.await_return(peer)
+
+    def _start_redial(self, link: PeerLink) -> None:
+        """Re-dial ``link`` when this actor dialled it (one re-dial per link at a time)."""
         redial = self._redials.get(link.peer)
         if link.dialled and not self._closing and (redial is None or redial.done()):
             self._redials[link.peer] = self._spawn(self._redial(link))
-        self._spawn(self.on_peer_lost(link.peer))
 
     async def _redial(self, link: PeerLink) -> None:
         """HELLO again, every ``heartbeat_interval_s``, until the peer (a restarted process or

@@ -187,8 +187,12 @@ class Error(Message):
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class Shutdown(Message):
+    """Coordinator → everyone: the run is over; stop politely. ``status`` is how it ended
+    (completed, interrupted, failed; "" when unknown): each node exits with it."""
+
     KIND = MsgKind.SHUTDOWN
     reason: str = ""
+    status: str = ""
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
