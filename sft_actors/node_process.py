@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Final, Literal, cast
 
 from sft_actors import log
+from sft_actors.actors.env import topology_schema_hash
 from sft_actors.actors.roles import parse_role_overrides
 from sft_actors.errors import SftError
 from sft_actors.runtime import RunResult, RunStatus, check_resume_dir, failure_line, run_node, select_actors
@@ -89,10 +90,10 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
 
         torch.set_num_threads(opts.threads)
     try:
-        if opts.resume_dir is not None and opts.role == "coordinator":
-            check_resume_dir(opts.resume_dir)
         # Only this node's role needs its files here (an edge host holds no dataset).
         topo = load_topology(opts.topology, roles=(opts.role,))
+        if opts.resume_dir is not None and opts.role == "coordinator":
+            check_resume_dir(opts.resume_dir, topology_schema_hash(topo))
         if opts.transport == "tcp":
             check_hosts(topo, hosts=_hosts_used(topo, opts))
         result = asyncio.run(

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from sft_actors.actors.core import ActorState
-from sft_actors.errors import ActorFailed, ConfigError
+from sft_actors.errors import ActorFailed, CheckpointError, ConfigError
+from sft_actors.train.checkpoint import latest_manifest
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -193,13 +194,27 @@ def failure_line(
     }
 
 
-def check_resume_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` if it can be resumed (a directory holding ``checkpoints``), else ConfigError."""
+def check_resume_dir(run_dir: str | Path, schema_hash: str | None = None) -> Path:
+    """``run_dir`` if it can be resumed, checked before anything starts; else ConfigError.
+
+    It must hold ``checkpoints`` with a complete checkpoint, and — given the topology's
+    ``schema_hash`` — one written by the same topology (model, cuts, LoRA, codec)."""
     path = Path(run_dir)
     if not (path / "checkpoints").is_dir():
         raise ConfigError(
             f"cannot resume: {path / 'checkpoints'} does not exist; pass the run directory a "
             "previous `sft run` printed (its run_dir)"
+        )
+    try:
+        where, manifest = latest_manifest(path)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from exc
+    meta = manifest.get("meta")
+    written_by = meta.get("schema_hash") if isinstance(meta, dict) else None
+    if schema_hash is not None and written_by != schema_hash:
+        raise ConfigError(
+            f"cannot resume: {where} was written by a different topology (schema {written_by}, "
+            f"this file's {schema_hash}); model, cuts, LoRA and codec must be the ones it ran with"
         )
     return path
 

@@ -31,6 +31,7 @@ from typing import Final
 from sft_actors import node_process
 from sft_actors.actors import roles
 from sft_actors.actors.base import ActorState
+from sft_actors.actors.env import topology_schema_hash
 from sft_actors.errors import ConfigError
 from sft_actors.log import get_logger
 from sft_actors.runtime import ActorOutcome, RunResult, check_resume_dir
@@ -71,7 +72,7 @@ async def run_processes(
         raise ConfigError("--processes needs ipc or tcp; inproc only works inside one process")
     # Resolve the factories here too, so a bad --role-factory is a ConfigError before any start.
     roles.role_factories({a.role for a in topology.actors}, roles.parse_role_overrides(role_factories))
-    resume = None if resume_dir is None else check_resume_dir(resume_dir)
+    resume = None if resume_dir is None else check_resume_dir(resume_dir, topology_schema_hash(topology))
     grace = topology.run.runtime.drain_timeout_s + 5.0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sft-") as ipc_dir:

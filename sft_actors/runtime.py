@@ -157,7 +157,7 @@ async def run_actors(
     resume_dir: str | Path | None = None,
 ) -> RunResult:
     """Start ``specs`` in one process, supervise them and shut them down in stages."""
-    resume = _resume_dir(specs, resume_dir)
+    resume = _resume_dir(topology, specs, resume_dir)
     factories = role_factories({s.role for s in specs}, roles)
     own_ctx = ctx is None
     zctx = zmq.asyncio.Context() if ctx is None else ctx
@@ -202,7 +202,7 @@ async def run_actors(
     )
 
 
-def _resume_dir(specs: Sequence[ActorSpec], resume_dir: str | Path | None) -> Path | None:
+def _resume_dir(topology: Topology, specs: Sequence[ActorSpec], resume_dir: str | Path | None) -> Path | None:
     """The run directory to resume, checked, when this node runs the coordinator: only it reads
     the directory; a restarted server or device gets its state from the coordinator (RESTORE),
     and its host need not hold the directory."""
@@ -211,7 +211,7 @@ def _resume_dir(specs: Sequence[ActorSpec], resume_dir: str | Path | None) -> Pa
     if not any(s.role == "coordinator" for s in specs):
         log.info("resume_from_coordinator", hint="this node's state comes from the coordinator's checkpoint")
         return None
-    return check_resume_dir(resume_dir)
+    return check_resume_dir(resume_dir, topology_schema_hash(topology))
 
 
 def _run_result(actors: Sequence[Actor]) -> Any:

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from sft_actors.actors.coordinator import CoordinatorActor
-from sft_actors.errors import CheckpointError, ConfigError
+from sft_actors.errors import ConfigError
 from sft_actors.runtime import run_topology
 from sft_actors.topology import Topology, load_topology
 
@@ -83,10 +83,10 @@ async def test_resume_refuses_a_checkpoint_of_another_topology(tmp_path: Path) -
     first = await run_topology(_topology(tmp_path, "a", rounds=1), timeout_s=100)
     assert first.ok
     other = _topology(tmp_path, "b", rounds=2, lora_rank=2)
-    result = await run_topology(other, resume_dir=Path(first.result["run_dir"]), timeout_s=100)
-    assert result.status == "failed"
-    assert "different topology" in result.result["reason"]
-    assert ConfigError.__name__ in result.result["reason"]
+    with pytest.raises(ConfigError, match="different topology"):  # before any actor starts
+        await run_topology(other, resume_dir=Path(first.result["run_dir"]), timeout_s=100)
+    runs = sorted(p.name for p in (tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else []
+    assert runs == [], "a refused resume makes no run directory"
 
 
 @pytest.mark.asyncio
@@ -94,6 +94,5 @@ async def test_resume_refuses_a_checkpoint_of_another_topology(tmp_path: Path) -
 async def test_resume_from_a_dir_without_checkpoints_fails_before_anything_runs(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
-    result = await run_topology(_topology(tmp_path, "c", rounds=1), resume_dir=empty, timeout_s=100)
-    assert result.status == "failed"
-    assert CheckpointError.__name__ in result.result["reason"]
+    with pytest.raises(ConfigError, match="has none"):
+        await run_topology(_topology(tmp_path, "c", rounds=1), resume_dir=empty, timeout_s=100)

@@ -16,12 +16,15 @@ import zmq.asyncio
 from typer.testing import CliRunner
 
 from sft_actors.actors.base import Actor
+from sft_actors.actors.env import topology_schema_hash
 from sft_actors.actors.testing import TEST_ROLE_REFS, TEST_ROLES, small_topology
 from sft_actors.cli.main import app
 from sft_actors.cli.node import app as node_app
 from sft_actors.cli.status import NO_SUMMARY
 from sft_actors.errors import ConfigError
 from sft_actors.runtime import ActorOutcome, RunResult, run_topology
+from sft_actors.topology import load_topology
+from sft_actors.train.checkpoint import write_checkpoint
 from sft_actors.wire.messages import RoundStart
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,9 +142,9 @@ class ReportsResume(Actor):
 
 @pytest.mark.asyncio
 async def test_resume_dir_reaches_the_actors(tmp_path: Path, zmq_ctx: zmq.asyncio.Context) -> None:
-    (tmp_path / "checkpoints").mkdir()
     roles = {**TEST_ROLES, "coordinator": ReportsResume}
     topo = small_topology(devices=1)
+    write_checkpoint(tmp_path, 0, meta={"schema_hash": topology_schema_hash(topo)}, states={})
     result = await run_topology(topo, roles=roles, ctx=zmq_ctx, timeout_s=30, resume_dir=tmp_path)
     assert result.ok and result.result == {"resume_dir": str(tmp_path)}, result.failures
     with pytest.raises(ConfigError, match=r"cannot resume: .*checkpoints does not exist"):
@@ -294,7 +297,8 @@ def test_one_ctrl_c_is_one_polite_stop_under_processes(tmp_path: Path) -> None:
     gets it (the nodes have their own session) and forwards one SIGINT to each node; each
     stops politely once, none is forced. ``--resume`` reaches every node (the coordinator logs
     the RUN_DIR it was given)."""
-    (tmp_path / "checkpoints").mkdir()
+    tiny_hash = topology_schema_hash(load_topology(TINY))
+    write_checkpoint(tmp_path, 0, meta={"schema_hash": tiny_hash}, states={})
     proc = _sft_run("--processes", "--role-factory", FOREVER, "--resume", str(tmp_path))
     try:
         before = _read_until(proc, "waiting_forever")

@@ -23,6 +23,7 @@ interrupted (a signal), failed — writes ``summary.json`` with an honest ``stat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -108,6 +109,7 @@ class CoordinatorActor(RoundsCoordinator):
         await self._gather()
         resumed = self.store.open_run_dir()
         self._relay_from = self.store.relay_from
+        self._stamp_plans(self.store.run_id)
         self.log.info(
             "run_started",
             mode=self.train.mode,
@@ -140,6 +142,12 @@ class CoordinatorActor(RoundsCoordinator):
                 continue
             r += 1
         await self._finish()
+
+    def _stamp_plans(self, run_id: str) -> None:
+        """Every plan names the run: a node still holding another run's plan (its coordinator
+        was restarted fresh) starts over instead of continuing that run's state."""
+        self._device_plans = {d: dataclasses.replace(p, run_id=run_id) for d, p in self._device_plans.items()}
+        self._server_plans = [dataclasses.replace(p, run_id=run_id) for p in self._server_plans]
 
     async def _finish(self) -> None:
         rounds = self.train.rounds

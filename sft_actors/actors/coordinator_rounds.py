@@ -59,6 +59,7 @@ class RoundsCoordinator(EvaluatingCoordinator):
         )
         await self._server_calls(close)
         record = round_record(r, done, seconds=time.perf_counter() - started, lost=lost)
+        record.devices_absent = [d for d in self.devices if d not in active]
         self.summary.rounds.append(record)
         self.log.info(
             "round_done",

@@ -11,6 +11,7 @@ its own last state from it. ``--resume RUN_DIR`` loads the last complete one.
 from __future__ import annotations
 
 import copy
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,8 @@ class Durability:
         self.env = env
         self.summary = summary
         self.run_dir: Path | None = None
+        #: Names the run in every plan (random for a fresh run; kept by ``--resume``).
+        self.run_id = secrets.token_hex(8)
         #: The round the last checkpoint finished (0: set-up).
         self.round = 0
         #: The run's current per-block average of the devices' LoRA tensors.
@@ -96,11 +99,17 @@ class Durability:
             {k[len(_AVG) :]: v for k, v in own.tensors.items() if k.startswith(_AVG)} if own else {}
         )
         self._history = dict(ckpt.meta.get("summary", {}))
+        self.run_id = str(ckpt.meta.get("run_id") or self.run_id)
         relay = ckpt.meta.get("relay_from")
         self._relay_at_checkpoint = relay if isinstance(relay, str) else None
         self.round = ckpt.round
         self.roll_back()
+        old = RunSummary.from_json(self._history) if self._history else None
+        if old is not None:  # what happened before: aborted rounds, earlier resumes
+            self.summary.rounds_aborted = old.rounds_aborted
+            self.summary.resumes = old.resumes
         self.summary.resumed_from = ckpt.round
+        self.summary.resumes.append(ckpt.round)
         self.summary.run_dir = str(self.run_dir)
         self.summary.checkpoint = {"round": ckpt.round, "path": str(ckpt.path)}
         log.info("run_resumed", run_dir=str(self.run_dir), round=ckpt.round, actors=sorted(self._states))
@@ -140,6 +149,7 @@ class Durability:
             "run": self.topology.run.name,
             "summary": self._history,
             "relay_from": self.relay_from,
+            "run_id": self.run_id,
         }
         keep = self.topology.run.checkpoint.keep
         states = {**self._states, COORDINATOR_STATE: own}
@@ -164,7 +174,12 @@ class Durability:
             self.summary.setup_s = old.setup_s
 
     # --- results -----------------------------------------------------------------------------
-    def write_summary(self) -> Path:
+    def write_summary(self) -> Path | None:
+        """``summary.json`` in the run directory. Not when a ``--resume`` could not open its
+        directory: that run stays as it was, and no stray directory is made for the refusal."""
+        if self.run_dir is None and self.env.resume_dir is not None:
+            log.warning("summary_not_written", why="the run to resume could not be opened")
+            return None
         return write_summary(self.summary, self._ensure_dir())
 
     def write_adapters(self, servers: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -101,9 +101,13 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
             if msg == self._plan:  # a restarted coordinator re-sends it: keep what is built
                 self.log.info("plan_confirmed", round=self.open_round)
                 return Ack(of_msg_id=ctx.msg_id)
-            raise ProtocolViolation(
-                f"server {self.name} already has a different plan; restart it to re-plan the run"
-            )
+            if msg.run_id == self._plan.run_id:
+                raise ProtocolViolation(
+                    f"server {self.name} already has a different plan for run {msg.run_id!r}; "
+                    "restart it to re-plan the run"
+                )
+            self.log.warning("new_run", was=self._plan.run_id, now=msg.run_id)  # start over
+            self.open_round, self.batches_served = 1, 0
         model = await self.offload(load_shared_model, msg.model)
         self._model = model
         self._trainer = await self.offload(self._build, msg, model)

@@ -87,15 +87,16 @@ def _run(
     resume: Path | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Run the topology; (exit code, the JSON line). Never raises for a failed run."""
+    from sft_actors.actors.env import topology_schema_hash
     from sft_actors.node_process import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
     from sft_actors.processes import run_processes  # zmq, torch: loaded only when a run starts
     from sft_actors.runtime import check_resume_dir, failure_line, run_topology
     from sft_actors.topology import load_topology
 
     try:
-        if resume is not None:
-            check_resume_dir(resume)
         topo = load_topology(path)
+        if resume is not None:
+            check_resume_dir(resume, topology_schema_hash(topo))
         roles = parse_role_overrides(refs)
         if processes:
             runner = run_processes(

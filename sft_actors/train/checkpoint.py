@@ -147,6 +147,18 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
 
     Raises :class:`CheckpointError` when ``run_dir`` does not exist, holds no complete
     checkpoint, or the newest one is corrupt."""
+    return load_checkpoint(_latest_dir(run_dir))
+
+
+def latest_manifest(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest complete checkpoint's directory and ``checkpoint.json`` (round, meta, actors),
+    without reading its tensors: a quick check before a resume starts anything. Raises
+    :class:`CheckpointError` as :func:`latest_checkpoint` does (hashes are not checked here)."""
+    path = _latest_dir(run_dir)
+    return path, _read_manifest(path)
+
+
+def _latest_dir(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(
@@ -156,7 +168,7 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
     complete = _complete_rounds(checkpoints)
     if not complete:
         raise CheckpointError(f"cannot resume: {checkpoints} has none; {_NO_CHECKPOINT_HINT}")
-    return load_checkpoint(complete[0][1])
+    return complete[0][1]
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -38,6 +38,8 @@ class RoundRecord:
     per_device_bytes_up: dict[str, int] = field(default_factory=dict)
     #: Devices dropped from this round (lost, late past the deadline, or failed) and why.
     devices_lost: dict[str, str] = field(default_factory=dict)
+    #: Devices not in this round at all (lost or left before it began, not yet re-admitted).
+    devices_absent: list[str] = field(default_factory=list)
 
     @property
     def ratio_up(self) -> float:
@@ -120,6 +122,8 @@ class RunSummary:
     #: ``--resume`` continued after (None: a fresh run).
     checkpoint: dict[str, Any] = field(default_factory=dict)
     resumed_from: int | None = None
+    #: Every ``--resume`` of this run, as the checkpoint round it continued after.
+    resumes: list[int] = field(default_factory=list)
     #: Rounds aborted because a server was lost mid-round: {"round", "why", "rolled_back_to"}.
     rounds_aborted: list[dict[str, Any]] = field(default_factory=list)
 
@@ -186,13 +190,15 @@ class RunSummary:
             "ratio_up": raw_up / self.bytes_up if self.bytes_up else 1.0,
             "ratio_down": raw_down / self.bytes_down if self.bytes_down else 1.0,
         }
+        # "after" is an evaluation after training: none yet in a run stopped before its end.
         if self.evals:
-            first, last = self.evals[0], self.evals[-1]
-            out["before"] = asdict(first)
-            out["after"] = asdict(last)
+            out["before"] = asdict(self.evals[0])
+            if self.evals[-1].round > self.evals[0].round:
+                out["after"] = asdict(self.evals[-1])
         if self.evals_raw:
             out["before_raw"] = asdict(self.evals_raw[0])
-            out["after_raw"] = asdict(self.evals_raw[-1])
+            if self.evals_raw[-1].round > self.evals_raw[0].round:
+                out["after_raw"] = asdict(self.evals_raw[-1])
         out["machine"] = {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -219,6 +219,7 @@ class DevicePlan(Message, Request[Ack]):
     data: DataPlan
     train: TrainPlan
     codec: CodecPolicy  # identity when the mode sends raw tensors
+    run_id: str = ""  # which run: a plan of another run (a fresh coordinator) starts over
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -240,6 +241,7 @@ class ServerPlan(Message, Request[Ack]):
     inflight: int
     round_timeout_s: float
     devices: list[ServedDevice]
+    run_id: str = ""  # which run: a plan of another run (a fresh coordinator) starts over
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
