@@ -188,8 +188,14 @@ def test_sft_status_reads_the_summary_and_lists_complete_checkpoints(tmp_path: P
     assert line["status"] == NO_SUMMARY and line["reason"] is None and line["rounds_done"] == 0
     assert line["last_checkpoint_round"] == 1
     assert [c["round"] for c in line["checkpoints"]] == [0, 1]
-    assert line["resume"] == f"sft run F --resume {run_dir}" and line["run_dir"] == str(run_dir)
-    assert "resume with: sft run F --resume" in out.stderr
+    assert line["resume"].startswith(f"sft run TOPOLOGY.toml --resume {run_dir}")
+    assert line["run_dir"] == str(run_dir) and "sft-node --role coordinator" in line["resume"]
+    assert "resume with: sft run TOPOLOGY.toml --resume" in out.stderr
+    # A run killed outright has no summary; its last checkpoint knows the file and the history.
+    meta = {"topology": "lab.toml", "summary": {"rounds": [{}, {}, {}]}}
+    (run_dir / "checkpoints" / "round-0001" / "checkpoint.json").write_text(json.dumps({"meta": meta}))
+    line = json.loads(runner.invoke(app, ["status", str(run_dir)]).stdout.strip().splitlines()[-1])
+    assert line["rounds_done"] == 3 and line["resume"].startswith(f"sft run lab.toml --resume {run_dir}")
 
     summary = {"status": "interrupted", "reason": "signal SIGINT", "rounds": [{}, {}]}
     (run_dir / "summary.json").write_text(json.dumps(summary))

@@ -150,6 +150,7 @@ class Durability:
             "summary": self._history,
             "relay_from": self.relay_from,
             "run_id": self.run_id,
+            "topology": self.topology.source,
         }
         keep = self.topology.run.checkpoint.keep
         states = {**self._states, COORDINATOR_STATE: own}

@@ -47,7 +47,15 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     """The JSON line of ``sft status`` for ``run_dir`` (which must exist)."""
     summary = _read_summary(run_dir / "summary.json")
     checkpoints = complete_checkpoints(run_dir)
-    rounds = summary.get("rounds") if summary is not None else None
+    # A run killed outright wrote no summary: its last checkpoint still knows its history.
+    meta = _checkpoint_meta(Path(checkpoints[-1]["path"])) if checkpoints else {}
+    history = summary if summary is not None else meta.get("summary")
+    rounds = history.get("rounds") if isinstance(history, dict) else None
+    topology = meta.get("topology") or "TOPOLOGY.toml"
+    resume = (
+        f"sft run {topology} --resume {run_dir}  (or, one node per actor: sft-node --role "
+        f"coordinator --topology {topology} --resume {run_dir}, the other nodes as before)"
+    )
     return {
         "run_dir": str(run_dir),
         "status": summary.get("status", "unknown") if summary is not None else NO_SUMMARY,
@@ -55,8 +63,14 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "rounds_done": len(rounds) if isinstance(rounds, list) else 0,
         "last_checkpoint_round": checkpoints[-1]["round"] if checkpoints else None,
         "checkpoints": checkpoints,
-        "resume": f"sft run F --resume {run_dir}",
+        "resume": resume if checkpoints else None,
     }
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    doc = _read_summary(path / "checkpoint.json")
+    meta = doc.get("meta") if doc is not None else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def complete_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
