@@ -156,3 +156,14 @@ async def test_below_quorum_the_run_stops_with_an_error_a_summary_and_a_checkpoi
     assert result.result["status"] == "failed"
     with pytest.raises(ActorFailed):
         result.raise_for_failures()
+
+
+def test_the_default_deadline_adapts_to_the_rounds_so_far() -> None:
+    from sft_actors.topology.schema import TrainConfig
+
+    t = TrainConfig(round_timeout_s=1800.0)
+    assert t.deadline_s() == 1800.0  # nothing measured yet: the round timeout
+    assert t.deadline_s([2.0, 3.0, 100.0]) == 60.0  # 10 × median 3 s is below the floor
+    assert t.deadline_s([20.0, 30.0, 40.0]) == 300.0
+    assert t.deadline_s([500.0]) == 1800.0  # never past the round timeout
+    assert TrainConfig(round_deadline_s=5.0).deadline_s([1000.0]) == 5.0  # an explicit one wins

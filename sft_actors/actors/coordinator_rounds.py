@@ -86,7 +86,8 @@ class RoundsCoordinator(EvaluatingCoordinator):
         calls = {
             d: asyncio.ensure_future(self.call(d, start, timeout_s=self.round_timeout_s)) for d in active
         }
-        deadline = asyncio.ensure_future(self.clock.sleep(self.train.deadline_s))
+        deadline_s = self._deadline_s()
+        deadline = asyncio.ensure_future(self.clock.sleep(deadline_s))
         server_down = asyncio.ensure_future(self._server_down.wait())
         try:
             pending: set[asyncio.Future[Any]] = set(calls.values())
@@ -105,7 +106,7 @@ class RoundsCoordinator(EvaluatingCoordinator):
         lost: dict[str, str] = {}
         for d, fut in calls.items():
             if fut.cancelled():
-                lost[d] = f"late: not done {self.train.deadline_s}s after the round started"
+                lost[d] = f"late: not done {deadline_s:g}s after the round started"
             elif fut.exception() is not None:
                 lost[d] = f"{type(fut.exception()).__name__}: {fut.exception()}"
             else:
@@ -123,7 +124,7 @@ class RoundsCoordinator(EvaluatingCoordinator):
             try:
                 if self._relay_from is not None and self._relay_from != d:
                     await self._relay(self._relay_from, d, r)
-                async with asyncio.timeout(self.train.deadline_s):
+                async with asyncio.timeout(self._deadline_s()):
                     done.append(await self.call(d, RoundStart(round=r), timeout_s=self.round_timeout_s))
                 self._relay_from = d
             except (SftError, TimeoutError) as exc:
@@ -131,6 +132,10 @@ class RoundsCoordinator(EvaluatingCoordinator):
                 lost[d] = f"{type(exc).__name__}: {exc}"
                 self.log.warning("device_dropped", round=r, device=d, why=lost[d])
         return done, lost
+
+    def _deadline_s(self) -> float:
+        """This round's deadline: ``round_deadline_s``, or adaptive from the rounds so far."""
+        return self.train.deadline_s([rec.seconds for rec in self.summary.rounds])
 
     def _open_bar(self, r: int, devices: int) -> None:
         self._bar_wire = self._bar_raw = 0

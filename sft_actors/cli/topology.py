@@ -46,7 +46,8 @@ def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> N
     )
     n = len(topo.devices)
     typer.echo(
-        f"  elastic: quorum {t.quorum(n)} of {n} devices, round deadline {t.deadline_s:g}s, "
+        f"  elastic: quorum {t.quorum(n)} of {n} devices, round deadline "
+        f"{'adaptive' if t.round_deadline_s is None else f'{t.round_deadline_s:g}s'}, "
         f"rejoin within {run.runtime.rejoin_timeout_s:g}s, checkpoint every {run.checkpoint.every} "
         f"round(s), keep {run.checkpoint.keep}"
     )

@@ -7,6 +7,7 @@ and *where* (``[[hosts]]`` and ``[[actors]]``). The same file drives one node
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,10 @@ Partition = Literal["iid", "dirichlet"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 LOCALHOST = "localhost"
+#: Without ``round_deadline_s``: a round's deadline is this many times the median round so far,
+#: and never below the floor (seconds).
+ADAPTIVE_DEADLINE_FACTOR = 10.0
+ADAPTIVE_DEADLINE_FLOOR_S = 60.0
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -47,18 +52,23 @@ class TrainConfig:
     #: Bound on one round (and on set-up: loading the model and data) before the run fails.
     round_timeout_s: float = 1800.0
     #: A device that has not finished a round this many seconds after it started is a
-    #: straggler: dropped from that round (not from the run) and resynchronised at the next
-    #: averaging. None: ``round_timeout_s``.
+    #: straggler: dropped from that round (not from the run) and re-admitted later. None:
+    #: adaptive — ``round_timeout_s`` for the first round, then 10 × the median round so far
+    #: (at least 60 s, at most ``round_timeout_s``).
     round_deadline_s: float | None = None
     #: Quorum: the fewest devices a round may close with. A round that would have fewer waits
     #: up to ``[run.runtime] rejoin_timeout_s`` for devices to (re)join, then the run stops
     #: with an error and a checkpoint. None: a majority, ``ceil(devices / 2)``.
     min_devices: int | None = None
 
-    @property
-    def deadline_s(self) -> float:
-        """The round deadline in force (seconds)."""
-        return self.round_timeout_s if self.round_deadline_s is None else self.round_deadline_s
+    def deadline_s(self, round_seconds: Sequence[float] = ()) -> float:
+        """The round deadline in force (seconds), given the durations of the rounds so far."""
+        if self.round_deadline_s is not None:
+            return self.round_deadline_s
+        if not round_seconds:
+            return self.round_timeout_s
+        typical = sorted(round_seconds)[len(round_seconds) // 2]
+        return min(self.round_timeout_s, max(ADAPTIVE_DEADLINE_FLOOR_S, ADAPTIVE_DEADLINE_FACTOR * typical))
 
     def quorum(self, n_devices: int) -> int:
         """Fewest devices a round may close with, out of ``n_devices``."""
