@@ -329,13 +329,7 @@ class ActorCore:
         if kind is MsgKind.HEARTBEAT:
             return
         if kind is MsgKind.ERROR:
-            assert isinstance(env.msg, Error)
-            if link.state is LinkState.CONNECTING:
-                # A refusal before WELCOME (e.g. our header was unreadable): fail the HELLO.
-                for peer, fut in self._pending.values():
-                    if peer == link.peer and not fut.done():
-                        fut.set_result(env)
-            self.log.warning("remote_error", peer=link.peer, code=env.msg.code, error=env.msg.message)
+            self._on_error(link, env)
             return
         if kind is MsgKind.SHUTDOWN:
             if link.peer == self.topology.coordinator.name:
@@ -363,6 +357,16 @@ class ActorCore:
             received_at=self.clock.now(),
         )
         await self._mailbox.put((env, ctx))
+
+    def _on_error(self, link: PeerLink, env: Envelope) -> None:
+        """An ERROR that answers nothing pending (those resolve their call)."""
+        assert isinstance(env.msg, Error)
+        if link.state is LinkState.CONNECTING:
+            # A refusal before WELCOME (e.g. our header was unreadable): fail the HELLO.
+            for peer, fut in self._pending.values():
+                if peer == link.peer and not fut.done():
+                    fut.set_result(env)
+        self.log.warning("remote_error", peer=link.peer, code=env.msg.code, error=env.msg.message)
 
     def _peer_forgot_us(self, link: PeerLink) -> None:
         """A peer this actor dialled answers as if it never heard of it (it restarted before it
