@@ -39,7 +39,8 @@ from sft_actors.errors import (
 )
 from sft_actors.transport.sockets import bind_router, connect_dealer
 from sft_actors.wire.envelope import encode, remote_error
-from sft_actors.wire.messages import Bye, Error, Message, R, Request, Shutdown, Welcome
+from sft_actors.wire.message import Message, R, Request
+from sft_actors.wire.messages import Bye, Error, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
 
 T = TypeVar("T")
@@ -222,7 +223,7 @@ class Actor(LiveActor):
             socket=sock,
             dialled=True,
             window=self.settings.link_window,
-            pacer=self._pacer_for(peer),
+            pacer=self._pacers.for_peer(peer),
             clock=self.clock,
         )
         self._links[peer] = link

@@ -215,11 +215,9 @@ class CoordinatorActor(RoundsCoordinator):
     async def _admit_logged(self, device: str, rollback: bool) -> None:
         try:
             await self._admit_one(device, rollback=rollback)
-        except Exception as exc:  # it answered with an error, or its link went: not admitted
+        except SftError as exc:  # it answered with an error, or its link went: not admitted
             why = f"{type(exc).__name__}: {exc}"
             self.log.warning("device_not_admitted", device=device, error=why)
-            if not isinstance(exc, SftError):
-                raise  # a bug: fail the coordinator loudly
             if isinstance(exc, RemoteError):
                 # It refused (say, its dataset is missing): retrying cannot help until it
                 # comes back as a new session, fixed and restarted.

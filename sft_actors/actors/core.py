@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import HandlerSpec, MsgContext
-from sft_actors.actors.peers import LinkState, PeerLink, link_rate
+from sft_actors.actors.peers import LinkState, Pacers, PeerLink
 from sft_actors.errors import (
     NotWelcomed,
     PeerLost,
@@ -36,11 +36,11 @@ from sft_actors.errors import (
 )
 from sft_actors.log import get_logger
 from sft_actors.topology import ActorSpec
-from sft_actors.transport.link import Pacer
 from sft_actors.transport.sockets import SocketOptions
 from sft_actors.wire.envelope import Envelope, decode, encode, encode_error
 from sft_actors.wire.kinds import MsgKind
-from sft_actors.wire.messages import Error, Hello, Message, Shutdown, Welcome
+from sft_actors.wire.message import Message
+from sft_actors.wire.messages import Error, Hello, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
 
 
@@ -91,7 +91,7 @@ class ActorCore:
         self._finishing_run = False
         self._ready_reached = False
         self._closing = False
-        self._uplink: Pacer | None = None
+        self._pacers = Pacers(env.topology, spec.name, env.clock)
         #: This process's session of the actor: peers tell a restart from a re-dial by it.
         self.session_id = secrets.token_hex(8)
         self._sock_opts = SocketOptions(
@@ -137,17 +137,6 @@ class ActorCore:
         return Hello(
             node=self.name, role=self.spec.role, schema_hash=self.env.schema_hash, session=self.session_id
         )
-
-    def _pacer_for(self, peer: str) -> Pacer | None:
-        rate = link_rate(self.topology, self.name, peer)
-        if rate is None:
-            return None
-        if self.spec.role == "device":
-            # One radio: the uplink's rate is shared by all of this device's links.
-            if self._uplink is None:
-                self._uplink = Pacer(rate, self.clock)
-            return self._uplink
-        return Pacer(rate, self.clock)
 
     def _established(self, link: PeerLink) -> None:
         link.state = LinkState.ESTABLISHED
@@ -266,7 +255,7 @@ class ActorCore:
             route=[identity],
             dialled=False,
             window=self.settings.link_window,
-            pacer=self._pacer_for(peer),
+            pacer=self._pacers.for_peer(peer),
             clock=self.clock,
         )
         link.session = hello.session

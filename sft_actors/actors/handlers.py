@@ -17,7 +17,8 @@ from types import MappingProxyType
 from typing import Any
 
 from sft_actors.wire.kinds import MsgKind
-from sft_actors.wire.messages import REGISTRY, Message
+from sft_actors.wire.message import Message
+from sft_actors.wire.messages import REGISTRY
 
 #: Kinds the runtime itself handles (handshake, liveness, errors, shutdown); actors cannot.
 RESERVED_KINDS: frozenset[MsgKind] = frozenset(

@@ -107,3 +107,26 @@ def link_rate(topology: Topology, me: str, peer: str) -> LinkRate | None:
         return None
     lr = LinkRate(rate_mbps=rate, latency_s=profile.rtt_ms / 2000.0)
     return lr if lr.is_paced else None
+
+
+class Pacers:
+    """The emulated links of one actor: a pacer per peer, or None where the link is not paced.
+
+    A device has one radio: its uplink's rate is shared by all of its links (one pacer)."""
+
+    def __init__(self, topology: Topology, me: str, clock: Clock) -> None:
+        self._topology = topology
+        self._me = me
+        self._clock = clock
+        self._is_device = topology.actor(me).role == "device"
+        self._uplink: Pacer | None = None
+
+    def for_peer(self, peer: str) -> Pacer | None:
+        rate = link_rate(self._topology, self._me, peer)
+        if rate is None:
+            return None
+        if not self._is_device:
+            return Pacer(rate, self._clock)
+        if self._uplink is None:
+            self._uplink = Pacer(rate, self._clock)
+        return self._uplink

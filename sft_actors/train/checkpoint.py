@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from sft_actors.errors import CheckpointError, ConfigError
 from sft_actors.train.files import fsync_dir, safetensors_bytes, strict_json_bytes, write_synced
 from sft_actors.train.state import TrainerState
@@ -211,7 +213,7 @@ def _load_state(path: Path, name: str, entry: Any) -> TrainerState:
         raise CheckpointError(f"{path / MANIFEST}: actor {name!r} has non-integer counters; {corrupt}")
     try:
         tensors = load(data)
-    except Exception as e:  # the hash matched: a file this build cannot read
+    except (SafetensorError, ValueError, OSError) as e:  # the hash matched: a file this build cannot read
         raise CheckpointError(f"{file} is not a safetensors file this build reads ({e})") from e
     return TrainerState(tensors=dict(tensors), counters=dict(counters))
 

@@ -14,6 +14,7 @@ from sft_actors.wire.envelope import (
     remote_error,
 )
 from sft_actors.wire.kinds import MsgKind
+from sft_actors.wire.message import Message, Request
 from sft_actors.wire.messages import (
     ALL_MESSAGES,
     Ack,
@@ -30,9 +31,7 @@ from sft_actors.wire.messages import (
     Gradients,
     Heartbeat,
     Hello,
-    Message,
     Metrics,
-    Request,
     Restore,
     RoundClose,
     RoundDone,

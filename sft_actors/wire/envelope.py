@@ -42,7 +42,8 @@ from sft_actors.errors import (
 )
 from sft_actors.wire.fields import BufferSink, BufferTable, decode_fields, encode_body
 from sft_actors.wire.kinds import MsgKind
-from sft_actors.wire.messages import REGISTRY, Error, Message, spec_for
+from sft_actors.wire.message import Message
+from sft_actors.wire.messages import REGISTRY, Error, spec_for
 from sft_actors.wire.tensors import TensorDesc, WireTensor, as_byte_view
 
 if TYPE_CHECKING:

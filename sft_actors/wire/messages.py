@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Final, Generic, Literal, TypeVar, get_args, get_origin
+from typing import Any, Final, Literal
 
 from sft_actors.codec.spec import CodecPolicy
 from sft_actors.errors import UnknownMessageKind
 from sft_actors.wire.fields import FieldSpec, compile_fields
 from sft_actors.wire.kinds import MsgKind
+from sft_actors.wire.message import Message, Request
 from sft_actors.wire.plans import (
     DataPlan,
     EvalStats,
@@ -32,36 +33,6 @@ from sft_actors.wire.plans import (
     TrainPlan,
 )
 from sft_actors.wire.tensors import WireTensor
-
-
-@dataclass(kw_only=True, frozen=True, slots=True)
-class Message:
-    """Base of all messages. ``KIND`` is the class's code on the wire."""
-
-    KIND: ClassVar[MsgKind]
-
-
-R = TypeVar("R", bound=Message)
-
-
-class Request(Generic[R]):
-    """Mixin of a message that expects a reply of type ``R``: ``class X(Message, Request[Y])``.
-
-    ``Actor.call`` returns exactly ``R`` (or raises one typed error), and a handler for ``X``
-    must be annotated to return ``R``; both read ``REPLY``, set here from the class's bases.
-    """
-
-    __slots__ = ()
-    REPLY: ClassVar[type[Message]]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for base in getattr(cls, "__orig_bases__", ()):
-            if get_origin(base) is Request:
-                (reply,) = get_args(base)
-                if not (isinstance(reply, type) and issubclass(reply, Message)):
-                    raise TypeError(f"{cls.__name__}: Request[...] needs a message class, got {reply!r}")
-                cls.REPLY = reply
 
 
 # --- session -------------------------------------------------------------------------------
