@@ -31,7 +31,6 @@ from sft_actors.actors.coordinator_rounds import RoundsCoordinator
 from sft_actors.actors.tasks import first_completed, gather_owned
 from sft_actors.errors import PeerTimeout, RemoteError, RuntimeFault, ServerLost, SftError
 from sft_actors.train import modes
-from sft_actors.train.aggregate import block_of
 from sft_actors.wire import AdaptersDown, Restore, Shutdown, WireTensor
 from sft_actors.wire.coded import unpack_tensor
 
@@ -236,12 +235,8 @@ class CoordinatorActor(RoundsCoordinator):
         if state is not None:
             await self.call(device, Restore(round=self.store.round, **state), timeout_s=t)
         if not rollback and self.store.device_adapters:
-            cut = self._cuts[device]
-            mine = {
-                k: WireTensor.from_torch(v)
-                for k, v in self.store.device_adapters.items()
-                if (block_of(k) or 0) < cut or modes.whole_model_on_device(self.train.mode)
-            }
+            held = self._held_by(device, self.store.device_adapters)
+            mine = {k: WireTensor.from_torch(v) for k, v in held.items()}
             await self.call(device, AdaptersDown(round=self.store.round, tensors=mine), timeout_s=t)
 
     async def _ensure_quorum(self, r: int) -> None:

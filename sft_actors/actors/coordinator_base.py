@@ -24,6 +24,7 @@ from sft_actors.errors import PeerTimeout, RuntimeFault, ServerLost, SftError
 from sft_actors.plan.assign import device_plans, server_plans
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
+from sft_actors.train.aggregate import block_of
 from sft_actors.train.summary import RunSummary
 from sft_actors.wire import (
     AdaptersRequest,
@@ -68,6 +69,14 @@ class CoordinatorBase(Actor):
     @property
     def round_timeout_s(self) -> float:
         return self.train.round_timeout_s
+
+    def _held_by(self, device: str, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The adapter tensors of the blocks ``device`` holds (below its cut; every block in
+        fedlora), out of a per-block set keyed ``blocks.{i}.…``."""
+        if modes.whole_model_on_device(self.train.mode):
+            return dict(tensors)
+        cut = self._cuts[device]
+        return {k: v for k, v in tensors.items() if (block_of(k) or 0) < cut}
 
     def _is_up(self, peer: str) -> bool:
         link = self._links.get(peer)

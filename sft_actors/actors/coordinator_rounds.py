@@ -18,7 +18,7 @@ from sft_actors.actors.coordinator_eval import EvaluatingCoordinator
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.errors import SftError
 from sft_actors.train import modes
-from sft_actors.train.aggregate import Contribution, average_per_block, block_of
+from sft_actors.train.aggregate import Contribution, average_per_block
 from sft_actors.train.summary import round_record
 from sft_actors.wire import (
     AdaptersDown,
@@ -164,8 +164,7 @@ class RoundsCoordinator(EvaluatingCoordinator):
     async def _relay(self, src: str, dst: str, r: int) -> None:
         """Vanilla split learning: the next device starts from the previous device's adapters."""
         up = await self._collect(src, r)
-        cut = self._cuts[dst]
-        held = {k: v for k, v in up.tensors.items() if (block_of(k) or 0) < cut}  # blocks dst holds
+        held = self._held_by(dst, up.tensors)
         await self.call(dst, AdaptersDown(round=r, tensors=held), timeout_s=self.round_timeout_s)
         self.store.device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
 

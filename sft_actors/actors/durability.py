@@ -103,12 +103,10 @@ class Durability:
         relay = ckpt.meta.get("relay_from")
         self._relay_at_checkpoint = relay if isinstance(relay, str) else None
         self.round = ckpt.round
-        self.roll_back()
-        old = RunSummary.from_json(self._history) if self._history else None
+        old = self.roll_back()
         if old is not None:  # what happened before: aborted rounds, earlier resumes
             self.summary.rounds_aborted = old.rounds_aborted
             self.summary.resumes = old.resumes
-        self.summary.resumed_from = ckpt.round
         self.summary.resumes.append(ckpt.round)
         self.summary.run_dir = str(self.run_dir)
         self.summary.checkpoint = {"round": ckpt.round, "path": str(ckpt.path)}
@@ -161,18 +159,20 @@ class Durability:
         actor.log.info("checkpoint_written", round=r, path=str(path), bytes=checkpoint_bytes(path))
         return path
 
-    def roll_back(self) -> None:
-        """Back to the last checkpoint: the averaged adapters and the history it holds."""
+    def roll_back(self) -> RunSummary | None:
+        """Back to the last checkpoint: the averaged adapters and the history it holds (also
+        returned whole, None before any checkpoint)."""
         self.device_adapters = dict(self._adapters_at_checkpoint)
         self.relay_from = self._relay_at_checkpoint
-        if self._history:
-            old = RunSummary.from_json(self._history)
+        old = RunSummary.from_json(self._history) if self._history else None
+        if old is not None:
             self.summary.rounds, self.summary.evals, self.summary.evals_raw = (
                 old.rounds,
                 old.evals,
                 old.evals_raw,
             )
             self.summary.setup_s = old.setup_s
+        return old
 
     # --- results -----------------------------------------------------------------------------
     def write_summary(self) -> Path | None:

@@ -118,14 +118,17 @@ class RunSummary:
     #: Whether a rerun with the same seed gives the same bytes, and if not, why not.
     deterministic: bool = True
     nondeterminism: list[str] = field(default_factory=list)
-    #: The last complete checkpoint: {"round": r, "path": …}; resumed_from: the round a
-    #: ``--resume`` continued after (None: a fresh run).
+    #: The last complete checkpoint: {"round": r, "path": …}.
     checkpoint: dict[str, Any] = field(default_factory=dict)
-    resumed_from: int | None = None
     #: Every ``--resume`` of this run, as the checkpoint round it continued after.
     resumes: list[int] = field(default_factory=list)
     #: Rounds aborted because a server was lost mid-round: {"round", "why", "rolled_back_to"}.
     rounds_aborted: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def resumed_from(self) -> int | None:
+        """The round the last ``--resume`` continued after (None: never resumed)."""
+        return self.resumes[-1] if self.resumes else None
 
     @property
     def devices_lost(self) -> int:
@@ -182,6 +185,7 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["devices_lost"] = self.devices_lost
+        out["resumed_from"] = self.resumed_from
         raw_up = sum(r.raw_up for r in self.rounds)
         raw_down = sum(r.raw_down for r in self.rounds)
         out["totals"] = {
