@@ -51,6 +51,11 @@ class NotWelcomed(ProtocolError):
     dialling peer that gets it back knows the actor it dialled restarted and forgot it."""
 
 
+class IdentityRefused(ProtocolError):
+    """A peer that is not who it may be: its CURVE key belongs to another actor, it claims the
+    receiver's own name or another role, or it is not an actor that connects to the receiver."""
+
+
 # --- codec -----------------------------------------------------------------------------
 class CodecError(SftError):
     """A tensor cannot be encoded (e.g. NaN/inf) or a payload cannot be decoded."""
@@ -109,6 +114,11 @@ class ModelSpecError(ConfigError):
 
 class DatasetNotFound(ConfigError):
     """A dataset's files are missing (the message says where to put them)."""
+
+
+class KeyFileError(ConfigError):
+    """A CURVE key file is missing, malformed, readable by others or shared by two actors (the
+    message names the file and the command that fixes it)."""
 
 
 class PlanInfeasible(ConfigError):

@@ -26,6 +26,7 @@ CODED_MODES: frozenset[str] = frozenset({"sft"})
 ServerUpdate = Literal["per_batch", "per_round"]
 Partition = Literal["iid", "dirichlet"]
 DType = Literal["float32", "bfloat16", "float16"]
+SecurityMode = Literal["none", "curve"]
 
 LOCALHOST = "localhost"
 #: Without ``round_deadline_s``: a round's deadline is this many times the median round so far,
@@ -126,6 +127,27 @@ class RuntimeConfig:
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
+class SecurityConfig:
+    """``[run.security]``: who may connect to the coordinator and the servers.
+
+    ``mode = "curve"`` puts CurveZMQ (RFC 26: Curve25519 key exchange, authenticated
+    encryption) on every tcp and ipc socket and lets in only the public keys of the
+    topology's actors, each bound to its own actor name (``sft keys generate F --out DIR``
+    makes the pairs). ``mode = "none"`` is for one-process and loopback runs; on a host
+    address that is not loopback it needs ``allow_insecure = true`` and warns at start.
+    """
+
+    mode: SecurityMode = "none"
+    #: The key directory (relative to the directory a node runs in, like ``[run.output] dir``):
+    #: ``<actor>.key`` (public, every node reads every actor's) and ``<actor>.key_secret``
+    #: (secret, mode 0600, needed only on the host that runs that actor).
+    keys: str = "keys"
+    #: Accept ``mode = "none"`` on addresses other machines can reach (anyone who can reach
+    #: the ports can then join as any actor).
+    allow_insecure: bool = False
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
 class RunConfig:
     name: str
     model: str
@@ -139,6 +161,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
