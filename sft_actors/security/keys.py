@@ -108,7 +108,9 @@ def check_secret_mode(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise KeyFileError(f"cannot read secret key {path}: {exc.strerror}; copy it from where it was generated") from None
+        raise KeyFileError(
+            f"cannot read secret key {path}: {exc.strerror}; copy it from where it was generated"
+        ) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"secret key {path} is readable by others (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
@@ -165,4 +167,12 @@ def _private_umask() -> Iterator[None]:
         os.umask(old)
 
 
-__all__ = ["PUBLIC_SUFFIX", "SECRET_SUFFIX", "KeyRing", "check_secret_mode", "generate_keys", "key_paths", "load_keyring"]
+__all__ = [
+    "PUBLIC_SUFFIX",
+    "SECRET_SUFFIX",
+    "KeyRing",
+    "check_secret_mode",
+    "generate_keys",
+    "key_paths",
+    "load_keyring",
+]
