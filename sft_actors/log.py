@@ -67,3 +67,36 @@ def get_logger(**context: Any) -> Any:
 def bind(**context: Any) -> None:
     """Bind context for the current task (contextvars), e.g. ``round=3``."""
     structlog.contextvars.bind_contextvars(**context)
+
+
+class Throttle:
+    """Bounded-rate logging of repeated events (a flood of refused strangers must not flood logs).
+
+    :meth:`due` answers, per key, whether to log now: the first event of a key is logged, then
+    at most one per ``interval_s`` (seconds on ``clock``, a ``time.monotonic``-like callable),
+    and the logged line carries how many events of that key were ``suppressed`` since the last
+    line. At most ``max_keys`` keys are remembered (the oldest is forgotten), so a stranger
+    varying its key cannot grow memory either.
+    """
+
+    def __init__(self, now: Any, *, interval_s: float = 10.0, max_keys: int = 256) -> None:
+        self._now = now
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: dict[str, tuple[float, int]] = {}
+        #: Events seen, logged or not, over the life of the throttle.
+        self.total = 0
+
+    def due(self, key: str) -> int | None:
+        """None: stay quiet. An int: log now, with that many events suppressed since."""
+        self.total += 1
+        now = self._now()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        self._last.pop(key, None)
+        if len(self._last) >= self.max_keys:
+            self._last.pop(next(iter(self._last)))
+        self._last[key] = (now, 0)
+        return 0 if last is None else last[1]

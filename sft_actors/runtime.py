@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from sft_actors.actors.base import Actor, ActorState
+from sft_actors.actors.budget import run_model_config, socket_options
 from sft_actors.actors.env import ActorEnv, topology_schema_hash, wire_limits
 from sft_actors.actors.roles import RoleFactories, role_factories
 from sft_actors.errors import ActorFailed, ConfigError
@@ -42,6 +43,7 @@ from sft_actors.outcome import (
     failure_line,
 )
 from sft_actors.topology import ActorSpec, Topology
+from sft_actors.transport.auth import start_curve
 from sft_actors.transport.endpoints import Endpoints, Transport
 
 _TERM_TIMEOUT_S = 5.0
@@ -164,15 +166,24 @@ async def run_actors(
     if own_ctx:
         # Every actor has a ROUTER and/or one DEALER per peer; libzmq's default cap is 1023.
         zctx.set(zmq.MAX_SOCKETS, max(1024, 4 * len(specs) + 16))
+    try:
+        auth = start_curve(topology, [s.name for s in specs], transport, zctx)
+    except BaseException:
+        if own_ctx:
+            zctx.destroy(linger=0)
+        raise
     executor = ThreadPoolExecutor(max_workers=offload_workers, thread_name_prefix="sft-offload")
+    limits = wire_limits(topology)
     env = ActorEnv(
         topology=topology,
         ctx=zctx,
         endpoints=Endpoints(topology, transport, ipc_dir=ipc_dir),
         executor=executor,
-        limits=wire_limits(topology),
+        limits=limits,
         schema_hash=topology_schema_hash(topology),
         resume_dir=resume,
+        sockets=socket_options(topology, run_model_config(topology), limits),
+        auth=auth,
     )
     t0 = time.perf_counter()
     error: str | None = None
@@ -188,6 +199,8 @@ async def run_actors(
     finally:
         try:
             executor.shutdown(wait=False, cancel_futures=True)
+            if auth is not None:
+                auth.stop()
             if own_ctx:
                 await asyncio.to_thread(_terminate, zctx)
         finally:

@@ -33,12 +33,14 @@ from sft_actors.errors import (
     ProtocolError,
     ProtocolViolation,
     SchemaMismatch,
+    SftError,
     UnexpectedReply,
+    UnknownMessageKind,
     UnknownPeer,
     VersionMismatch,
 )
 from sft_actors.transport.sockets import bind_router, connect_dealer
-from sft_actors.wire.envelope import encode, remote_error
+from sft_actors.wire.envelope import Envelope, encode, remote_error
 from sft_actors.wire.message import Message, R, Request
 from sft_actors.wire.messages import Bye, Error, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
@@ -157,6 +159,36 @@ class Actor(LiveActor):
         self._finishing_run = True
         self.stop("run finished")
 
+    # --- handlers --------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        while True:
+            env, ctx = await self._mailbox.get()
+            try:
+                await self._dispatch(env, ctx)
+            finally:
+                self._guard.release(ctx.peer)
+                self._mailbox.task_done()
+
+    async def _dispatch(self, env: Envelope, ctx: MsgContext) -> None:
+        spec = self._handlers.get(env.kind)
+        try:
+            if spec is None:
+                raise UnknownMessageKind(
+                    f"{self.name} ({type(self).__name__}) has no handler for {env.kind.name}"
+                )
+            reply = await getattr(self, spec.method)(env.msg, ctx)
+            if reply is not None:
+                await self.send(ctx.peer, reply, reply_to=env.msg_id)
+        except Exception as exc:
+            # A peer's bad message must never kill the receiver: answer ERROR, keep serving.
+            # The caller owns (and logs) the error; a non-SftError is a bug here, so log it too.
+            if not isinstance(exc, SftError):
+                self.log.error("handler_failed", peer=ctx.peer, kind=env.kind.name, error=repr(exc))
+            else:
+                self.log.debug("handler_refused", peer=ctx.peer, kind=env.kind.name, error=repr(exc))
+            with contextlib.suppress(UnknownPeer):
+                await self._send_error(self.link(ctx.peer), exc, env.msg_id)
+
     # --- lifecycle -----------------------------------------------------------------------
     async def serve(self) -> None:
         """Run the actor to completion. Raises :class:`ActorFailed` if it failed."""
@@ -203,8 +235,12 @@ class Actor(LiveActor):
 
     async def _start(self) -> None:
         if self.spec.addressed:
+            auth = self.env.auth
             self._router, bound = bind_router(
-                self.env.ctx, self.env.endpoints.bind_address(self.name), self._sock_opts
+                self.env.ctx,
+                self.env.endpoints.bind_address(self.name),
+                self._sock_opts,
+                secure=None if auth is None else lambda sock: auth.server(sock, self.name),
             )
             self.env.endpoints.publish(self.name, bound)
             self._spawn(self._recv_loop(self._router, None))
@@ -216,7 +252,9 @@ class Actor(LiveActor):
 
     async def _dial(self, peer: str) -> None:
         endpoint = await self.env.endpoints.resolve(peer)
-        sock = connect_dealer(self.env.ctx, endpoint, self.name, self._sock_opts)
+        auth = self.env.auth
+        secure = None if auth is None else lambda sock: auth.client(sock, self.name, peer)
+        sock = connect_dealer(self.env.ctx, endpoint, self.name, self._sock_opts, secure=secure)
         self._dealers.append(sock)
         link = PeerLink(
             peer=peer,

@@ -4,8 +4,10 @@
 answered (WELCOME, or ERROR naming the mismatch), replies resolve pending calls directly
 (never through the mailbox, so a handler awaiting a call cannot deadlock its own actor),
 heartbeats refresh liveness, SHUTDOWN/BYE drive the lifecycle, and everything else goes
-through the bounded mailbox to the typed handlers. Garbage from a peer gets an ERROR frame
-and never stops the actor. Liveness and pacing run on ``env.clock`` (a test's ManualClock).
+through the bounded mailbox to the typed handlers. Garbage from a peer never stops the actor;
+who may speak, as whom, how much, and who hears ERROR back is the
+:class:`~sft_actors.actors.guard.InboundGuard`'s call. Each receive loop yields after a bounded
+batch, so a flood cannot starve heartbeats. Liveness and pacing run on ``env.clock``.
 :class:`~sft_actors.actors.base.Actor` adds the lifecycle and the public API on top.
 """
 
@@ -23,25 +25,29 @@ import zmq
 import zmq.asyncio
 
 from sft_actors.actors.env import ActorEnv
+from sft_actors.actors.guard import InboundGuard
 from sft_actors.actors.handlers import HandlerSpec, MsgContext
 from sft_actors.actors.peers import LinkState, Pacers, PeerLink
 from sft_actors.errors import (
     NotWelcomed,
     PeerLost,
     ProtocolError,
+    ProtocolViolation,
     SftError,
-    UnknownMessageKind,
     UnknownPeer,
     VersionMismatch,
 )
 from sft_actors.log import get_logger
 from sft_actors.topology import ActorSpec
-from sft_actors.transport.sockets import SocketOptions
 from sft_actors.wire.envelope import Envelope, decode, encode, encode_error
 from sft_actors.wire.kinds import MsgKind
-from sft_actors.wire.message import Message
+from sft_actors.wire.message import Message, Request
 from sft_actors.wire.messages import Error, Hello, Shutdown, Welcome
 from sft_actors.wire.schema import check_schema
+
+#: Messages one receive loop takes before it yields: pyzmq returns queued messages without
+#: awaiting anything, so without this a flood would keep heartbeats and handlers from running.
+FAIR_BATCH = 16
 
 
 class ActorState(enum.Enum):
@@ -75,7 +81,6 @@ class ActorCore:
         self.result: Any = None
         #: How the run ended, as the coordinator's SHUTDOWN said ({"status", "reason"}).
         self.run_verdict: dict[str, str] | None = None
-        self.refused: list[tuple[str, SftError]] = []
         self._links: dict[str, PeerLink] = {}
         self._router: zmq.asyncio.Socket | None = None
         self._dealers: list[zmq.asyncio.Socket] = []
@@ -94,9 +99,20 @@ class ActorCore:
         self._pacers = Pacers(env.topology, spec.name, env.clock)
         #: This process's session of the actor: peers tell a restart from a re-dial by it.
         self.session_id = secrets.token_hex(8)
-        self._sock_opts = SocketOptions(
-            sndhwm=self.settings.hwm, rcvhwm=self.settings.hwm, linger_ms=self.settings.linger_ms
+        self._sock_opts = env.sockets
+        self._guard = InboundGuard(
+            spec.name,
+            env.topology,
+            secure=env.auth is not None,
+            window=self.settings.link_window,
+            now=self.clock.now,
+            log=self.log,
         )
+
+    @property
+    def refused(self) -> list[tuple[str, SftError]]:
+        """The last refused handshakes (peer, error), oldest first."""
+        return list(self._guard.refused)
 
     # --- liveness hooks (overridden by actors) ----------------------------------------------
     async def on_peer_joined(self, peer: str) -> None:
@@ -175,8 +191,13 @@ class ActorCore:
     # --- inbound path -----------------------------------------------------------------------
     async def _recv_loop(self, sock: zmq.asyncio.Socket, link: PeerLink | None) -> None:
         """Read one socket forever. ``link`` is None for the ROUTER (route from the first frame)."""
+        taken = 0
         while True:
             frames = await sock.recv_multipart(copy=False)
+            taken += 1
+            if taken >= FAIR_BATCH:
+                taken = 0
+                await asyncio.sleep(0)
             try:
                 if link is None:
                     identity, frames = frames[0].bytes, frames[1:]
@@ -186,27 +207,30 @@ class ActorCore:
             except (SftError, zmq.ZMQError) as exc:
                 # E.g. a WELCOME to a peer that vanished meanwhile: that peer's problem, not
                 # a reason to stop reading everyone else's messages.
-                self.log.warning("inbound_failed", error=f"{type(exc).__name__}: {exc}")
+                self._guard.note("inbound_failed", link.peer if link else "", f"{type(exc).__name__}: {exc}")
 
     async def _on_router_frames(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         peer = identity.decode(errors="replace")
         try:
+            self._guard.authenticate(peer, frames)
             env = decode([f.buffer for f in frames], self.env.limits)
         except ProtocolError as exc:
-            # Garbage from a peer: tell it why, keep serving everyone else.
+            # Garbage: tell a peer that may dial us why (strangers hear nothing), keep serving.
             if isinstance(exc, VersionMismatch) and peer not in self._links:
-                self.log.error("handshake_refused", peer=peer, error=f"{type(exc).__name__}: {exc}")
-                self.refused.append((peer, exc))
+                self._guard.refuse_handshake(peer, exc)
             else:
-                self.log.warning("frame_rejected", peer=peer, error=f"{type(exc).__name__}: {exc}")
-            await self._reject(identity, exc, None)
+                self._guard.unreadable(peer, exc)
+            if self._guard.may_answer(peer):
+                await self._reject(identity, exc, None)
             return
         link = self._links.get(peer)
         if env.kind is MsgKind.HELLO:
             await self._on_hello(identity, env)
         elif link is None or link.dialled or link.state is LinkState.GONE:
-            refusal = NotWelcomed(f"{self.name}: send HELLO before {env.kind.name}")
-            await self._reject(identity, refusal, env)
+            self._guard.rejected += 1
+            if self._guard.may_answer(peer):
+                refusal = NotWelcomed(f"{self.name}: send HELLO before {env.kind.name}")
+                await self._reject(identity, refusal, env)
         else:
             await self._on_frames(link, frames, env)
 
@@ -214,7 +238,7 @@ class ActorCore:
         try:
             return decode([f.buffer for f in frames], self.env.limits)
         except ProtocolError as exc:
-            self.log.warning("frame_rejected", peer=peer, error=f"{type(exc).__name__}: {exc}")
+            self._guard.unreadable(peer, exc)
             return None
 
     async def _reject(self, identity: bytes, exc: SftError, env: Envelope | None) -> None:
@@ -230,19 +254,16 @@ class ActorCore:
         assert isinstance(hello, Hello)
         peer = identity.decode(errors="replace")
         try:
-            if hello.node != peer or env.sender != peer:
-                raise ProtocolError(f"HELLO from routing id {peer!r} claims to be {hello.node!r}")
-            if peer not in {a.name for a in self.topology.actors}:
-                raise UnknownPeer(f"{peer!r} is not an actor of topology {self.topology.run.name!r}")
+            self._guard.check_hello(peer, env.sender, hello)
             existing = self._links.get(peer)
             if existing is not None and existing.dialled:
                 raise ProtocolError(f"{self.name} already dialled {peer!r}; one link per pair of actors")
             check_schema(self.env.schema_hash, hello.schema_hash, peer=peer)
         except SftError as exc:
-            self.log.error("handshake_refused", peer=peer, error=f"{type(exc).__name__}: {exc}")
-            self.refused.append((peer, exc))
-            await self._reject(identity, exc, env)
-            self._spawn(self.on_handshake_refused(peer, exc))
+            self._guard.refuse_handshake(peer, exc)
+            if self._guard.may_answer(peer):
+                await self._reject(identity, exc, env)
+                self._spawn(self.on_handshake_refused(peer, exc))
             return
         assert self._router is not None
         old = self._links.get(peer)
@@ -337,6 +358,11 @@ class ActorCore:
         if self._closing:
             self.log.debug("message_dropped_closing", peer=link.peer, kind=kind.name)
             return
+        if not self._guard.admit(link.peer):
+            if isinstance(env.msg, Request):
+                over = ProtocolViolation(f"{link.peer} has more than {self._guard.limit} messages queued")
+                await self._send_error(link, over, env.msg_id)
+            return
         ctx = MsgContext(
             peer=link.peer,
             msg_id=env.msg_id,
@@ -361,34 +387,11 @@ class ActorCore:
         """A peer this actor dialled answers as if it never heard of it (it restarted before it
         was found silent). The liveness layer treats that as a lost link (and re-dials)."""
 
-    async def _dispatch_loop(self) -> None:
-        while True:
-            env, ctx = await self._mailbox.get()
-            try:
-                await self._dispatch(env, ctx)
-            finally:
-                self._mailbox.task_done()
-
-    async def _dispatch(self, env: Envelope, ctx: MsgContext) -> None:
-        spec = self._handlers.get(env.kind)
-        try:
-            if spec is None:
-                raise UnknownMessageKind(
-                    f"{self.name} ({type(self).__name__}) has no handler for {env.kind.name}"
-                )
-            reply = await getattr(self, spec.method)(env.msg, ctx)
-            if reply is not None:
-                await self.send(ctx.peer, reply, reply_to=env.msg_id)
-        except Exception as exc:
-            # A peer's bad message must never kill the receiver: answer ERROR, keep serving.
-            # The caller owns (and logs) the error; a non-SftError is a bug here, so log it too.
-            if not isinstance(exc, SftError):
-                self.log.error("handler_failed", peer=ctx.peer, kind=env.kind.name, error=repr(exc))
-            else:
-                self.log.debug("handler_refused", peer=ctx.peer, kind=env.kind.name, error=repr(exc))
-            frames = encode_error(exc, sender=self.name, msg_id=next(self._ids), reply_to=env.msg_id)
-            with contextlib.suppress(UnknownPeer, zmq.ZMQError):
-                await self.link(ctx.peer).send(frames, paced=False)
+    async def _send_error(self, link: PeerLink, exc: Exception, reply_to: int) -> None:
+        """Answer one message of ``link``'s peer with ERROR (best effort: it may be gone)."""
+        frames = encode_error(exc, sender=self.name, msg_id=next(self._ids), reply_to=reply_to)
+        with contextlib.suppress(UnknownPeer, zmq.ZMQError):
+            await link.send(frames, paced=False)
 
 
 def _code(env: Envelope) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +12,9 @@ import zmq.asyncio
 
 from sft_actors.clock import SYSTEM_CLOCK, Clock
 from sft_actors.topology import ActorSpec, Topology
+from sft_actors.transport.auth import CurveAuth
 from sft_actors.transport.endpoints import Endpoints
+from sft_actors.transport.sockets import SocketOptions
 from sft_actors.wire.envelope import WireLimits
 from sft_actors.wire.schema import schema_hash
 
@@ -35,6 +37,10 @@ class ActorEnv:
     #: ``--resume RUN_DIR``: continue the run from RUN_DIR's last complete checkpoint (the
     #: coordinator reads it); None starts a new run. The runtime checks it holds ``checkpoints``.
     resume_dir: Path | None = None
+    #: MAXMSGSIZE and high-water marks of every socket (``actors.budget``).
+    sockets: SocketOptions = field(default_factory=SocketOptions)
+    #: CURVE (``[run.security] mode = "curve"`` over tcp/ipc): ZAP handler and keys; None = none.
+    auth: CurveAuth | None = None
 
 
 #: Builds the actor for one ``[[actors]]`` entry. An ``Actor`` subclass is itself a factory.

@@ -20,6 +20,7 @@ import torch
 import zmq.asyncio
 
 from sft_actors.actors.base import Actor
+from sft_actors.actors.budget import socket_options_unplanned
 from sft_actors.actors.env import ActorEnv, topology_schema_hash, wire_limits
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import gather_owned
@@ -211,6 +212,7 @@ def actor_env(
             executor=pool,
             limits=wire_limits(topology),
             schema_hash=topology_schema_hash(topology),
+            sockets=socket_options_unplanned(topology),
         )
 
 

@@ -116,10 +116,15 @@ class RuntimeConfig:
     #: Requests (``call``) in flight per peer link: the credit window.
     link_window: int = 8
     mailbox_size: int = 64
-    #: zmq high-water marks, in messages.
+    #: Upper bound on the zmq high-water marks, in messages (see ``queue_mb``).
     hwm: int = 1000
     linger_ms: int = 200
+    #: Cap on one message (MiB). Sockets also refuse any frame larger than the run's largest
+    #: expected tensor (activations, a PCA basis, an adapter), computed from the model and plan.
     max_message_mb: float = 512.0
+    #: Bytes a socket may queue per peer (MiB): the high-water marks are this over the largest
+    #: expected frame (at most ``hwm``), so a flood or a peer that never reads stays bounded.
+    queue_mb: float = 256.0
     #: How long a lost coordinator or server may take to come back (restarted, or resumed
     #: after a pause) before the actors waiting for it give up; also how long a coordinator
     #: below quorum waits for devices to (re)join.

@@ -76,6 +76,7 @@ def _validate_data_and_runtime(r: Reporter, topo: Topology) -> None:
         "request_timeout_s",
         "drain_timeout_s",
         "max_message_mb",
+        "queue_mb",
         "rejoin_timeout_s",
     ):
         if getattr(rt, key) <= 0:

@@ -1,12 +1,15 @@
 """zmq socket factory: ROUTER for addressed actors, DEALER for connections to them.
 
-Options are explicit on every socket: high-water marks (messages), LINGER (ms) and, on
-ROUTERs, ROUTER_MANDATORY — without it a ROUTER silently drops messages to unknown peers
-or at the high-water mark.
+Options are explicit on every socket: high-water marks (messages), LINGER (ms), MAXMSGSIZE
+(bytes per frame: libzmq disconnects a peer that announces a bigger one before reading it) and,
+on ROUTERs, ROUTER_MANDATORY — without it a ROUTER silently drops messages to unknown peers
+or at the high-water mark. ``secure`` sets a security mechanism (CURVE, ``transport.auth``)
+before the socket binds or connects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -34,13 +37,18 @@ def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
 
 
+Secure = Callable[[zmq.asyncio.Socket], None]
+
+
 def bind_router(
-    ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions
+    ctx: zmq.asyncio.Context, endpoint: str, opts: SocketOptions, *, secure: Secure | None = None
 ) -> tuple[zmq.asyncio.Socket, str]:
     """A ROUTER bound to ``endpoint``; returns it and the endpoint actually bound."""
     sock = ctx.socket(zmq.ROUTER)
     try:
         _apply(sock, opts)
+        if secure is not None:
+            secure(sock)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted peer reconnects under its old name before the old connection is known
         # dead: the new connection takes the routing id over (the default refuses it).
@@ -54,12 +62,19 @@ def bind_router(
 
 
 def connect_dealer(
-    ctx: zmq.asyncio.Context, endpoint: str, identity: str, opts: SocketOptions
+    ctx: zmq.asyncio.Context,
+    endpoint: str,
+    identity: str,
+    opts: SocketOptions,
+    *,
+    secure: Secure | None = None,
 ) -> zmq.asyncio.Socket:
     """A DEALER whose routing id is ``identity`` (the actor's name), connected to ``endpoint``."""
     sock = ctx.socket(zmq.DEALER)
     try:
         _apply(sock, opts)
+        if secure is not None:
+            secure(sock)
         sock.setsockopt(zmq.ROUTING_ID, identity.encode())
         sock.connect(endpoint)
     except BaseException:

@@ -1,0 +1,167 @@
+"""CurveZMQ on the sockets, with pyzmq's ZAP authenticator deciding who may connect.
+
+Every tcp and ipc socket of a ``mode = "curve"`` topology runs the CURVE mechanism (RFC 26,
+Curve25519 key exchange and authenticated encryption, done by libzmq): an addressed actor's
+ROUTER is a CURVE server holding that actor's secret key, a dialling DEALER a CURVE client
+that knows the server's public key (so it cannot be fooled by another listener) and proves
+its own. Which client keys may connect is decided by one ZAP handler per zmq Context,
+:class:`zmq.auth.asyncio.AsyncioAuthenticator`, given the topology's public keys: a stranger's
+handshake is refused inside libzmq, before any of its messages reaches an actor, and refusals
+are logged at a bounded rate. The ZAP User-Id of an accepted connection is the actor name its
+key belongs to (``frame.get("User-Id")`` on every received frame), which the actors compare
+with the name a peer claims. ``ZAP_ENFORCE_DOMAIN`` makes a ROUTER refuse everyone when no
+ZAP handler answers, rather than let every key in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from sft_actors.log import Throttle, get_logger
+from sft_actors.security.keys import KeyRing, load_keyring
+from sft_actors.topology import Topology
+
+#: The ZAP domain of every sft_actors ROUTER.
+ZAP_DOMAIN = "sft"
+USER_ID = "User-Id"
+log = get_logger(component="auth")
+
+
+class _ActorKeys:
+    """The credentials provider ZAP asks: is this client key one of the topology's actors?"""
+
+    def __init__(self, keyring: KeyRing, throttle: Throttle) -> None:
+        self._actors = {key: name for name, key in keyring.publics.items()}
+        self._throttle = throttle
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self._actors:
+            return True
+        self.refused += 1
+        suppressed = self._throttle.due("stranger")
+        if suppressed is not None:
+            log.warning(
+                "connection_refused",
+                reason="key of no actor",
+                key=key.decode(errors="replace"),
+                refused_total=self.refused,
+                suppressed=suppressed,
+            )
+        return False
+
+    def actor(self, key: bytes) -> str:
+        return self._actors[key]
+
+
+class _Authenticator(AsyncioAuthenticator):
+    """Maps an accepted key to its actor's name (the connection's ZAP User-Id)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, keys: _ActorKeys) -> None:
+        super().__init__(ctx, log=_QuietLog())
+        self._keys = keys
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        from zmq.utils import z85
+
+        return self._keys.actor(z85.encode(client_public_key))
+
+
+class _QuietLog:
+    """pyzmq's authenticator logs each refusal at error level (a flood = a flood of lines); ours
+    are counted and throttled in :class:`_ActorKeys` instead."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        log.debug("zap_error", detail=msg % args if args else msg)
+
+
+class CurveAuth:
+    """CURVE for one process: the ZAP handler of its Context and the socket options.
+
+    ``start()`` must run before any ROUTER binds (on the event loop); ``stop()`` when the
+    process's sockets are closed. :meth:`server` and :meth:`client` set the options on a socket
+    before it binds or connects. Raises :class:`~sft_actors.errors.KeyFileError` when a needed
+    secret key was not loaded.
+    """
+
+    def __init__(self, ctx: zmq.asyncio.Context, keyring: KeyRing, *, now: Any) -> None:
+        self.keyring = keyring
+        self._keys = _ActorKeys(keyring, Throttle(now))
+        self._auth = _Authenticator(ctx, self._keys)
+
+    @property
+    def refused(self) -> int:
+        """Handshakes refused so far (client keys of no actor)."""
+        return self._keys.refused
+
+    def start(self) -> None:
+        self._auth.start()
+        self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._keys)
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+    def server(self, sock: zmq.asyncio.Socket, actor: str) -> None:
+        """``sock`` (a ROUTER, before bind) accepts CURVE clients that ZAP lets in."""
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.keyring.secret(actor))
+
+    def client(self, sock: zmq.asyncio.Socket, actor: str, server: str) -> None:
+        """``sock`` (a DEALER, before connect) speaks as ``actor`` to the CURVE server ``server``."""
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.keyring.public(server))
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keyring.public(actor))
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.keyring.secret(actor))
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id (actor name) of the connection ``frame`` arrived on; None without ZAP."""
+    try:
+        value = frame.get(USER_ID)
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+_LOOPBACK_PREFIXES = ("127.", "localhost", "::1")
+
+
+def start_curve(
+    topology: Topology, names: Sequence[str], transport: str, ctx: zmq.asyncio.Context
+) -> CurveAuth | None:
+    """CURVE for the actors ``names`` run in this process, started; None when the run has none.
+
+    ``mode = "curve"`` over tcp or ipc reads every public key and these actors' secret keys
+    (:class:`~sft_actors.errors.KeyFileError` names a missing or unsafe file) and starts the
+    ZAP handler. Over inproc (one process, no socket outside it) there is nothing to secure.
+    ``mode = "none"`` on a non-loopback address (``allow_insecure``) is announced with a warning.
+    """
+    security = topology.run.security
+    if security.mode == "none":
+        exposed = sorted({h.address for h in topology.hosts if not h.address.startswith(_LOOPBACK_PREFIXES)})
+        if exposed and transport == "tcp":
+            log.warning(
+                "insecure_network",
+                addresses=exposed,
+                detail="mode = none: anyone who can reach these ports can join as any actor; "
+                'use [run.security] mode = "curve" (sft keys generate)',
+            )
+        return None
+    if transport == "inproc":
+        log.info("curve_not_needed", detail="inproc: every actor is in this process")
+        return None
+    keyring = load_keyring(topology, names)
+    auth = CurveAuth(ctx, keyring, now=time.monotonic)
+    auth.start()
+    log.info("curve_enabled", keys=str(keyring.directory), actors=list(names), transport=transport)
+    return auth
