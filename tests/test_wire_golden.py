@@ -198,6 +198,8 @@ def sample_messages() -> dict[MsgKind, Message]:
             inflight=16,
             round_timeout_s=60.0,
             devices=[ServedDevice(name="dev0", index=0, cut=4, codec=CODEC)],
+            batch_size=8,
+            seq_len=128,
         ),
         RoundClose(round=3, n_samples=256, micro_batches=64, devices=("dev0", "dev2")),
         StateRequest(round=3),

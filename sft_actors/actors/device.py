@@ -174,7 +174,7 @@ class DeviceActor(Actor):
         s = self.session
         try:
             reply = await self.call(s.plan.server, msg, timeout_s=s.plan.train.round_timeout_s)
-            grad = await self.offload(unpack_tensor, reply.grad)
+            grad = await self.offload(unpack_tensor, reply.grad, max_shape=msg.activations.desc.shape)
             raw = grad.numel() * grad.element_size()  # = the activations' raw size (same shape)
             meter.received(raw=raw, coded=reply.grad.desc.nbytes)
             async with self._compute:

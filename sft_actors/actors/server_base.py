@@ -24,7 +24,7 @@ from sft_actors.codec import Basis, BasisRegistry, Codec
 from sft_actors.errors import CodecError, ProtocolViolation
 from sft_actors.model import Part, SplitLM, head_state_dict, lora_state_dict
 from sft_actors.topology import ActorSpec
-from sft_actors.train.inputs import check_activations, check_labels
+from sft_actors.train.inputs import activation_bound, check_activations, check_labels
 from sft_actors.train.loading import load_shared_model
 from sft_actors.train.modes import codec_for
 from sft_actors.train.state import TrainerState
@@ -175,9 +175,10 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
 
     async def _inputs(self, msg: Activations) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded activations (B, T, C) and labels, checked before any compute touches them."""
-        hidden = await self.offload(unpack_tensor, msg.activations, self._bases[msg.device])
-        labels = await self.offload(unpack_tensor, msg.labels)
         assert self._model is not None  # set with the plan
+        bound = activation_bound(self._model, self.plan.batch_size, self.plan.seq_len)
+        hidden = await self.offload(unpack_tensor, msg.activations, self._bases[msg.device], max_shape=bound)
+        labels = await self.offload(unpack_tensor, msg.labels)
         check_activations(self._model, hidden)
         check_labels(self._model, hidden, labels)
         return hidden, labels

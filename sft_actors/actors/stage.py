@@ -59,7 +59,7 @@ class StageServerActor(ServerBase[DeviceTrainer]):
             raise
         if not train:
             return dataclasses.replace(reply, device=msg.device)
-        grad_out = await self.offload(unpack_tensor, reply.grad)
+        grad_out = await self.offload(unpack_tensor, reply.grad, max_shape=tuple(out.shape))
         async with self._compute:
             await self.offload(trainer.backward, key, grad_out)
         assert x.grad is not None  # x is a leaf that required grad; backward filled it

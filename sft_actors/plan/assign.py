@@ -109,6 +109,8 @@ def server_plans(topo: Topology) -> list[ServerPlan]:
                 inflight=max(1, topo.run.runtime.link_window * len(topo.devices)),
                 round_timeout_s=t.round_timeout_s,
                 devices=served,
+                batch_size=t.batch_size,
+                seq_len=t.seq_len,
             )
         )
     return plans

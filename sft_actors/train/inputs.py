@@ -17,6 +17,14 @@ from sft_actors.model.config import LlamaConfig
 IGNORE_INDEX = -100  # label of a position that has no target (padding, the last token)
 
 
+def activation_bound(model: SplitLM, batch_size: int, seq_len: int) -> tuple[int, int, int]:
+    """The largest activations (B, T, C) a device may send under a plan of ``batch_size``
+    samples of ``seq_len`` tokens (a ViT: its token count; a Llama: capped by its context)."""
+    cfg = model.config
+    tokens = min(seq_len, cfg.max_seq_len) if isinstance(cfg, LlamaConfig) else cfg.num_tokens
+    return (batch_size, tokens, cfg.dim)
+
+
 def check_activations(model: SplitLM, hidden: torch.Tensor) -> None:
     """``hidden`` is (B, T, C) floating point and finite, with C the model's width (and, for a
     ViT, T its token count; for a Llama, T within its context)."""

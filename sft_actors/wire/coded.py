@@ -6,9 +6,12 @@ descriptor); training code hands tensors to the actors, which pack and unpack th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sft_actors.codec import BasisRegistry, Codec, CodecReport
+from sft_actors.errors import MalformedFrame, ProtocolViolation
 from sft_actors.wire.tensors import WireTensor
 
 
@@ -21,14 +24,30 @@ def pack_tensor(t: torch.Tensor, codec: Codec | None, *, seed: int) -> tuple[Wir
     return wt, enc.report
 
 
-def unpack_tensor(wt: WireTensor, bases: BasisRegistry | None = None) -> torch.Tensor:
-    """The tensor a peer sent, decoded if it is coded (raises CodecError on a bad frame).
+def unpack_tensor(
+    wt: WireTensor, bases: BasisRegistry | None = None, *, max_shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The tensor a peer sent, decoded if it is coded.
 
-    ``bases``: the sender's projection bases, for chains with a ``project`` stage."""
+    ``bases``: the sender's projection bases, for chains with a ``project`` stage. ``max_shape``:
+    the largest shape the plan allows here (same rank, each dim at most that); the declared
+    shape is checked against it before anything is decoded (:class:`ProtocolViolation`). A raw
+    tensor's bytes already bound its size; a coded one is decoded only against a ``max_shape``,
+    only if its codec header declares the same shape as its descriptor, and never to more
+    elements than that (:class:`MalformedFrame`; :class:`CodecError` for a bad payload) — so
+    a few hundred bytes cannot make the receiver allocate gigabytes.
+    """
+    shape = wt.desc.shape
+    if max_shape is not None and (len(shape) != len(max_shape) or any(map(int.__gt__, shape, max_shape))):
+        raise ProtocolViolation(f"tensor of shape {list(shape)}; the plan allows at most {list(max_shape)}")
     if wt.is_raw:
         return wt.to_torch()
     assert wt.desc.codec is not None
-    return Codec.decode(dict(wt.desc.codec), wt.data, bases=bases)
+    if max_shape is None:
+        raise ProtocolViolation("a coded tensor where the plan expects a raw one")
+    if wt.desc.codec.get("shape") != list(shape):
+        raise MalformedFrame(f"codec header shape {wt.desc.codec.get('shape')!r} differs from {list(shape)}")
+    return Codec.decode(dict(wt.desc.codec), wt.data, bases=bases, max_elements=max(1, wt.desc.numel))
 
 
 def step_seed(run_seed: int, device_index: int, round_: int, step: int, direction: int) -> int:

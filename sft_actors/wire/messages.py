@@ -212,6 +212,10 @@ class ServerPlan(Message, Request[Ack]):
     inflight: int
     round_timeout_s: float
     devices: list[ServedDevice]
+    # The largest micro-batch a device sends: samples, and sequence length (text; a ViT's
+    # token count is the model's). Activations beyond it are refused before they are decoded.
+    batch_size: int
+    seq_len: int
     run_id: str = ""  # which run: a plan of another run (a fresh coordinator) starts over
 
 
