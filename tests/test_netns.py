@@ -87,6 +87,9 @@ def _topology(tmp_path: Path, h: Hosts) -> Path:
     path.write_text(
         run_part
         + f"""
+[run.security]
+allow_insecure = true  # two network namespaces on this machine, no keys
+
 [[hosts]]
 name = "edge"
 address = "{h.edge_ip}"

@@ -242,6 +242,7 @@ def _edit(*pairs: str) -> Any:
 
 
 VIT = ('model = "llama-tiny"', 'model = "vit-tiny"')
+_INSECURE = "link_window = 4\n\n[run.security]\nallow_insecure = true"
 # id, edit of CHECK_BASE ({tmp} is the test's folder), table, key, a fragment of the fix
 BROKEN: list[tuple[str, Any, str, str, str]] = [
     ("unsupported-model-dir", _edit('"llama-tiny"', '"{tmp}/bert"'), "[run]", "model", "unsupported model"),
@@ -522,8 +523,8 @@ BROKEN: list[tuple[str, Any, str, str, str]] = [
         "must be positive",
     ),
     (
-        "unresolvable-host",
-        _edit('"127.0.0.1"', '"no-such-host.invalid"'),
+        "unresolvable-host",  # not loopback: mode "none" needs allow_insecure to get this far
+        _edit('"127.0.0.1"', '"no-such-host.invalid"', "link_window = 4", _INSECURE),
         "[[hosts]] 'local'",
         "address",
         "use an IP address",
@@ -645,7 +646,13 @@ def test_check_in_a_subprocess_prints_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_topologies_pass_check(path: Path) -> None:
+def test_shipped_topologies_pass_check(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    topo = load_topology(path, log_warnings=False)
+    if topo.run.security.mode == "curve":  # keys are made per checkout (keys/ is not in git)
+        from sft_actors.security import generate_keys
+
+        monkeypatch.chdir(tmp_path)
+        generate_keys(topo, topo.run.security.keys)
     out = _check(path)
     assert out.exit_code == 0 and out.stderr == "", out.output
     assert f"{path}: ok" in out.stdout
@@ -739,9 +746,11 @@ def test_remote_host_names_resolve_only_when_checked(tmp_path: Path) -> None:
             'role = "server"\nhost = "local"',
             "cut = 1",
             'cut = 1\nhost = "local"',
+            "link_window = 4",
+            _INSECURE,  # a remote board with mode "none"
         )(CHECK_BASE)
     )
-    topo = load_topology(path)
+    topo = load_topology(path, log_warnings=False)
     check_hosts(topo, hosts=["local"])
     with pytest.raises(TopologyError, match=r"'board', key 'address': 'board.invalid' does not"):
         check_hosts(topo)

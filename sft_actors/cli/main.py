@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from sft_actors.cli.data import app as data_app
+from sft_actors.cli.keys import app as keys_app
 from sft_actors.cli.model import app as model_app
 from sft_actors.cli.plan import plan_command
 from sft_actors.cli.run import run_command
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(topology_app, name="topology")
+app.add_typer(keys_app, name="keys")
 app.command(name="run")(run_command)
 app.command(name="status")(status_command)
 app.add_typer(model_app, name="model")

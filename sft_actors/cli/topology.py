@@ -2,8 +2,10 @@
 
 ``check`` promises that the file will not fail on configuration: it loads it (every check of
 :func:`~sft_actors.topology.load_topology`, model and dataset included) and also resolves
-every host address. A broken file is one ``error:`` line on stderr and exit code 1; what the
-file sets but the run ignores is one ``warning:`` line each on stderr.
+every host address and, with ``[run.security] mode = "curve"``, the key directory as seen from
+the cwd (every public key, and the secret keys that are here). A broken file is one ``error:``
+line on stderr and exit code 1; what the file sets but the run ignores is one ``warning:``
+line each on stderr.
 """
 
 from __future__ import annotations
@@ -13,28 +15,33 @@ from typing import Annotated
 
 import typer
 
+from sft_actors.cli.keys import key_summary
 from sft_actors.errors import SftError
 from sft_actors.topology import Topology, check_hosts, load_topology, topology_warnings
 
 app = typer.Typer(help="Validate and inspect topology files.", no_args_is_help=True, add_completion=False)
 
 
-def _load(path: Path, *, resolve_hosts: bool = False) -> Topology:
-    """The loaded topology, or exit 1 after one ``error:`` line on stderr."""
+def _load(path: Path, *, full: bool = False) -> tuple[Topology, str | None]:
+    """The loaded topology and, with ``full`` in curve mode, its key summary line; or exit 1
+    after one ``error:`` line on stderr. ``full`` also resolves every host address."""
+    keys = None
     try:
         topo = load_topology(path, log_warnings=False)  # check prints them; hosts keeps stdout clean
-        if resolve_hosts:
+        if full:
             check_hosts(topo)
-    except SftError as exc:  # loading raises TopologyError; anything else it lets through is one line too
+            if topo.run.security.mode == "curve":
+                keys = key_summary(topo)
+    except SftError as exc:  # TopologyError, KeyFileError; anything else it lets through is one line too
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    return topo
+    return topo, keys
 
 
 @app.command()
 def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> None:
     """Validate PATH (model, dataset, hosts included) and print the resolved placement."""
-    topo = _load(path, resolve_hosts=True)
+    topo, keys = _load(path, full=True)
     for warning in topology_warnings(topo):
         typer.echo(f"warning: {warning}", err=True)
     run = topo.run
@@ -51,6 +58,7 @@ def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> N
         f"rejoin within {run.runtime.rejoin_timeout_s:g}s, checkpoint every {run.checkpoint.every} "
         f"round(s), keep {run.checkpoint.keep}"
     )
+    typer.echo(f"  {keys}" if keys else f"  security: mode {run.security.mode}")
     typer.echo(f"  {'actor':<16} {'role':<12} {'host':<12} {'endpoint':<24} {'split':<28} link")
     split_of = _splits(topo)
     for a in topo.actors:
@@ -88,7 +96,7 @@ def hosts(
     format: Annotated[str, typer.Option("--format", help="tsv (for deploy/launch.sh) or text")] = "text",
 ) -> None:
     """One line per actor: host, ssh target, workdir, role, name (what deploy/launch.sh reads)."""
-    topo = _load(path)
+    topo, _ = _load(path)
     for a in topo.actors:
         h = topo.host(a.host)
         fields = [h.name, h.ssh or "-", h.workdir, a.role, a.name]

@@ -17,6 +17,7 @@ from sft_actors.errors import ConfigError, DatasetNotFound, ModelSpecError
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import CODED_MODES, ROLES, Topology
+from sft_actors.topology.validate import exposed_hosts
 
 #: ``model_config(spec) -> config | None``: the architecture a ``[run] model`` names (None: unknown,
 #: skip the checks that need it). The default reads the config only (no weights, ~0.1 s).
@@ -217,4 +218,22 @@ def topology_warnings(topo: Topology) -> tuple[str, ...]:
     if mode == "fedlora" and topo.servers:
         names = ", ".join(repr(s.name) for s in topo.servers)
         out.append(r.message("[[actors]]", "role", f"mode 'fedlora' uses no server; {names} will sit idle"))
+    out.extend(_security_warnings(r, topo))
     return tuple(out)
+
+
+def _security_warnings(r: Reporter, topo: Topology) -> list[str]:
+    """``allow_insecure`` in force: unauthenticated sockets on addresses other machines reach."""
+    sec = topo.run.security
+    exposed = exposed_hosts(topo)
+    if sec.mode != "none" or not sec.allow_insecure or not exposed:
+        return []
+    where = ", ".join(f"{h.name!r} ({h.address})" for h in exposed)
+    return [
+        r.message(
+            "[run.security]",
+            "allow_insecure",
+            f'mode "none" on {where}, not loopback: anyone who can reach the ports can join as any '
+            f'actor; set mode = "curve" and run `sft keys generate {topo.source} --out {sec.keys}`',
+        )
+    ]

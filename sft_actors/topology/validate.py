@@ -1,19 +1,31 @@
 """Checks across a topology's tables that need nothing but the file itself.
 
 Ranges of numbers, unique names and ports, one coordinator, a split that fits the model's
-block count, the credit window against the pipeline depth. Each failure is one
-:class:`~sft_actors.errors.TopologyError` line naming the file, the table, the key and the fix.
+block count, the credit window against the pipeline depth, host fields a launcher can put in
+a shell command unquoted, and no unauthenticated sockets on addresses other machines reach.
+Each failure is one :class:`~sft_actors.errors.TopologyError` line naming the file, the
+table, the key and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import re
 
 from sft_actors.topology.report import Reporter
-from sft_actors.topology.schema import ActorSpec, Topology
+from sft_actors.topology.schema import ActorSpec, HostSpec, Topology
 
 _NAME_CHARS = "-_."
+#: What a path that reaches a shell or another host may hold (``[[hosts]] workdir``,
+#: ``[run.output] dir``, ``[run.security] keys``): nothing a shell splits, expands or redirects.
+_PATH_CHAR = re.compile(r"[A-Za-z0-9/._~+@,%=-]")
+_PATH_RULE = "write a plain path: letters, digits and / . _ - ~ + @ , % = (~ only as a leading ~/)"
+#: A host name, an IPv4 address or an IPv6 address (optionally in brackets).
+_ADDRESS = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.:-]+")
+#: ``ssh`` target: ``host`` or ``user@host`` (ssh config aliases included), nothing else.
+_SSH = re.compile(r"(?:[A-Za-z0-9_.-]+@)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+)")
 
 
 def validate_tables(r: Reporter, topo: Topology) -> None:
@@ -21,8 +33,10 @@ def validate_tables(r: Reporter, topo: Topology) -> None:
     _validate_train(r, topo)
     _validate_data_and_runtime(r, topo)
     _validate_pipeline(r, topo)
+    _validate_hosts(r, topo)
     _validate_actors(r, topo)
     _validate_roles(r, topo)
+    _validate_security(r, topo)
 
 
 def _validate_train(r: Reporter, topo: Topology) -> None:
@@ -119,8 +133,13 @@ def _validate_actors(r: Reporter, topo: Topology) -> None:
             close = difflib.get_close_matches(a.host, host_names, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"define it in [[hosts]] ({host_names})"
             r.fail(where, "host", f"host {a.host!r} is not defined; {hint}")
-        if not a.name or not all(c.isalnum() or c in _NAME_CHARS for c in a.name):
-            r.fail(where, "name", "use letters, digits, '-', '_' or '.' (names become socket identities)")
+        if not _is_name(a.name):
+            r.fail(
+                where,
+                "name",
+                "use letters, digits, '-', '_' or '.', not starting with '-' (names become socket "
+                "identities and command-line arguments)",
+            )
         if a.addressed and a.port is None:
             r.fail(where, "port", f"a {a.role} listens; give it a port (0 = ephemeral, one process only)")
         if a.port is not None and not 0 <= a.port <= 65535:
@@ -137,6 +156,87 @@ def _validate_actors(r: Reporter, topo: Topology) -> None:
                     f"{seen[(address, a.port)]!r}; pick another port",
                 )
             seen[(address, a.port)] = a.name
+
+
+def _is_name(name: str) -> bool:
+    """An actor or host name: letters, digits, ``-_.``, not starting with ``-`` (an option)."""
+    return bool(name) and not name.startswith("-") and all(c.isalnum() or c in _NAME_CHARS for c in name)
+
+
+def _validate_hosts(r: Reporter, topo: Topology) -> None:
+    """Host fields a launcher puts into ``ssh TARGET "cd WORKDIR && ..."`` and node arguments."""
+    for h in topo.hosts:
+        where = f"[[hosts]] {h.name!r}"
+        if not _is_name(h.name):
+            r.fail(where, "name", f"{h.name!r}: use letters, digits, '-', '_' or '.', not starting with '-'")
+        if h.address.startswith("-") or not _ADDRESS.fullmatch(h.address):
+            r.fail(
+                where,
+                "address",
+                f"{h.address!r} is not a host name or IP address; use letters, digits, '.', '-', ':' "
+                "(and [] around an IPv6 address), not starting with '-'",
+            )
+        target = h.ssh.rpartition("@")
+        if h.ssh and (not _SSH.fullmatch(h.ssh) or h.ssh.startswith("-") or target[2].startswith("-")):
+            r.fail(
+                where,
+                "ssh",
+                f"{h.ssh!r} is not an ssh target; write host or user@host (letters, digits, "
+                "'.', '_', '-', ':', [] for IPv6; not starting with '-', which ssh reads as an "
+                "option), or leave it empty to run locally",
+            )
+        _check_plain_path(r, where, "workdir", h.workdir)
+
+
+def _check_plain_path(r: Reporter, where: str, key: str, value: str) -> None:
+    """Fail unless ``value`` is a non-empty path a shell reads as one word, unexpanded."""
+    bad = sorted({c for c in value if not _PATH_CHAR.fullmatch(c)})
+    if not value:
+        problem = "is empty"
+    elif bad:
+        problem = f"holds {', '.join(map(repr, bad))}"
+    elif value.startswith("-"):
+        problem = "starts with '-' (a command would read it as an option)"
+    elif value.startswith("~") and value != "~" and not value.startswith("~/"):
+        problem = "starts with '~' but not '~/' (a shell would expand it to another user's home)"
+    else:
+        return
+    r.fail(where, key, f"{value!r} {problem}; {_PATH_RULE}")
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ``::1`` (bracketed or not): this machine only."""
+    host = address.removeprefix("[").removesuffix("]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposed_hosts(topo: Topology) -> tuple[HostSpec, ...]:
+    """Hosts that run an actor on an address other machines may reach (not loopback)."""
+    used = {a.host for a in topo.actors}
+    return tuple(h for h in topo.hosts if h.name in used and not is_loopback(h.address))
+
+
+def _validate_security(r: Reporter, topo: Topology) -> None:
+    """Paths that reach remote hosts are plain; ``mode = "none"`` stays on loopback unless
+    ``allow_insecure`` accepts that anyone who can reach the ports may join as any actor."""
+    sec = topo.run.security
+    _check_plain_path(r, "[run.output]", "dir", topo.run.output.dir)
+    _check_plain_path(r, "[run.security]", "keys", sec.keys)
+    exposed = exposed_hosts(topo)
+    if sec.mode == "none" and not sec.allow_insecure and exposed:
+        h = exposed[0]
+        r.fail(
+            "[run.security]",
+            "mode",
+            f'mode "none" would let anyone who can reach host {h.name!r} ({h.address}, not loopback) '
+            f'join as any actor; set mode = "curve" and run `sft keys generate {topo.source} '
+            f"--out {sec.keys}`, or set allow_insecure = true to accept that risk",
+        )
 
 
 def _validate_roles(r: Reporter, topo: Topology) -> None:
