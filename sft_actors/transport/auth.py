@@ -26,6 +26,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from sft_actors.log import Throttle, get_logger
 from sft_actors.security.keys import KeyRing, load_keyring
 from sft_actors.topology import Topology
+from sft_actors.topology.validate import exposed_hosts
 
 #: The ZAP domain of every sft_actors ROUTER.
 ZAP_DOMAIN = "sft"
@@ -133,9 +134,6 @@ def user_id(frame: zmq.Frame) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-_LOOPBACK_PREFIXES = ("127.", "localhost", "::1")
-
-
 def start_curve(
     topology: Topology, names: Sequence[str], transport: str, ctx: zmq.asyncio.Context
 ) -> CurveAuth | None:
@@ -148,7 +146,7 @@ def start_curve(
     """
     security = topology.run.security
     if security.mode == "none":
-        exposed = sorted({h.address for h in topology.hosts if not h.address.startswith(_LOOPBACK_PREFIXES)})
+        exposed = sorted(h.address for h in exposed_hosts(topology))
         if exposed and transport == "tcp":
             log.warning(
                 "insecure_network",

@@ -15,10 +15,10 @@ from typing import Literal
 
 from sft_actors.errors import ConfigError, UnknownPeer
 from sft_actors.topology import Topology
+from sft_actors.topology.validate import is_loopback
 
 Transport = Literal["inproc", "ipc", "tcp"]
 TRANSPORTS: tuple[Transport, ...] = ("inproc", "ipc", "tcp")
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_IPC_PATH = 107
 
@@ -56,7 +56,9 @@ class Endpoints:
                 )
             return f"ipc://{path}"
         address = self.topology.host(spec.host).address
-        interface = "127.0.0.1" if address in _LOOPBACK else "*"
+        # A loopback host listens on loopback only; any other address on every interface (the
+        # address peers dial may be a NAT's or a name that resolves elsewhere).
+        interface = "127.0.0.1" if is_loopback(address) else "*"
         return f"tcp://{interface}:{spec.port or '*'}"
 
     def static_connect_address(self, name: str) -> str | None:
@@ -67,7 +69,7 @@ class Endpoints:
         if not spec.port:
             return None
         address = self.topology.host(spec.host).address
-        return f"tcp://{'127.0.0.1' if address in _LOOPBACK else address}:{spec.port}"
+        return f"tcp://{'127.0.0.1' if is_loopback(address) else address}:{spec.port}"
 
     def publish(self, name: str, endpoint: str) -> None:
         """Record where ``name`` actually listens (``LAST_ENDPOINT`` after bind)."""
