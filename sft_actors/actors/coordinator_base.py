@@ -25,6 +25,7 @@ from sft_actors.plan.assign import device_plans, server_plans
 from sft_actors.topology import ActorSpec
 from sft_actors.train import modes
 from sft_actors.train.aggregate import block_of
+from sft_actors.train.claims import check_adapters_up
 from sft_actors.train.summary import RunSummary
 from sft_actors.wire import (
     AdaptersRequest,
@@ -99,7 +100,12 @@ class CoordinatorBase(Actor):
             raise
 
     async def _collect(self, peer: str, r: int) -> AdaptersUp:
-        return await self.call(peer, AdaptersRequest(round=r), timeout_s=self.round_timeout_s)
+        """``peer``'s adapters for round ``r`` (ProtocolViolation for a device's claim beyond its
+        plan; a server's weight is the micro-batches it served)."""
+        up = await self.call(peer, AdaptersRequest(round=r), timeout_s=self.round_timeout_s)
+        if peer in self.devices:
+            check_adapters_up(up, device=peer, round_=r, train=self.train)
+        return up
 
     async def _each_device(self, devices: list[str], r: int, stage: str, request: Any) -> dict[str, Any]:
         """``request(device)`` for each device at once; the replies of those that answered.

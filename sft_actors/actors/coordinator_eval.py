@@ -8,6 +8,7 @@ from typing import Any
 from sft_actors.actors.coordinator_base import CoordinatorBase
 from sft_actors.errors import SftError
 from sft_actors.topology import CODED_MODES
+from sft_actors.train.claims import check_eval
 from sft_actors.train.summary import EvalRecord, eval_record, median_or_zero
 from sft_actors.wire import (
     AdaptersUp,
@@ -32,11 +33,22 @@ class EvaluatingCoordinator(CoordinatorBase):
         replies = await asyncio.gather(
             *(self.call(d, request, timeout_s=self.round_timeout_s) for d in active), return_exceptions=True
         )
-        stats = [m.stats for m in replies if not isinstance(m, BaseException)]
-        failed = [d for d, m in zip(active, replies, strict=True) if isinstance(m, BaseException)]
         for m in replies:
             if isinstance(m, BaseException) and not isinstance(m, SftError):
                 raise m
+        stats, failed = [], []
+        for d, m in zip(active, replies, strict=True):
+            try:
+                if isinstance(m, BaseException):
+                    raise m
+                tokens = self.train.seq_len if m.stats.task == "lm" else 1
+                check_eval(m.stats, device=d, train=self.train, tokens_per_sample=tokens)
+                stats.append(m.stats)
+            except SftError as exc:
+                failed.append(d)
+                self.log.warning(
+                    "heldout_share_refused", round=r, device=d, why=f"{type(exc).__name__}: {exc}"
+                )
         self._check_servers()
         if not stats:
             self.log.warning("heldout_skipped", round=r, why="no device answered")

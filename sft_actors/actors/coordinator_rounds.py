@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from sft_actors.actors.coordinator_eval import EvaluatingCoordinator
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.errors import SftError
+from sft_actors.errors import ProtocolViolation, SftError
 from sft_actors.train import modes
 from sft_actors.train.aggregate import Contribution, average_per_block
+from sft_actors.train.claims import check_round_done
 from sft_actors.train.summary import round_record
 from sft_actors.wire import (
     AdaptersDown,
@@ -110,7 +111,11 @@ class RoundsCoordinator(EvaluatingCoordinator):
             elif fut.exception() is not None:
                 lost[d] = f"{type(fut.exception()).__name__}: {fut.exception()}"
             else:
-                done.append(fut.result())
+                try:
+                    check_round_done(fut.result(), device=d, round_=r, train=self.train)
+                    done.append(fut.result())
+                except ProtocolViolation as exc:
+                    lost[d] = f"ProtocolViolation: {exc}"
         for d, why in lost.items():
             self.log.warning("device_dropped", round=r, device=d, why=why)
         return done, lost
@@ -125,7 +130,9 @@ class RoundsCoordinator(EvaluatingCoordinator):
                 if self._relay_from is not None and self._relay_from != d:
                     await self._relay(self._relay_from, d, r)
                 async with asyncio.timeout(self._deadline_s()):
-                    done.append(await self.call(d, RoundStart(round=r), timeout_s=self.round_timeout_s))
+                    reply = await self.call(d, RoundStart(round=r), timeout_s=self.round_timeout_s)
+                check_round_done(reply, device=d, round_=r, train=self.train)
+                done.append(reply)
                 self._relay_from = d
             except (SftError, TimeoutError) as exc:
                 self._check_servers()
