@@ -32,6 +32,9 @@ from typing import IO, Any
 
 import pytest
 
+from sft_actors.security import generate_keys
+from sft_actors.topology import load_topology
+
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough that a lost node is noticed quickly, large enough that a node starved for a few
 # seconds by a loaded 2-core machine is not taken for lost.
@@ -53,8 +56,12 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _topology(tmp_path: Path, *, rounds: int) -> Path:
+def _topology(tmp_path: Path, *, rounds: int, secure: bool = False) -> Path:
     text = (ROOT / "topologies" / "tiny.toml").read_text()
+    if secure:  # CURVE: no ROUTER_HANDOVER, so a restarted device must wait for its old id to free
+        text = text.replace(
+            "[run.train]", f'[run.security]\nmode = "curve"\nkeys = "{tmp_path / "keys"}"\n\n[run.train]', 1
+        )
     text = text.replace("rounds = 2\n", f"rounds = {rounds}\n", 1)
     text = text.replace('dir = "runs/tiny"', f'dir = "{tmp_path / "runs"}"')
     coordinator, server = _free_ports(2)
@@ -66,6 +73,8 @@ def _topology(tmp_path: Path, *, rounds: int) -> Path:
     text += '\n[[actors]]\nname = "dev2"\nrole = "device"\ncut = 1\n'
     path = tmp_path / "faults.toml"
     path.write_text(text)
+    if secure:
+        generate_keys(load_topology(path, roles=()), tmp_path / "keys")
     return path
 
 
@@ -190,11 +199,11 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[[int], Cluster]]:
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
-    def make(rounds: int) -> Cluster:
-        made.append(Cluster(tmp_path, _topology(tmp_path, rounds=rounds)))
+    def make(rounds: int, secure: bool = False) -> Cluster:
+        made.append(Cluster(tmp_path, _topology(tmp_path, rounds=rounds, secure=secure)))
         return made[-1]
 
     yield make
@@ -218,11 +227,12 @@ def _completed(code: int, line: Event, summary: Event, rounds: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("secure", [False, True], ids=["none", "curve"])
 def test_a_killed_device_is_dropped_and_a_restarted_one_rejoins(
-    cluster_factory: Callable[[int], Cluster],
+    cluster_factory: Callable[..., Cluster], secure: bool
 ) -> None:
     rounds = 150  # rounds take ~0.1 s: enough left for the restarted process to start and join
-    c = cluster_factory(rounds)
+    c = cluster_factory(rounds, secure=secure)
     c.start_all()
     c.wait_for("round_done", round=1)
     c.procs["dev1"].send_signal(signal.SIGKILL)

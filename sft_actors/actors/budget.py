@@ -51,7 +51,15 @@ def socket_options(topology: Topology, config: ModelConfig | None, limits: WireL
         frame = min(cap, _MARGIN * largest_frame_bytes(topology, config) + limits.max_header_bytes)
     hwm = int(rt.queue_mb * MIB) // frame
     hwm = max(2 * rt.link_window + 2, min(rt.hwm, hwm))
-    return SocketOptions(sndhwm=hwm, rcvhwm=hwm, linger_ms=rt.linger_ms, max_msg_bytes=frame)
+    return SocketOptions(
+        sndhwm=hwm,
+        rcvhwm=hwm,
+        linger_ms=rt.linger_ms,
+        max_msg_bytes=frame,
+        handover=topology.run.security.mode == "none",
+        heartbeat_ivl_ms=int(rt.heartbeat_interval_s * 1000),
+        heartbeat_timeout_ms=int(rt.heartbeat_timeout_s * 1000),
+    )
 
 
 def socket_options_unplanned(topology: Topology) -> SocketOptions:

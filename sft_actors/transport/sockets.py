@@ -25,6 +25,13 @@ class SocketOptions:
     max_msg_bytes: int = 0
     reconnect_ivl_ms: int = 100
     reconnect_ivl_max_ms: int = 2000
+    #: ROUTER: a new connection with a routing id in use takes it over (a restarted peer before
+    #: its old connection is known dead). Off under CURVE: there a key holder could take over
+    #: another actor's route (and its replies); ZMTP heartbeats free a dead peer's id instead.
+    handover: bool = True
+    #: ZMTP heartbeats (ms, 0 = off): a connection silent this long is closed by libzmq.
+    heartbeat_ivl_ms: int = 0
+    heartbeat_timeout_ms: int = 0
 
 
 def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
@@ -35,6 +42,9 @@ def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
     if opts.max_msg_bytes:
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
+    if opts.heartbeat_ivl_ms:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, opts.heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, opts.heartbeat_timeout_ms)
 
 
 Secure = Callable[[zmq.asyncio.Socket], None]
@@ -52,7 +62,7 @@ def bind_router(
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A restarted peer reconnects under its old name before the old connection is known
         # dead: the new connection takes the routing id over (the default refuses it).
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, int(opts.handover))
         sock.bind(endpoint)
         bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     except BaseException:
