@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 import zmq
+import zmq.asyncio
 
 from sft_actors.actors.core import ActorState, MsgContext
 from sft_actors.actors.handlers import build_handler_table
@@ -39,6 +40,7 @@ from sft_actors.errors import (
     UnknownPeer,
     VersionMismatch,
 )
+from sft_actors.transport.auth import HandshakeWatch, unless_refused
 from sft_actors.transport.sockets import bind_router, connect_dealer
 from sft_actors.wire.envelope import Envelope, encode, remote_error
 from sft_actors.wire.message import Message, R, Request
@@ -252,10 +254,25 @@ class Actor(LiveActor):
 
     async def _dial(self, peer: str) -> None:
         endpoint = await self.env.endpoints.resolve(peer)
+        watch: list[HandshakeWatch] = []
         auth = self.env.auth
-        secure = None if auth is None else lambda sock: auth.client(sock, self.name, peer)
+
+        def secure(sock: zmq.asyncio.Socket) -> None:
+            if auth is not None:
+                auth.client(sock, self.name, peer)
+                watch.append(HandshakeWatch(sock))
+
         sock = connect_dealer(self.env.ctx, endpoint, self.name, self._sock_opts, secure=secure)
         self._dealers.append(sock)
+        try:
+            await self._hello_to(peer, sock, endpoint, watch[0] if watch else None)
+        finally:
+            if watch:
+                watch[0].close()
+
+    async def _hello_to(
+        self, peer: str, sock: zmq.asyncio.Socket, endpoint: str, watch: HandshakeWatch | None
+    ) -> None:
         link = PeerLink(
             peer=peer,
             socket=sock,
@@ -268,14 +285,19 @@ class Actor(LiveActor):
         self._spawn(self._recv_loop(sock, link))
         if link.paced is not None:
             self._spawn(link.paced.run())
-        hello = self._hello()
         timeout = self.settings.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                env = await self._request(link, hello)
+                env = await unless_refused(self._request(link, self._hello()), watch, self.name, peer)
         except TimeoutError:
+            hint = "is it running?"
+            if watch is not None and watch.failures:
+                hint = (
+                    f"{watch.failures} CURVE handshakes failed: is {peer}.key here the key {peer} runs "
+                    "with? (copy the key pairs of one sft keys generate to every host)"
+                )
             raise PeerTimeout(
-                f"{peer} did not answer HELLO within {timeout}s at {endpoint}; is it running?"
+                f"{peer} did not answer HELLO within {timeout}s at {endpoint}; {hint}"
             ) from None
         if isinstance(env.msg, Error):
             err = remote_error(env.msg, peer=peer)

@@ -15,14 +15,17 @@ ZAP handler answers, rather than let every key in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from sft_actors.errors import IdentityRefused
 from sft_actors.log import Throttle, get_logger
 from sft_actors.security.keys import KeyRing, load_keyring
 from sft_actors.topology import Topology
@@ -163,3 +166,69 @@ def start_curve(
     auth.start()
     log.info("curve_enabled", keys=str(keyring.directory), actors=list(names), transport=transport)
     return auth
+
+
+_WATCHED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
+class HandshakeWatch:
+    """The CURVE handshakes of one dialling socket, from libzmq's monitor events.
+
+    A refused key otherwise looks like a peer that is not running (HELLO is never answered):
+    :meth:`refused` returns as soon as the peer's ZAP handler refuses this actor's key, and
+    :attr:`failures` counts handshakes that failed without a reason (the usual sign that the
+    server's public key here is not the one it runs with). Create it before the socket
+    connects; :meth:`close` once the link is up.
+    """
+
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(_WATCHED)
+        self.failures = 0
+
+    async def refused(self) -> str:
+        """Wait until the peer refuses our key; returns why (ZAP status). Waits forever after
+        a handshake succeeded."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return f"ZAP status {event['value']}"
+            if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failures += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+
+
+T = TypeVar("T")
+
+
+async def unless_refused(request: Awaitable[T], watch: HandshakeWatch | None, me: str, peer: str) -> T:
+    """``request``'s result, or :class:`IdentityRefused` as soon as ``peer``'s ZAP handler refuses
+    ``me``'s key (rather than a HELLO that times out as if ``peer`` were not running)."""
+    if watch is None:
+        return await request
+    answer = asyncio.ensure_future(request)
+    refused = asyncio.ensure_future(watch.refused())
+    try:
+        await asyncio.wait({answer, refused}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in (answer, refused):
+            if not fut.done():
+                fut.cancel()
+        await asyncio.gather(answer, refused, return_exceptions=True)
+    if answer.done() and not answer.cancelled():
+        return answer.result()
+    raise IdentityRefused(
+        f"{peer} refused {me}'s CURVE key ({refused.result()}): {me}.key is not a key {peer} knows; "
+        "copy the key pairs of one sft keys generate to every host"
+    )
