@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from typer.testing import CliRunner
@@ -456,17 +456,22 @@ def _free_ports(n: int) -> list[int]:
 class Lines:
     """A stream's lines as a thread reads them; :meth:`wait_for` blocks (bounded) on one."""
 
-    def __init__(self, stream: io.TextIOBase | Any) -> None:
+    def __init__(self, stream: IO[str]) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
-    def _read(self, stream: Any) -> None:
+    def _read(self, stream: IO[str]) -> None:
         for line in stream:
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
+
+    def wait_until(self, predicate: Callable[[str], bool], timeout_s: float) -> bool:
+        """Whether ``predicate(everything read so far)`` held within ``timeout_s``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate("".join(self.lines)), timeout_s)
 
     def wait_for(self, text: str, timeout_s: float = WAIT_S) -> str:
         with self._changed:
@@ -522,12 +527,10 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     proc = subprocess.Popen(
         [str(SSHD), "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE, text=True
     )  # fmt: skip
+    assert proc.stderr is not None
     log = Lines(proc.stderr)
     try:
-        with log._changed:
-            up = log._changed.wait_for(
-                lambda: "Server listening" in log.text() or proc.poll() is not None, 30
-            )
+        up = log.wait_until(lambda text: "Server listening" in text or proc.poll() is not None, 30)
         if not up or proc.poll() is not None:
             if os.geteuid() != 0:
                 pytest.skip(f"sshd does not start as {user}: {log.text()}")
@@ -536,7 +539,6 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     finally:
         proc.terminate()
         proc.wait(timeout=WAIT_S)
-        assert proc.stderr is not None
         proc.stderr.close()
 
 
@@ -570,6 +572,7 @@ class Launcher:
         self.proc = subprocess.Popen(
             cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )  # fmt: skip
+        assert self.proc.stderr is not None
         self.progress = Lines(self.proc.stderr)
 
     def finish(self, timeout_s: float = WAIT_S) -> tuple[int, dict[str, Any]]:
@@ -606,7 +609,7 @@ def _processes_in(directory: Path) -> list[int]:
 
 
 @pytest.fixture
-def launcher(tmp_path: Path, sshd: Sshd) -> Iterator[Any]:
+def launcher(tmp_path: Path, sshd: Sshd) -> Iterator[Callable[[int], Launcher]]:
     made: list[Launcher] = []
 
     def make(rounds: int) -> Launcher:
@@ -627,8 +630,10 @@ def _secret_keys(directory: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_launch_over_ssh_completes_and_collects_the_run(tmp_path: Path, launcher: Any) -> None:
-    launched: Launcher = launcher(rounds=2)
+def test_a_launch_over_ssh_completes_and_collects_the_run(
+    tmp_path: Path, launcher: Callable[[int], Launcher]
+) -> None:
+    launched = launcher(2)
     code, line = launched.finish()
     assert (code, line["status"], line["ok"]) == (0, "completed", True), launched.progress.text()
     assert line["nodes"] == {"edge-coordinator": 0, "edge-server": 0, "board-device": 0}
@@ -652,8 +657,10 @@ def test_a_launch_over_ssh_completes_and_collects_the_run(tmp_path: Path, launch
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_one_sigint_stops_every_node_politely_and_exits_0(tmp_path: Path, launcher: Any) -> None:
-    launched: Launcher = launcher(rounds=10_000)
+def test_one_sigint_stops_every_node_politely_and_exits_0(
+    tmp_path: Path, launcher: Callable[[int], Launcher]
+) -> None:
+    launched = launcher(10_000)
     launched.progress.wait_for("round 1 done")
     launched.proc.send_signal(signal.SIGINT)
     code, line = launched.finish()
