@@ -21,14 +21,26 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     echo "$WANT" > "$STAMP"
 fi
 
-# Fashion-MNIST comes from Debian, never from the internet at run time.
+# System packages come from Debian, never from the internet at run time: Fashion-MNIST, and
+# openssh-server (tests/test_launch.py starts a throwaway sshd on loopback for `sft launch`).
 FMNIST=/usr/share/datasets/fashion-mnist
-if [[ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]]; then
+APT=()
+[[ -f "$FMNIST/train-images-idx3-ubyte.gz" ]] || APT+=(dataset-fashion-mnist)
+[[ -x /usr/sbin/sshd ]] || APT+=(openssh-server)
+if [[ ${#APT[@]} -gt 0 ]]; then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        echo "[setup] installing Debian's dataset-fashion-mnist into $FMNIST" >&2
-        apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+        echo "[setup] installing Debian's ${APT[*]}" >&2
+        # Debian starts the services it installs: keep it from starting sshd on port 22.
+        NOSTART=""
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && NOSTART=1
+        fi
+        STATUS=0
+        { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}" >/dev/null; } || STATUS=$?
+        [[ -z "$NOSTART" ]] || rm -f /usr/sbin/policy-rc.d
+        [[ $STATUS -eq 0 ]] || exit "$STATUS"
     else
-        echo "[setup] note: $FMNIST missing; as root run: apt-get install dataset-fashion-mnist" >&2
+        echo "[setup] note: as root run: apt-get install ${APT[*]}" >&2
     fi
 fi
 export PATH="$VENV/bin:$PATH"

@@ -9,6 +9,7 @@ import typer
 
 from sft_actors.cli.data import app as data_app
 from sft_actors.cli.keys import app as keys_app
+from sft_actors.cli.launch import launch_command
 from sft_actors.cli.model import app as model_app
 from sft_actors.cli.plan import plan_command
 from sft_actors.cli.run import run_command
@@ -28,6 +29,7 @@ app.command(name="run")(run_command)
 app.command(name="status")(status_command)
 app.add_typer(model_app, name="model")
 app.command(name="plan")(plan_command)
+app.command(name="launch")(launch_command)
 
 if __name__ == "__main__":
     app()
