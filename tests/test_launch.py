@@ -377,7 +377,7 @@ def test_judge(ends: list[NodeEnd], signals: int, overdue: tuple[str, ...], want
 
 
 def test_dry_run_prints_every_command_and_does_nothing(tmp_path: Path) -> None:
-    data = _tiny(edge={"ssh": "sft@edge", "workdir": "~/sft actors"}, board={"ssh": ""})
+    data = _tiny(edge={"ssh": "sft@edge", "workdir": "~/sft-actors"}, board={"ssh": ""})
     lines = ["[[hosts]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in h.items()) for h in data["hosts"]]
     text = (
         (ROOT / "topologies/tiny.toml")
@@ -395,16 +395,16 @@ def test_dry_run_prints_every_command_and_does_nothing(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     cmds = [shlex.split(line, comments=True) for line in out.stdout.splitlines() if line.startswith("ssh ")]
     unpack, topology, coordinator, server, collect = cmds
-    assert unpack[-2:] == ["sft@edge", remote.unpack_line("~/sft actors")]
-    assert unpack[-1] == "mkdir -p -- 'sft actors' && tar -x -f - -C 'sft actors' --no-same-owner"
-    assert topology[-1] == remote.topology_line("~/sft actors")
+    assert unpack[-2:] == ["sft@edge", remote.unpack_line("~/sft-actors")]
+    assert unpack[-1] == "mkdir -p -- sft-actors && tar -x -f - -C sft-actors --no-same-owner"
+    assert topology[-1] == remote.topology_line("~/sft-actors")
     assert coordinator[-1] == remote.node_line(
-        "~/sft actors", [".venv/bin/python", *_node_args("coordinator", "edge")]
+        "~/sft-actors", [".venv/bin/python", *_node_args("coordinator", "edge")]
     )
     assert server[-1].endswith(
-        shlex.quote(remote.node_script("~/sft actors", [".venv/bin/python", *_node_args("server", "edge")]))
+        shlex.quote(remote.node_script("~/sft-actors", [".venv/bin/python", *_node_args("server", "edge")]))
     )
-    assert collect[-1] == remote.pack_line("~/sft actors", "runs/tiny/RUN")
+    assert collect[-1] == remote.pack_line("~/sft-actors", "runs/tiny/RUN")
     local = [line for line in out.stdout.splitlines() if f"# cwd {tmp_path.resolve()}," in line]
     assert len(local) == 1 and shlex.join([sys.executable, *_node_args("device", "board")]) in local[0]
     assert not logs.exists()
