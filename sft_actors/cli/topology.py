@@ -93,9 +93,9 @@ def _splits(topo: Topology) -> dict[str, str]:
 @app.command()
 def hosts(
     path: Annotated[Path, typer.Argument(help="topology TOML file")],
-    format: Annotated[str, typer.Option("--format", help="tsv (for deploy/launch.sh) or text")] = "text",
+    format: Annotated[str, typer.Option("--format", help="tsv (for scripts) or text")] = "text",
 ) -> None:
-    """One line per actor: host, ssh target, workdir, role, name (what deploy/launch.sh reads)."""
+    """One line per actor: host, ssh target, workdir, role, name (the placement ``sft launch`` uses)."""
     topo, _ = _load(path)
     for a in topo.actors:
         h = topo.host(a.host)

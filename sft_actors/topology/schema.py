@@ -2,7 +2,7 @@
 
 A topology says *what* runs (``[run]``: model, training, LoRA, data, codec, runtime timing)
 and *where* (``[[hosts]]`` and ``[[actors]]``). The same file drives one node
-(``sft-node``), a whole local run (``sft run``) and the SSH launcher in ``deploy/``.
+(``sft-node``), a whole local run (``sft run``) and the SSH launcher (``sft launch``).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class RunConfig:
 class HostSpec:
     name: str
     address: str = "127.0.0.1"
-    #: SSH target for ``deploy/launch.sh`` (``user@board``); empty runs the command locally.
+    #: SSH target for ``sft launch`` (``user@board``); empty runs that host's nodes locally.
     ssh: str = ""
     #: Checkout of sft_actors on that host (where the launcher ``cd``s before ``sft-node``).
     workdir: str = "."
