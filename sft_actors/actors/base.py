@@ -280,6 +280,7 @@ class Actor(LiveActor):
             window=self.settings.link_window,
             pacer=self._pacers.for_peer(peer),
             clock=self.clock,
+            max_frame=self._sock_opts.max_msg_bytes,
         )
         self._links[peer] = link
         self._spawn(self._recv_loop(sock, link))

@@ -4,11 +4,10 @@
 answered (WELCOME, or ERROR naming the mismatch), replies resolve pending calls directly
 (never through the mailbox, so a handler awaiting a call cannot deadlock its own actor),
 heartbeats refresh liveness, SHUTDOWN/BYE drive the lifecycle, and everything else goes
-through the bounded mailbox to the typed handlers. Garbage from a peer never stops the actor;
-who may speak, as whom, how much, and who hears ERROR back is the
-:class:`~sft_actors.actors.guard.InboundGuard`'s call. Each receive loop yields after a bounded
-batch, so a flood cannot starve heartbeats. Liveness and pacing run on ``env.clock``.
-:class:`~sft_actors.actors.base.Actor` adds the lifecycle and the public API on top.
+through the bounded mailbox to the typed handlers. Garbage never stops the actor; who may
+speak, as whom, how much, and who hears ERROR back is :class:`~.guard.InboundGuard`'s call.
+Receive loops yield after a bounded batch (a flood cannot starve heartbeats). Liveness and
+pacing run on ``env.clock``. :class:`~.base.Actor` adds the lifecycle and the public API.
 """
 
 from __future__ import annotations
@@ -278,6 +277,7 @@ class ActorCore:
             window=self.settings.link_window,
             pacer=self._pacers.for_peer(peer),
             clock=self.clock,
+            max_frame=self._sock_opts.max_msg_bytes,
         )
         link.session = hello.session
         self._links[peer] = link

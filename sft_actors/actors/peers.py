@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from sft_actors.clock import SYSTEM_CLOCK, Clock
-from sft_actors.errors import UnknownPeer
+from sft_actors.errors import FrameTooLarge, UnknownPeer
 from sft_actors.topology import Topology
 from sft_actors.transport.link import LinkRate, PacedSender, Pacer
 
@@ -42,8 +42,12 @@ class PeerLink:
         window: int,
         pacer: Pacer | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        max_frame: int = 0,
     ) -> None:
         self.peer = peer
+        #: The run's frame budget (bytes, 0 = none): the peer's socket drops a connection that
+        #: sends more, so a frame over it fails here, loudly, instead of as a silent reconnect.
+        self.max_frame = max_frame
         self.socket = socket
         self.route = list(route)
         self.dialled = dialled
@@ -84,6 +88,13 @@ class PeerLink:
             await self._send_now(frames)
 
     async def _send_now(self, frames: Sequence[Any]) -> None:
+        if self.max_frame:
+            biggest = max(memoryview(f).nbytes for f in frames)
+            if biggest > self.max_frame:
+                raise FrameTooLarge(
+                    f"a {biggest}-byte frame to {self.peer} exceeds the run's frame budget of "
+                    f"{self.max_frame} bytes (from the model and plan; [run.runtime] max_message_mb caps it)"
+                )
         try:
             await self.socket.send_multipart([*self.route, *frames], copy=False)
         except zmq.ZMQError as exc:
