@@ -99,13 +99,9 @@ class ActorCore:
         #: This process's session of the actor: peers tell a restart from a re-dial by it.
         self.session_id = secrets.token_hex(8)
         self._sock_opts = env.sockets
+        secure, window = env.auth is not None, self.settings.link_window
         self._guard = InboundGuard(
-            spec.name,
-            env.topology,
-            secure=env.auth is not None,
-            window=self.settings.link_window,
-            now=self.clock.now,
-            log=self.log,
+            spec.name, env.topology, secure=secure, window=window, now=self.clock.now, log=self.log
         )
 
     @property
