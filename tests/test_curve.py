@@ -22,16 +22,20 @@ from sft_actors.topology import Topology, load_topology
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ports() -> tuple[int, int]:
+    """Two distinct free ports (both bound at once, so the OS cannot hand out one twice)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])
 
 
 def _topology(tmp_path: Path, keys: Path) -> Topology:
     text = (ROOT / "topologies" / "tiny.toml").read_text()
     text = text.replace("[run.train]", f'[run.security]\nmode = "curve"\nkeys = "{keys}"\n\n[run.train]', 1)
-    text = text.replace("port = 47310", f"port = {_port()}").replace("port = 47311", f"port = {_port()}")
+    coordinator, server = _ports()
+    text = text.replace("port = 47310", "port = COORDINATOR").replace("port = 47311", f"port = {server}")
+    text = text.replace("port = COORDINATOR", f"port = {coordinator}")
     text = text.replace('dir = "runs/tiny"', f'dir = "{tmp_path / "runs"}"')
     path = tmp_path / "curve.toml"
     path.write_text(text)

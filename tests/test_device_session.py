@@ -110,7 +110,7 @@ def test_projecting_chain_fits_a_basis_on_its_own_activations() -> None:
     assert s.codec_up is not None
     wire, report = pack_tensor(hidden, s.codec_up, seed=1)
     assert report is not None and wire.desc.nbytes < hidden.numel() * 4 / 3
-    decoded = unpack_tensor(wire, s.bases)
+    decoded = unpack_tensor(wire, s.bases, max_shape=hidden.shape)
     cos = torch.nn.functional.cosine_similarity(decoded.flatten(), hidden.flatten(), dim=0)
     assert decoded.shape == hidden.shape and float(cos) > 0.99
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,7 +66,9 @@ def _topology(tmp_path: Path, *, rounds: int, secure: bool = False) -> Path:
     text = text.replace("rounds = 2\n", f"rounds = {rounds}\n", 1)
     text = text.replace('dir = "runs/tiny"', f'dir = "{tmp_path / "runs"}"')
     coordinator, server = _free_ports(2)
-    text = text.replace("port = 47310", f"port = {coordinator}").replace("port = 47311", f"port = {server}")
+    # One pass: a free port that happens to be 47311 must not be rewritten by the second swap.
+    ports = {"47310": coordinator, "47311": server}
+    text = re.sub(r"port = (4731[01])\b", lambda m: f"port = {ports[m.group(1)]}", text)
     text = text.replace(
         "heartbeat_timeout_s = 20.0",
         f"heartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\nrejoin_timeout_s = 60.0",
