@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, cast
@@ -33,7 +34,8 @@ from typing import Final, Literal, cast
 from sft_actors import log
 from sft_actors.actors.env import topology_schema_hash
 from sft_actors.actors.roles import parse_role_overrides
-from sft_actors.errors import SftError
+from sft_actors.errors import ConfigError, SftError
+from sft_actors.rendezvous import auto_hosts, resolve
 from sft_actors.runtime import RunResult, RunStatus, check_resume_dir, failure_line, run_node, select_actors
 from sft_actors.topology import Topology, check_hosts, load_topology
 
@@ -68,6 +70,40 @@ class NodeOptions:
     outcome_file: Path | None = None
     #: ``--resume RUN_DIR``: continue that run from its last checkpoint.
     resume_dir: Path | None = None
+    #: ``address = "auto"`` hosts: where nodes publish and find them (shared storage) ...
+    rendezvous: Path | None = None
+    #: ... or ``--address HOST=ADDR`` given by a launcher that knows the allocation ...
+    addresses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: ... and what this node publishes for its own auto host (default: its FQDN).
+    advertise: str | None = None
+
+
+def _resolve(topo: Topology, opts: NodeOptions) -> Topology:
+    """``topo`` with the ``address = "auto"`` hosts this node runs on or dials made concrete."""
+    if not auto_hosts(topo) and not opts.addresses:
+        return topo
+    mine = select_actors(topo, opts.role, opts.name, opts.host)
+    dials = {topo.actor(p).host for a in mine for p in topo.connections(a.name)}
+    return resolve(
+        topo,
+        mine={a.host for a in mine},
+        dials=dials,
+        rendezvous=opts.rendezvous,
+        addresses=opts.addresses,
+        advertise=opts.advertise,
+        timeout_s=topo.run.runtime.connect_timeout_s,
+    )
+
+
+def parse_addresses(items: Sequence[str]) -> dict[str, str]:
+    """``["edge=node01", …]`` → ``{"edge": "node01"}``; :class:`ConfigError` for a malformed item."""
+    out: dict[str, str] = {}
+    for item in items:
+        host, sep, address = item.partition("=")
+        if not sep or not host or not address:
+            raise ConfigError(f"--address {item!r}: write HOST=ADDRESS, e.g. edge=node01.cluster")
+        out[host] = address
+    return out
 
 
 def _hosts_used(topo: Topology, opts: NodeOptions) -> set[str]:
@@ -91,7 +127,7 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
         torch.set_num_threads(opts.threads)
     try:
         # Only this node's role needs its files here (an edge host holds no dataset).
-        topo = load_topology(opts.topology, roles=(opts.role,))
+        topo = _resolve(load_topology(opts.topology, roles=(opts.role,)), opts)
         if opts.resume_dir is not None and opts.role == "coordinator":
             check_resume_dir(opts.resume_dir, topology_schema_hash(topo))
         if opts.transport == "tcp":
@@ -171,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue this run from its last checkpoint"
     )
+    p.add_argument("--rendezvous", type=Path, help="shared directory where auto-addressed hosts publish")
+    p.add_argument("--address", action="append", default=[], help="HOST=ADDR for an address = auto host")
+    p.add_argument("--advertise", help="the address this node publishes for its auto host (default: FQDN)")
     p.add_argument("--log-format", default="console", help="console or json")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     p.add_argument("--outcome-file", type=Path, help="write the outcome here as JSON")
@@ -197,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_s=args.timeout_s,
         outcome_file=args.outcome_file,
         resume_dir=args.resume,
+        rendezvous=args.rendezvous,
+        addresses=parse_addresses(args.address),
+        advertise=args.advertise,
     )
     return run_node_process(opts, prog="sft-node")
 

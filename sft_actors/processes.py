@@ -34,6 +34,7 @@ from sft_actors.actors.base import ActorState
 from sft_actors.actors.env import topology_schema_hash
 from sft_actors.errors import ConfigError
 from sft_actors.log import get_logger
+from sft_actors.rendezvous import auto_hosts
 from sft_actors.runtime import ActorOutcome, RunResult, check_resume_dir
 from sft_actors.topology import ActorSpec, Topology
 from sft_actors.transport.endpoints import Transport
@@ -84,6 +85,7 @@ async def run_processes(
             "--threads", str(threads_per_process), "--log-format", log_format, "--log-level", log_level,
             *(a for ref in role_factories for a in ("--role-factory", ref)),
             *(("--resume", str(resume)) if resume is not None else ()),
+            *(a for host in sorted(auto_hosts(topology)) for a in ("--address", f"{host}=127.0.0.1")),
         ]  # fmt: skip
         procs: dict[str, asyncio.subprocess.Process] = {}
         signals = _SignalForwarder(procs, install=handle_signals)

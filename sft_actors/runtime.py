@@ -42,6 +42,7 @@ from sft_actors.outcome import (
     check_resume_dir,
     failure_line,
 )
+from sft_actors.rendezvous import on_this_machine
 from sft_actors.topology import ActorSpec, Topology
 from sft_actors.transport.auth import start_curve
 from sft_actors.transport.endpoints import Endpoints, Transport
@@ -65,8 +66,10 @@ async def run_topology(
     """Run every actor of ``topology`` in this process (what ``sft run F`` does).
 
     ``resume_dir``: continue the run in that directory from its last checkpoint
-    (:class:`ConfigError` before anything starts when it has no ``checkpoints``).
+    (:class:`ConfigError` before anything starts when it has no ``checkpoints``). Hosts with
+    ``address = "auto"`` are this machine (loopback).
     """
+    topology = on_this_machine(topology)
     with contextlib.ExitStack() as stack:
         if transport == "ipc" and ipc_dir is None:
             ipc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-"))

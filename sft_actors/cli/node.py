@@ -49,15 +49,27 @@ def node(
         Path | None,
         typer.Option("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint"),
     ] = None,
+    rendezvous: Annotated[
+        Path | None, typer.Option(help="shared directory where auto-addressed hosts publish")
+    ] = None,
+    address: Annotated[list[str] | None, typer.Option(help="HOST=ADDR for an address = auto host")] = None,
+    advertise: Annotated[
+        str | None, typer.Option(help="the address this node publishes for its auto host (default: FQDN)")
+    ] = None,
     log_format: LogFormatOption = "console",
     log_level: LogLevelOption = "info",
 ) -> None:
     """Run the actor(s) of one role from a topology file."""
-    from sft_actors.node_process import NodeOptions, run_node_process  # zmq, torch: not for --help
+    from sft_actors.errors import ConfigError
+    from sft_actors.node_process import NodeOptions, parse_addresses, run_node_process  # zmq, torch
 
     setup_logging(log_format, log_level)
     if transport not in ("tcp", "ipc"):
         raise typer.BadParameter("use tcp or ipc (inproc only works inside one process: sft run)")
+    try:
+        addresses = parse_addresses(address or [])
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--address") from None
     opts = NodeOptions(
         role=role,
         topology=topology,
@@ -69,6 +81,9 @@ def node(
         threads=threads,
         timeout_s=timeout_s,
         resume_dir=resume,
+        rendezvous=rendezvous,
+        addresses=addresses,
+        advertise=advertise,
     )
     code = run_node_process(opts, prog="sft-node")
     if code:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from sft_actors.errors import ConfigError, DatasetNotFound, ModelSpecError
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
 from sft_actors.topology.report import Reporter
-from sft_actors.topology.schema import CODED_MODES, ROLES, Topology
+from sft_actors.topology.schema import AUTO_ADDRESS, CODED_MODES, ROLES, Topology
 from sft_actors.topology.validate import exposed_hosts
 
 #: ``model_config(spec) -> config | None``: the architecture a ``[run] model`` names (None: unknown,
@@ -180,7 +180,7 @@ def check_hosts(topo: Topology, hosts: Collection[str] | None = None) -> None:
     r = Reporter(topo.source)
     wanted = set(hosts) if hosts is not None else {a.host for a in topo.actors}
     for h in topo.hosts:
-        if h.name not in wanted:
+        if h.name not in wanted or h.address == AUTO_ADDRESS:
             continue
         try:
             socket.getaddrinfo(h.address, None)

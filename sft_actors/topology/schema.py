@@ -29,6 +29,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 SecurityMode = Literal["none", "curve"]
 
 LOCALHOST = "localhost"
+#: ``[[hosts]] address = "auto"``: found when the run starts (``sft_actors.rendezvous``).
+AUTO_ADDRESS = "auto"
 #: Without ``round_deadline_s``: a round's deadline is this many times the median round so far,
 #: and never below the floor (seconds).
 ADAPTIVE_DEADLINE_FACTOR = 10.0
@@ -172,6 +174,8 @@ class RunConfig:
 @dataclass(kw_only=True, slots=True, frozen=True)
 class HostSpec:
     name: str
+    #: How other machines dial this host; ``"auto"``: known only when the run starts (a
+    #: scheduler's allocation): nodes publish and find it via ``sft-node --rendezvous DIR``.
     address: str = "127.0.0.1"
     #: SSH target for ``sft launch`` (``user@board``); empty runs that host's nodes locally.
     ssh: str = ""
