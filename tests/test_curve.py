@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,15 @@ from sft_actors.errors import KeyFileError
 from sft_actors.runtime import run_actors
 from sft_actors.security import generate_keys, load_keyring
 from sft_actors.topology import Topology, load_topology
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _ports() -> tuple[int, int]:
-    """Two distinct free ports (both bound at once, so the OS cannot hand out one twice)."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return int(a.getsockname()[1]), int(b.getsockname()[1])
 
 
 def _topology(tmp_path: Path, keys: Path) -> Topology:
     text = (ROOT / "topologies" / "tiny.toml").read_text()
     text = text.replace("[run.train]", f'[run.security]\nmode = "curve"\nkeys = "{keys}"\n\n[run.train]', 1)
-    coordinator, server = _ports()
+    coordinator, server = free_ports(2)
     text = text.replace("port = 47310", "port = COORDINATOR").replace("port = 47311", f"port = {server}")
     text = text.replace("port = COORDINATOR", f"port = {coordinator}")
     text = text.replace('dir = "runs/tiny"', f'dir = "{tmp_path / "runs"}"')

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import pytest
 
 from sft_actors.security import generate_keys
 from sft_actors.topology import load_topology
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough that a lost node is noticed quickly, large enough that a node starved for a few
@@ -46,17 +46,6 @@ DEVICES = ("dev0", "dev1", "dev2")
 Event = dict[str, Any]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _topology(tmp_path: Path, *, rounds: int, secure: bool = False) -> Path:
     text = (ROOT / "topologies" / "tiny.toml").read_text()
     if secure:  # CURVE: no ROUTER_HANDOVER, so a restarted device must wait for its old id to free
@@ -65,7 +54,7 @@ def _topology(tmp_path: Path, *, rounds: int, secure: bool = False) -> Path:
         )
     text = text.replace("rounds = 2\n", f"rounds = {rounds}\n", 1)
     text = text.replace('dir = "runs/tiny"', f'dir = "{tmp_path / "runs"}"')
-    coordinator, server = _free_ports(2)
+    coordinator, server = free_ports(2)
     # One pass: a free port that happens to be 47311 must not be rewritten by the second swap.
     ports = {"47310": coordinator, "47311": server}
     text = re.sub(r"port = (4731[01])\b", lambda m: f"port = {ports[m.group(1)]}", text)

@@ -25,7 +25,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from sft_actors.launch.shipping import plan_shipments, shippable
 from sft_actors.launch.transfer import Member, archive, extract
 from sft_actors.security import generate_keys
 from sft_actors.topology import HostSpec, Topology, load_topology, parse_topology
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = Path("/usr/sbin/sshd")
@@ -442,17 +442,6 @@ def _cwd(path: Path) -> Iterator[None]:
 # --- real launches over a real sshd on loopback --------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class Lines:
     """A stream's lines as a thread reads them; :meth:`wait_for` blocks (bounded) on one."""
 
@@ -507,7 +496,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
     (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    user, (port,) = getpass.getuser(), _free_ports(1)
+    user, (port,) = getpass.getuser(), free_ports(1)
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile none\nUsePAM no\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nStrictModes no\nAllowUsers {user}\n"
@@ -520,7 +509,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         f"  IdentityFile {d / 'client_key'}\n"
         f"  IdentitiesOnly yes\n  HostKeyAlias sft-launch-test\n  UserKnownHostsFile {d / 'known_hosts'}\n"
         "  StrictHostKeyChecking yes\n"
-        f"Host launch-closed\n  HostName 127.0.0.1\n  Port {_free_ports(1)[0]}\n"  # nobody listens
+        f"Host launch-closed\n  HostName 127.0.0.1\n  Port {free_ports(1)[0]}\n"  # nobody listens
     )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
@@ -546,7 +535,7 @@ def _launch_topology(tmp_path: Path, sshd: Sshd, *, rounds: int) -> Path:
     """tiny.toml: coordinator and server on the ssh host ``edge``, the devices on the local host
     ``board``, each with its own workdir under ``tmp_path``; CURVE keys in ``tmp_path/keys``."""
     text = (ROOT / "topologies" / "tiny.toml").read_text().replace("rounds = 2\n", f"rounds = {rounds}\n", 1)
-    coordinator, server = _free_ports(2)
+    coordinator, server = free_ports(2)
     text = text.replace("port = 47310", f"port = {coordinator}").replace("port = 47311", f"port = {server}")
     for role, host in (("coordinator", "edge"), ("server", "edge"), ("device", "board")):
         text = text.replace(f'role = "{role}"\n', f'role = "{role}"\nhost = "{host}"\n')

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from sft_actors.errors import ConfigError, PeerTimeout
 from sft_actors.rendezvous import address_file, auto_hosts, on_this_machine, publish, resolve
 from sft_actors.topology import Topology, load_topology
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _topology(tmp_path: Path) -> Path:
     """tiny.toml on two auto hosts: the edge (coordinator, server) and a board (devices)."""
     text = (ROOT / "topologies" / "tiny.toml").read_text()
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        ports = {"47310": a.getsockname()[1], "47311": b.getsockname()[1]}
+    ports = dict(zip(("47310", "47311"), free_ports(2), strict=True))
     for old, new in ports.items():
         text = text.replace(f"port = {old}\n", f"port = {new}\nhost = HOST\n")
     text = text.replace("host = HOST\n", 'host = "edge"\n')
