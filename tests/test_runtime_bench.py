@@ -87,3 +87,26 @@ def test_faults_bench_smoke() -> None:
     actors = ["coordinator", "dev0", "dev1", "dev2", "server"]
     assert sorted(c["files"]) == ["checkpoint.json", *(f"{a}.safetensors" for a in actors)]
     assert r["resume"]["resumed_from"] == 3
+
+
+def test_security_bench_smoke() -> None:
+    r = run_bench("security.py", "--model", "llama-tiny", "--runs", "1", "--rounds", "2", "--steps", "2",
+                  "--sizes", "1024", "--repeats", "3", "--warmup", "1", "--rates", "2000", "--flood-s", "1",
+                  "--stage-rounds", "1")  # fmt: skip
+    o = r["overhead"]
+    assert (o["model"], o["runs"], len(o["none_ms"]), len(o["curve_ms"])) == ("llama-tiny", 1, 1, 1)
+    assert o["ratio"] == pytest.approx(o["curve_ms_median"] / o["none_ms_median"], rel=1e-9)
+    assert o["losses_equal"] is True  # CURVE changes no byte of what is trained on
+    rows = r["round_trip"]
+    assert sorted((row["bytes"], row["mode"]) for row in rows) == [(1024, "curve"), (1024, "none")]
+    for row in rows:
+        assert row["repeats"] == 3
+        assert row["mb_s"] == pytest.approx(2 * row["bytes"] / (row["p50_ms"] / 1e3) / 1e6, rel=1e-9)
+    p50 = {row["mode"]: row["p50_ms"] for row in rows}
+    assert r["round_trip_ratio"] == {"1024": pytest.approx(p50["curve"] / p50["none"], rel=1e-9)}
+    f = r["flood"]
+    (stage,) = f["stages"]
+    assert stage["rate"] == 2000.0 and stage["sent"] > 0
+    assert stage["msgs_s"] == pytest.approx(stage["sent"] / stage["seconds"], rel=1e-9)
+    assert stage["ok"] == (stage["peers_lost"] == 0 and stage["max_silence_s"] < f["heartbeat_timeout_s"])
+    assert f["max_ok_rate_msgs_s"] == (stage["msgs_s"] if stage["ok"] else None)
