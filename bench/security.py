@@ -220,15 +220,32 @@ ctx = zmq.Context()
 s = ctx.socket(zmq.DEALER)
 s.setsockopt(zmq.LINGER, 0)
 s.setsockopt(zmq.ROUTING_ID, cfg["identity"].encode())
+s.setsockopt(zmq.SNDTIMEO, 1000)  # a vanished server (say, its process died) ends the flood
 s.connect(cfg["endpoint"])
+
+
+def send(m):
+    try:
+        s.send_multipart(m)
+    except zmq.Again:
+        return False
+    return True
+
+
 rate, seconds = cfg["rate"], cfg["seconds"]
-s.send_multipart(msgs[0])
+start = time.monotonic()
+while not send(msgs[0]):
+    if time.monotonic() - start > 30:
+        sys.exit("nobody took the first message in 30 s")
 t0 = time.monotonic()
 print("flooding", flush=True)
 sent, nbytes = 1, sum(map(len, msgs[0]))
 while True:
     m = msgs[sent % len(msgs)]
-    s.send_multipart(m)
+    if not send(m):
+        if time.monotonic() - t0 >= seconds:
+            break
+        continue
     sent += 1
     nbytes += sum(map(len, m))
     if sent % 64 == 0:

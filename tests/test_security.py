@@ -503,15 +503,31 @@ ctx = zmq.Context()
 s = ctx.socket(zmq.DEALER)
 s.setsockopt(zmq.LINGER, 0)
 s.setsockopt(zmq.ROUTING_ID, cfg["identity"].encode())
+s.setsockopt(zmq.SNDTIMEO, 1000)  # a vanished server (say, its process died) ends the flood
 s.connect(cfg["endpoint"])
-sent = nbytes = 0
-s.send_multipart(msgs[0])
+
+
+def send(m):
+    try:
+        s.send_multipart(m)
+    except zmq.Again:
+        return False
+    return True
+
+
+start = time.monotonic()
+while not send(msgs[0]):
+    if time.monotonic() - start > 30:
+        sys.exit("nobody took the first message in 30 s")
 t0 = time.monotonic()
 print("flooding", flush=True)
 sent, nbytes = 1, sum(map(len, msgs[0]))
 while sent < cfg["max_messages"] and (sent % 64 or time.monotonic() - t0 < cfg["seconds"]):
     m = msgs[sent % len(msgs)]
-    s.send_multipart(m)
+    if not send(m):
+        if time.monotonic() - t0 >= cfg["seconds"]:
+            break
+        continue
     sent += 1
     nbytes += sum(map(len, m))
 print(json.dumps({"sent": sent, "bytes": nbytes, "seconds": time.monotonic() - t0}), flush=True)
