@@ -259,10 +259,15 @@ async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | N
         while pending:
             wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = await asyncio.wait(pending, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
+            if not done and error is None:
                 error = f"run did not finish within {timeout_s}s"
                 log.error("run_timeout", timeout_s=timeout_s)
                 _stop_all(actors, "run timed out")
+                # A stop is staged and bounded; past its budget what is left is cancelled.
+                deadline = time.monotonic() + _stop_budget_s(actors)
+            elif not done:
+                for task in pending:
+                    task.cancel()
                 deadline = None
             for task in done:
                 actor = tasks[task]
@@ -271,6 +276,11 @@ async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | N
                 elif actor.state is ActorState.FAILED:
                     log.warning("actor_lost", actor=actor.name, role=actor.spec.role)
     return error
+
+
+def _stop_budget_s(actors: list[Actor]) -> float:
+    """How long a staged stop may take: drain, then close (seconds)."""
+    return max((a.settings.drain_timeout_s for a in actors), default=0.0) + _TERM_TIMEOUT_S + 10.0
 
 
 async def _serve(actor: Actor) -> None:

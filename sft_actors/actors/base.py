@@ -7,10 +7,8 @@ stage bounded: polite (the coordinator sends SHUTDOWN; everyone drains its mailb
 ``drain_timeout_s`` and says BYE) → cancel every task of the actor's TaskGroup → close the
 sockets with a small LINGER and run ``cleanup(exc)`` under its own timeout.
 
-Subclass hooks: ``on_start``, ``run`` (optional main coroutine), ``on_peer_joined``,
-``on_peer_lost`` (liveness), ``on_peer_left``, ``on_handshake_refused``, ``cleanup``. Message
-handlers are ``async def on_x(self, msg: Kind, ctx: MsgContext) -> Reply | None`` (see
-``handlers``); the inbound path, links and liveness live in ``core``.
+Hooks: ``on_start``, ``run``, ``on_peer_joined``/``_lost``/``_left``, ``on_handshake_refused``,
+``cleanup``; handlers ``async def on_x(self, msg, ctx) -> Reply | None`` (``handlers``).
 """
 
 from __future__ import annotations
@@ -182,6 +180,10 @@ class Actor(LiveActor):
             if reply is not None:
                 await self.send(ctx.peer, reply, reply_to=env.msg_id)
         except Exception as exc:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                # A child's error while this handler was being cancelled (3.11's TaskGroup then
+                # drops the cancellation) must not keep the dispatch loop alive.
+                raise asyncio.CancelledError from exc
             # A peer's bad message must never kill the receiver: answer ERROR, keep serving.
             # The caller owns (and logs) the error; a non-SftError is a bug here, so log it too.
             if not isinstance(exc, SftError):
@@ -262,7 +264,9 @@ class Actor(LiveActor):
                 auth.client(sock, self.name, peer)
                 watch.append(HandshakeWatch(sock))
 
-        sock = connect_dealer(self.env.ctx, endpoint, self.name, self._sock_opts, secure=secure)
+        # Under CURVE the ROUTER names the connection and the key names the actor.
+        identity = self.name if auth is None else None
+        sock = connect_dealer(self.env.ctx, endpoint, identity, self._sock_opts, secure=secure)
         self._dealers.append(sock)
         try:
             await self._hello_to(peer, sock, endpoint, watch[0] if watch else None)
@@ -289,7 +293,7 @@ class Actor(LiveActor):
         timeout = self.settings.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                env = await unless_refused(self._request(link, self._hello()), watch, self.name, peer)
+                env = await unless_refused(self._hello_until_answered(link), watch, self.name, peer)
         except TimeoutError:
             hint = "is it running?"
             if watch is not None and watch.failures:
@@ -313,6 +317,14 @@ class Actor(LiveActor):
         check_schema(self.env.schema_hash, env.msg.schema_hash, peer=peer)
         link.set_window(max(1, min(self.settings.link_window, env.msg.credits)))
         self._established(link)
+
+    async def _hello_until_answered(self, link: PeerLink) -> Envelope:
+        """HELLO, again every heartbeat interval until answered (one can be lost while the peer
+        drops an old connection); the peer answers a repeat from one session like the first."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.heartbeat_interval_s):
+                    return await self._request(link, self._hello())
 
     async def _run_main(self) -> None:
         value = await self.run()

@@ -57,8 +57,6 @@ def socket_options(topology: Topology, config: ModelConfig | None, limits: WireL
         linger_ms=rt.linger_ms,
         max_msg_bytes=frame,
         handover=topology.run.security.mode == "none",
-        heartbeat_ivl_ms=int(rt.heartbeat_interval_s * 1000),
-        heartbeat_timeout_ms=int(rt.heartbeat_timeout_s * 1000),
     )
 
 

@@ -205,9 +205,10 @@ class ActorCore:
                 self._guard.note("inbound_failed", link.peer if link else "", f"{type(exc).__name__}: {exc}")
 
     async def _on_router_frames(self, identity: bytes, frames: list[zmq.Frame]) -> None:
-        peer = identity.decode(errors="replace")
+        peer = self._guard.peer_of(identity, frames)
+        if peer is None:
+            return
         try:
-            self._guard.authenticate(peer, frames)
             env = decode([f.buffer for f in frames], self.env.limits)
         except ProtocolError as exc:
             # Garbage: tell a peer that may dial us why (strangers hear nothing), keep serving.
@@ -220,13 +221,14 @@ class ActorCore:
             return
         link = self._links.get(peer)
         if env.kind is MsgKind.HELLO:
-            await self._on_hello(identity, env)
+            await self._on_hello(identity, peer, env)
         elif link is None or link.dialled or link.state is LinkState.GONE:
             self._guard.rejected += 1
             if self._guard.may_answer(peer):
                 refusal = NotWelcomed(f"{self.name}: send HELLO before {env.kind.name}")
                 await self._reject(identity, refusal, env)
         else:
+            link.route = [identity]  # under CURVE a reconnect gets a new routing id: follow it
             await self._on_frames(link, frames, env)
 
     def _decode(self, peer: str, frames: list[zmq.Frame]) -> Envelope | None:
@@ -244,10 +246,9 @@ class ActorCore:
         with contextlib.suppress(zmq.ZMQError):
             await self._router.send_multipart([identity, *frames], copy=False)
 
-    async def _on_hello(self, identity: bytes, env: Envelope) -> None:
+    async def _on_hello(self, identity: bytes, peer: str, env: Envelope) -> None:
         hello = env.msg
         assert isinstance(hello, Hello)
-        peer = identity.decode(errors="replace")
         try:
             self._guard.check_hello(peer, env.sender, hello)
             existing = self._links.get(peer)
@@ -263,6 +264,7 @@ class ActorCore:
         assert self._router is not None
         old = self._links.get(peer)
         if old is not None and old.session and old.session == hello.session:
+            old.route = [identity]
             await self._rewelcome(old, env)  # the same process re-dialling (after a pause)
             return
         link = PeerLink(

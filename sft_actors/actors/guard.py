@@ -3,10 +3,11 @@
 An actor's ROUTER is reachable by anyone who can reach its port. :class:`InboundGuard` holds
 the rules the inbound path applies before a message costs more than a header decode:
 
-* **Identity** — under CURVE every connection carries the ZAP User-Id of its key (the actor
-  name the key belongs to, :mod:`sft_actors.transport.auth`); a routing id that differs is an
-  actor speaking as another and is refused. A HELLO must name an actor of the topology that
-  dials this one, in its own role, and never this actor's own name.
+* **Identity** — under CURVE a peer *is* the actor its key belongs to: every connection
+  carries the ZAP User-Id of its key (:mod:`sft_actors.transport.auth`), dialling sockets set
+  no routing id and the ROUTER routes by the id it assigns per connection. A HELLO must name
+  that same actor (and, in every mode, an actor of the topology that dials this one, in its
+  own role, never this actor's own name).
 * **Silence to strangers** — only peers that may legitimately dial this actor (under CURVE:
   every authenticated connection) get ERROR frames back; anyone else gets nothing, so junk
   learns nothing about the topology and costs no reply.
@@ -55,17 +56,24 @@ class InboundGuard:
         self.rejected = 0
 
     # --- identity ---------------------------------------------------------------------------
-    def authenticate(self, peer: str, frames: Sequence[zmq.Frame]) -> None:
-        """Under CURVE: :class:`IdentityRefused` unless the connection's key belongs to ``peer``."""
-        if not self.secure or not frames:
-            return
-        owner = user_id(frames[0])
-        if owner != peer:
-            raise IdentityRefused(f"the key of {owner or 'no actor'!r} may not speak as {peer!r}")
+    def peer_of(self, identity: bytes, frames: Sequence[zmq.Frame]) -> str | None:
+        """Who sent ``frames``. Under CURVE: the actor the connection's key belongs to (its ZAP
+        User-Id); the routing id is then one the ROUTER chose for that connection, so no key
+        holder can claim, squat or take over another actor's route. Otherwise the routing id
+        the peer chose (its name). None: a connection with no actor's key (ZAP let nobody
+        else in; counted and dropped)."""
+        if not self.secure:
+            return identity.decode(errors="replace")
+        owner = user_id(frames[0]) if frames else None
+        if owner is None:
+            self.rejected += 1
+        return owner
 
     def check_hello(self, peer: str, sender: str, hello: Hello) -> None:
         """Raises a :class:`ProtocolError` subclass when ``hello`` may not open a link."""
         if hello.node != peer or sender != peer:
+            if self.secure:
+                raise IdentityRefused(f"the key of {peer!r} may not speak as {hello.node!r}")
             raise IdentityRefused(f"HELLO from routing id {peer!r} claims to be {hello.node!r}")
         if peer == self.me:
             raise IdentityRefused(f"HELLO under {self.me}'s own name")

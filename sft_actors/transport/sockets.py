@@ -26,12 +26,9 @@ class SocketOptions:
     reconnect_ivl_ms: int = 100
     reconnect_ivl_max_ms: int = 2000
     #: ROUTER: a new connection with a routing id in use takes it over (a restarted peer before
-    #: its old connection is known dead). Off under CURVE: there a key holder could take over
-    #: another actor's route (and its replies); ZMTP heartbeats free a dead peer's id instead.
+    #: its old connection is known dead). Off under CURVE, where the ROUTER assigns every
+    #: connection its own id and peers are told apart by key: nobody may take one over.
     handover: bool = True
-    #: ZMTP heartbeats (ms, 0 = off): a connection silent this long is closed by libzmq.
-    heartbeat_ivl_ms: int = 0
-    heartbeat_timeout_ms: int = 0
 
 
 def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
@@ -42,9 +39,6 @@ def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
     if opts.max_msg_bytes:
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
-    if opts.heartbeat_ivl_ms:
-        sock.setsockopt(zmq.HEARTBEAT_IVL, opts.heartbeat_ivl_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, opts.heartbeat_timeout_ms)
 
 
 Secure = Callable[[zmq.asyncio.Socket], None]
@@ -74,18 +68,20 @@ def bind_router(
 def connect_dealer(
     ctx: zmq.asyncio.Context,
     endpoint: str,
-    identity: str,
+    identity: str | None,
     opts: SocketOptions,
     *,
     secure: Secure | None = None,
 ) -> zmq.asyncio.Socket:
-    """A DEALER whose routing id is ``identity`` (the actor's name), connected to ``endpoint``."""
+    """A DEALER connected to ``endpoint``, routed by ``identity`` (the actor's name; None: the
+    ROUTER assigns one per connection, as under CURVE)."""
     sock = ctx.socket(zmq.DEALER)
     try:
         _apply(sock, opts)
         if secure is not None:
             secure(sock)
-        sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, identity.encode())
         sock.connect(endpoint)
     except BaseException:
         sock.close(linger=0)
