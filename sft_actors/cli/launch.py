@@ -75,7 +75,8 @@ def launch_command(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="slurm: follow the job to its end")] = True,
 ) -> None:
     """Ship the topology (and the checkout, and each host's keys), start one sft-node per host
-    and role, stop them on Ctrl-C, and collect the run directory."""
+    and role, stop them on Ctrl-C, and collect the run directory. With --backend slurm: submit
+    the run as one Slurm job and follow it (deploy/README.md)."""
     from sft_actors.launch import EXIT_CONFIG, LaunchOptions, run_launch
     from sft_actors.launch import dry_run as plan_only
 

@@ -246,7 +246,7 @@ def _tail() -> list[str]:
         'left() { local p n=0; for p in "${PIDS[@]}"; do alive "$p" && n=$((n + 1)); done; echo $n; }',
         "settle() {  # settle SECONDS: until every step has ended, at most SECONDS",
         "    local end=$((SECONDS + $1))",
-        "    while [[ $(left) -gt 0 && $SECONDS -lt $end ]]; do sleep 0.5; done",
+        "    while [[ $(left) -gt 0 && $SECONDS -lt $end ]]; do sleep 0.2; done",
         "}",
         "signal_left() {  # signal_left SIG: every srun whose step still runs",
         '    local p; for p in "${PIDS[@]}"; do alive "$p" && kill -s "$1" "$p" 2>/dev/null; done; return 0',
