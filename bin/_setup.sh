@@ -21,16 +21,20 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     echo "$WANT" > "$STAMP"
 fi
 
-# System packages come from Debian, never from the internet at run time: Fashion-MNIST, and
-# openssh-server (tests/test_launch.py starts a throwaway sshd on loopback for `sft launch`).
+# System packages come from Debian, never from the internet at run time: Fashion-MNIST,
+# openssh-server (tests/test_launch.py starts a throwaway sshd on loopback for `sft launch`),
+# slurm-wlm and munge (tests/test_slurm.py starts a one-node cluster, deploy/slurm/local-cluster.sh).
 FMNIST=/usr/share/datasets/fashion-mnist
 APT=()
 [[ -f "$FMNIST/train-images-idx3-ubyte.gz" ]] || APT+=(dataset-fashion-mnist)
 [[ -x /usr/sbin/sshd ]] || APT+=(openssh-server)
+[[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/bin/sbatch ]] || APT+=(slurm-wlm)
+[[ -x /usr/sbin/munged ]] || APT+=(munge)
 if [[ ${#APT[@]} -gt 0 ]]; then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
         echo "[setup] installing Debian's ${APT[*]}" >&2
-        # Debian starts the services it installs: keep it from starting sshd on port 22.
+        # Debian starts the services it installs: keep it from starting sshd on port 22, or
+        # munged, slurmctld and slurmd (local-cluster.sh runs its own, on its own configuration).
         NOSTART=""
         if [[ ! -e /usr/sbin/policy-rc.d ]]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && NOSTART=1

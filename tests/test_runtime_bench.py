@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,21 @@ def test_security_bench_smoke() -> None:
     assert stage["msgs_s"] == pytest.approx(stage["sent"] / stage["seconds"], rel=1e-9)
     assert stage["ok"] == (stage["peers_lost"] == 0 and stage["max_silence_s"] < f["heartbeat_timeout_s"])
     assert f["max_ok_rate_msgs_s"] == (stage["msgs_s"] if stage["ok"] else None)
+
+
+@pytest.mark.slow
+def test_launch_slurm_bench_smoke() -> None:
+    if os.geteuid() != 0 or not all(shutil.which(p) for p in ("slurmctld", "slurmd", "munged", "sbatch")):
+        pytest.skip("needs root and Debian's slurm-wlm and munge (bin/_setup.sh installs them)")
+    r = run_bench("launch_slurm.py", "--rounds", "1", "--repeats", "1", "--warmup", "0")
+    assert (r["rounds"], r["repeats"]) == (1, 1) and r["slurm"].startswith("slurm")
+    variants = r["variants"]
+    assert set(variants) == {"slurm", "local", "processes"}
+    for v in variants.values():
+        (run,) = v["runs"]
+        assert v["wall_s"] == round(run["wall_s"], 3) and 0 < v["first_round_s"] < v["wall_s"]
+    slurm = variants["slurm"]
+    assert 0 < slurm["submit_to_first_round_s"] <= slurm["first_round_s"] + 1e-3  # submitted after the start
+    for base in ("local", "processes"):
+        assert r[f"slurm_minus_{base}_wall_s"] == round(slurm["wall_s"] - variants[base]["wall_s"], 3)
+        assert r[f"slurm_over_{base}_wall_s"] == round(slurm["wall_s"] / variants[base]["wall_s"], 3)

@@ -1,4 +1,5 @@
-"""``sft launch``: run a topology on its hosts over ssh (see :mod:`sft_actors.launch`).
+"""``sft launch``: run a topology on its hosts over ssh (see :mod:`sft_actors.launch`), or as
+one Slurm job with ``--backend slurm`` (see :mod:`sft_actors.launch.slurm`).
 
 Progress goes to stderr, one line per step; stdout gets one JSON line at the end (``ok``,
 ``status``, ``reason``, ``exit_code``, ``logs``, ``results``, ``nodes``, ``lost``), or the
@@ -6,6 +7,10 @@ commands with ``--dry-run``. Exit code: 0 the run completed, or the operator sto
 Ctrl-C/SIGTERM) and every node stopped politely; 1 it failed; 2 a configuration error (a bad
 topology, a missing key file, a node that refused its configuration); 130 a second Ctrl-C
 forced the stop.
+
+With ``--backend slurm`` the launch submits one job and (unless ``--no-wait``) follows it; the
+JSON line adds ``backend``, ``job_id``, ``job_state``, ``submitted_at`` and ``first_round_s``.
+A stop from Slurm (``scancel JOBID``, the time limit) is ``interrupted`` with exit code 130.
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sft_actors.errors import SftError
 
+if TYPE_CHECKING:
+    from sft_actors.launch.slurm import SlurmOptions
+
 
 def launch_command(
     topology: Annotated[Path, typer.Argument(help="topology TOML file")],
-    backend: Annotated[str, typer.Option(help="how to reach the hosts (ssh)")] = "ssh",
+    backend: Annotated[str, typer.Option(help="how to reach the hosts: ssh, or slurm (one job)")] = "ssh",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print every command; run nothing")] = False,
     logs: Annotated[
         Path | None,
@@ -47,14 +55,60 @@ def launch_command(
         Path | None, typer.Option("--ssh-config", help="ssh config file (ssh -F): aliases, ports, identities")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads per node (sft-node --threads)")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="slurm: the job's partition (default: Slurm's)")
+    ] = None,
+    gpu_partition: Annotated[
+        str | None,
+        typer.Option(help="slurm: coordinator/server hosts here with a GPU each (a heterogeneous job)"),
+    ] = None,
+    time_limit: Annotated[str | None, typer.Option("--time", help="slurm: the job's time limit")] = None,
+    nodes: Annotated[
+        int | None, typer.Option(help="slurm: at most this many nodes (hosts share them)")
+    ] = None,
+    cpus_per_node: Annotated[
+        int | None, typer.Option(help="slurm: CPUs per node (default: one per actor)")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(metavar="RUN_DIR", help="slurm: continue this run from its last checkpoint")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="slurm: follow the job to its end")] = True,
 ) -> None:
     """Ship the topology (and the checkout, and each host's keys), start one sft-node per host
-    and role, stop them on Ctrl-C, and collect the run directory."""
+    and role, stop them on Ctrl-C, and collect the run directory. With --backend slurm: submit
+    the run as one Slurm job and follow it (deploy/README.md)."""
     from sft_actors.launch import EXIT_CONFIG, LaunchOptions, run_launch
     from sft_actors.launch import dry_run as plan_only
 
+    slurm_only = {
+        "--partition": partition, "--gpu-partition": gpu_partition, "--time": time_limit, "--nodes": nodes,
+        "--cpus-per-node": cpus_per_node, "--resume": resume, "--no-wait": None if wait else True,
+    }  # fmt: skip
+    if backend == "slurm":
+        from sft_actors.launch.slurm import SlurmOptions
+
+        if ship != "none" or not collect or ssh_config is not None:
+            raise typer.BadParameter("--ship, --no-collect and --ssh-config are for --backend ssh")
+        slurm = SlurmOptions(
+            topology=topology,
+            logs=logs or Path("runs") / f"launch-{time.strftime('%Y%m%d-%H%M%S')}",
+            partition=partition,
+            gpu_partition=gpu_partition,
+            time=time_limit,
+            nodes=nodes,
+            cpus_per_node=cpus_per_node,
+            resume=resume,
+            wait=wait,
+            python=python,
+            threads=threads,
+        )
+        _launch_slurm(slurm, dry_run=dry_run)
+        return
     if backend != "ssh":
-        raise typer.BadParameter(f"unknown backend {backend!r}; use ssh", param_hint="--backend")
+        raise typer.BadParameter(f"unknown backend {backend!r}; use ssh or slurm", param_hint="--backend")
+    given = [name for name, value in slurm_only.items() if value is not None]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)}: only with --backend slurm")
     if ship not in ("none", "checkout"):
         raise typer.BadParameter(f"use none or checkout, not {ship!r}", param_hint="--ship")
     options = LaunchOptions(
@@ -73,6 +127,25 @@ def launch_command(
             return
         report = run_launch(options, echo=lambda line: typer.echo(line, err=True))
     except SftError as exc:  # before anything was copied or started
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    typer.echo(json.dumps(report.line()))
+    if report.outcome.exit_code:
+        raise typer.Exit(report.outcome.exit_code)
+
+
+def _launch_slurm(options: SlurmOptions, *, dry_run: bool) -> None:
+    """``--backend slurm``: submit one job, follow it (see :mod:`sft_actors.launch.slurm`)."""
+    from sft_actors.launch import EXIT_CONFIG
+    from sft_actors.launch.slurm import dry_run_slurm, run_slurm_launch
+
+    try:
+        if dry_run:
+            for line in dry_run_slurm(options):
+                typer.echo(line)
+            return
+        report = run_slurm_launch(options, echo=lambda line: typer.echo(line, err=True))
+    except SftError as exc:  # before the job was submitted
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
     typer.echo(json.dumps(report.line()))
