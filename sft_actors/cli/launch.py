@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 def launch_command(
     topology: Annotated[Path, typer.Argument(help="topology TOML file")],
-    backend: Annotated[str, typer.Option(help="how to reach the hosts: ssh, or slurm (one job)")] = "ssh",
+    backend: Annotated[
+        str, typer.Option(help="ssh (start every host's nodes), slurm (one job) or k8s (write manifests)")
+    ] = "ssh",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print every command; run nothing")] = False,
     logs: Annotated[
         Path | None,
@@ -73,6 +75,17 @@ def launch_command(
         Path | None, typer.Option(metavar="RUN_DIR", help="slurm: continue this run from its last checkpoint")
     ] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="slurm: follow the job to its end")] = True,
+    out: Annotated[Path | None, typer.Option(help="k8s: write the manifests into this directory")] = None,
+    image: Annotated[
+        str | None, typer.Option(help="k8s: the container image (deploy/docker/Dockerfile)")
+    ] = None,
+    namespace: Annotated[str | None, typer.Option(help="k8s: the namespace (default: kubectl's)")] = None,
+    server_gpu: Annotated[
+        bool, typer.Option("--server-gpu", help="k8s: request one GPU per server pod")
+    ] = False,
+    volume: Annotated[
+        list[str] | None, typer.Option(help="k8s: CLAIM:PATH, a PersistentVolumeClaim mounted at PATH")
+    ] = None,
 ) -> None:
     """Ship the topology (and the checkout, and each host's keys), start one sft-node per host
     and role, stop them on Ctrl-C, and collect the run directory. With --backend slurm: submit
@@ -84,6 +97,15 @@ def launch_command(
         "--partition": partition, "--gpu-partition": gpu_partition, "--time": time_limit, "--nodes": nodes,
         "--cpus-per-node": cpus_per_node, "--resume": resume, "--no-wait": None if wait else True,
     }  # fmt: skip
+    k8s_only: dict[str, object] = {"--out": out, "--image": image, "--namespace": namespace}
+    k8s_only.update({"--volume": volume or None, "--server-gpu": server_gpu or None})
+    if backend == "k8s":
+        _launch_k8s(topology, out, image=image, namespace=namespace, server_gpu=server_gpu,
+                    volumes=volume or [], resume=resume)  # fmt: skip
+        return
+    given_k8s = [name for name, value in k8s_only.items() if value is not None]
+    if given_k8s:
+        raise typer.BadParameter(f"{', '.join(given_k8s)}: only with --backend k8s")
     if backend == "slurm":
         from sft_actors.launch.slurm import SlurmOptions
 
@@ -105,7 +127,9 @@ def launch_command(
         _launch_slurm(slurm, dry_run=dry_run)
         return
     if backend != "ssh":
-        raise typer.BadParameter(f"unknown backend {backend!r}; use ssh or slurm", param_hint="--backend")
+        raise typer.BadParameter(
+            f"unknown backend {backend!r}; use ssh, slurm or k8s", param_hint="--backend"
+        )
     given = [name for name, value in slurm_only.items() if value is not None]
     if given:
         raise typer.BadParameter(f"{', '.join(given)}: only with --backend slurm")
@@ -132,6 +156,34 @@ def launch_command(
     typer.echo(json.dumps(report.line()))
     if report.outcome.exit_code:
         raise typer.Exit(report.outcome.exit_code)
+
+
+def _launch_k8s(
+    topology: Path,
+    out: Path | None,
+    *,
+    image: str | None,
+    namespace: str | None,
+    server_gpu: bool,
+    volumes: list[str],
+    resume: Path | None,
+) -> None:
+    """``--backend k8s``: write the manifests (see :mod:`sft_actors.launch.k8s`); nothing runs."""
+    from sft_actors.launch.k8s import DEFAULT_IMAGE, k8s_main
+
+    if out is None:
+        raise typer.BadParameter("--backend k8s writes manifests: give --out DIR", param_hint="--out")
+    code = k8s_main(
+        topology,
+        out,
+        image=image or DEFAULT_IMAGE,
+        namespace=namespace,
+        server_gpu=server_gpu,
+        volumes=volumes,
+        resume=None if resume is None else str(resume),
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 def _launch_slurm(options: SlurmOptions, *, dry_run: bool) -> None:
