@@ -74,9 +74,15 @@ class CoordinatorActor(RoundsCoordinator):
         try:
             await self._run()
         except SftError as exc:  # the run cannot go on: say so, keep the last checkpoint
-            self._end("failed", f"{type(exc).__name__}: {exc}")
-            return self.summary.headline()
-        self._end("completed", f"{self.train.rounds} rounds")
+            if not self._stop.is_set():
+                self._end("failed", f"{type(exc).__name__}: {exc}")
+                return self.summary.headline()
+            # Stopping: our own SHUTDOWN sent the peers away mid-round; that is the stop.
+            self.log.info("round_abandoned", why=f"{type(exc).__name__}: {exc}")
+        if self._stop.is_set():
+            self._end("interrupted", self._stop_reason or "stopped")
+        else:
+            self._end("completed", f"{self.train.rounds} rounds")
         return self.summary.headline()
 
     async def cleanup(self, exc: BaseException | None) -> None:
@@ -129,10 +135,14 @@ class CoordinatorActor(RoundsCoordinator):
             await self._checkpoint(0)
         r = self.store.round + 1
         while r <= self.train.rounds:
+            if self._stop.is_set():  # a signal: the last checkpoint is where --resume continues
+                return
             try:
                 await self._ensure_quorum(r)
                 await self._round(r)
             except ServerLost as exc:
+                if self._stop.is_set():
+                    raise  # not a lost server: the stop sent it away
                 self.log.warning("round_aborted", round=r, why=str(exc))
                 await self._recover_servers()
                 aborted = {"round": r, "why": str(exc), "rolled_back_to": self.store.round}
