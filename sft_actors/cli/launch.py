@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -86,6 +86,14 @@ def launch_command(
     volume: Annotated[
         list[str] | None, typer.Option(help="k8s: CLAIM:PATH, a PersistentVolumeClaim mounted at PATH")
     ] = None,
+    server_image: Annotated[
+        str | None, typer.Option(help="k8s: the servers' image (e.g. the CUDA one)")
+    ] = None,
+    allow_insecure: Annotated[
+        bool, typer.Option("--allow-insecure", help="k8s: accept mode none (any pod could join)")
+    ] = False,
+    output_size: Annotated[str, typer.Option(help="k8s: size of the run-output claim")] = "10Gi",
+    storage_class: Annotated[str | None, typer.Option(help="k8s: storage class of the output claim")] = None,
 ) -> None:
     """Ship the topology (and the checkout, and each host's keys), start one sft-node per host
     and role, stop them on Ctrl-C, and collect the run directory. With --backend slurm: submit
@@ -99,9 +107,21 @@ def launch_command(
     }  # fmt: skip
     k8s_only: dict[str, object] = {"--out": out, "--image": image, "--namespace": namespace}
     k8s_only.update({"--volume": volume or None, "--server-gpu": server_gpu or None})
+    k8s_only.update({"--server-image": server_image, "--allow-insecure": allow_insecure or None})
+    k8s_only.update(
+        {"--storage-class": storage_class, "--output-size": None if output_size == "10Gi" else output_size}
+    )
     if backend == "k8s":
-        _launch_k8s(topology, out, image=image, namespace=namespace, server_gpu=server_gpu,
-                    volumes=volume or [], resume=resume)  # fmt: skip
+        from sft_actors.launch.k8s import DEFAULT_IMAGE
+
+        if out is None:
+            raise typer.BadParameter("--backend k8s writes manifests: give --out DIR", param_hint="--out")
+        _exit_with(k8s_main_cli(
+            topology, out, image=image or DEFAULT_IMAGE, namespace=namespace, server_gpu=server_gpu,
+            server_image=server_image, allow_insecure=allow_insecure, volumes=volume or [],
+            resume=None if resume is None else str(resume), output_size=output_size,
+            storage_class=storage_class,
+        ))  # fmt: skip
         return
     given_k8s = [name for name, value in k8s_only.items() if value is not None]
     if given_k8s:
@@ -158,30 +178,15 @@ def launch_command(
         raise typer.Exit(report.outcome.exit_code)
 
 
-def _launch_k8s(
-    topology: Path,
-    out: Path | None,
-    *,
-    image: str | None,
-    namespace: str | None,
-    server_gpu: bool,
-    volumes: list[str],
-    resume: Path | None,
-) -> None:
-    """``--backend k8s``: write the manifests (see :mod:`sft_actors.launch.k8s`); nothing runs."""
-    from sft_actors.launch.k8s import DEFAULT_IMAGE, k8s_main
+def k8s_main_cli(topology: Path, out: Path, **options: Any) -> int:
+    """``--backend k8s``: write the manifests (see :mod:`sft_actors.launch.k8s`); nothing runs.
+    ``options`` are :func:`~sft_actors.launch.k8s.k8s_main`'s keywords."""
+    from sft_actors.launch.k8s import k8s_main
 
-    if out is None:
-        raise typer.BadParameter("--backend k8s writes manifests: give --out DIR", param_hint="--out")
-    code = k8s_main(
-        topology,
-        out,
-        image=image or DEFAULT_IMAGE,
-        namespace=namespace,
-        server_gpu=server_gpu,
-        volumes=volumes,
-        resume=None if resume is None else str(resume),
-    )
+    return k8s_main(topology, out, **options)
+
+
+def _exit_with(code: int) -> None:
     if code:
         raise typer.Exit(code)
 
