@@ -100,10 +100,9 @@ class RunResult:
 
     @property
     def lost(self) -> dict[str, str]:
-        """Devices and servers that failed or died while a coordinator ran here (a subset of
-        :attr:`failures`); the coordinator decided whether the run could go on without them."""
-        if not any(o.role == "coordinator" for o in self.outcomes.values()):
-            return {}
+        """Devices and servers of this process that failed or died (a subset of :attr:`failures`):
+        the coordinator decided whether the run could go on without them, so a run that went on
+        is ``completed`` and says here who it lost (a device node whose key was refused, say)."""
         return {
             n: o.error or o.state
             for n, o in self.outcomes.items()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 import socket
 import sys
@@ -164,6 +165,7 @@ async def run_actors(
     """Start ``specs`` in one process, supervise them and shut them down in stages."""
     resume = _resume_dir(topology, specs, resume_dir)
     factories = role_factories({s.role for s in specs}, roles)
+    _raise_open_files_limit()
     own_ctx = ctx is None
     zctx = zmq.asyncio.Context() if ctx is None else ctx
     if own_ctx:
@@ -276,6 +278,17 @@ async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | N
                 elif actor.state is ActorState.FAILED:
                     log.warning("actor_lost", actor=actor.name, role=actor.spec.role)
     return error
+
+
+def _raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every connection to a ROUTER holds a descriptor
+    while it handshakes, and running out would fail a checkpoint write, not just a connection."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard)
+            )
 
 
 def _stop_budget_s(actors: list[Actor]) -> float:

@@ -78,9 +78,12 @@ def test_status_is_derived_from_the_coordinator_then_the_signal() -> None:
     assert RunResult(result={"status": "failed", "reason": "x"}, outcomes=everyone).status == "failed"
     assert RunResult(result={"status": "completed"}, outcomes=everyone, signalled=True).ok
 
-    # A node without a coordinator: every one of its actors counts; nothing is "lost".
+    # A node without a coordinator: every one of its actors counts, and a failed one is named.
     devices = RunResult(result=None, outcomes=_outcomes(dev0="stopped", dev1="failed"))
-    assert devices.status == "failed" and devices.lost == {}
+    assert devices.status == "failed" and devices.lost == {"dev1": "RuntimeError: dev1 broke"}
+    # ...also when the coordinator's SHUTDOWN said the run completed without it.
+    went_on = RunResult(result={"status": "completed"}, outcomes=_outcomes(dev0="stopped", dev1="failed"))
+    assert went_on.ok and went_on.line()["lost"] == {"dev1": "RuntimeError: dev1 broke"}
     assert RunResult(result=None, outcomes=_outcomes(dev0="stopped")).status == "completed"
 
 

@@ -78,10 +78,13 @@ def load_keyring(topology: Topology, own: Iterable[str], directory: str | Path |
     fix = f"run: sft keys generate {topology.source} --out {d}"
     if not d.is_dir():
         raise KeyFileError(f"key directory {d} does not exist (cwd {Path.cwd()}); {fix}")
+    # Whoever may write the public keys decides who is let in as which actor.
+    check_not_writable_by_others(d)
     publics: dict[str, bytes] = {}
     owners: dict[bytes, str] = {}
     for actor in topology.actors:
         path, _ = key_paths(d, actor.name)
+        check_not_writable_by_others(path)
         public, _ = _read(path, fix)
         if public in owners:
             raise KeyFileError(
@@ -115,6 +118,17 @@ def check_secret_mode(path: Path) -> None:
         raise KeyFileError(
             f"secret key {path} is readable by others (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
         )
+
+
+def check_not_writable_by_others(path: Path) -> None:
+    """:class:`KeyFileError` if group or others may write ``path`` (they could swap a public key)."""
+    with contextlib.suppress(OSError):  # a missing file is reported where it is read
+        mode = path.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise KeyFileError(
+                f"{path} is writable by others (mode {stat.S_IMODE(mode):o}): anyone who can write it "
+                f"chooses who joins as which actor; run: chmod go-w {path}"
+            )
 
 
 def _read(path: Path, fix: str) -> tuple[bytes, bytes | None]:

@@ -188,11 +188,16 @@ def _validate_hosts(r: Reporter, topo: Topology) -> None:
         _check_plain_path(r, where, "workdir", h.workdir)
 
 
-def _check_plain_path(r: Reporter, where: str, key: str, value: str) -> None:
-    """Fail unless ``value`` is a non-empty path a shell reads as one word, unexpanded."""
+def _check_plain_path(r: Reporter, where: str, key: str, value: str, *, home: bool = True) -> None:
+    """Fail unless ``value`` is a non-empty path a shell reads as one word, unexpanded.
+    ``home``: whether a leading ``~/`` is allowed (only where a shell on the host reads it)."""
     bad = sorted({c for c in value if not _PATH_CHAR.fullmatch(c)})
     if not value:
         problem = "is empty"
+    elif not home and value.startswith("~"):
+        problem = (
+            "starts with '~', which no node expands; give a path relative to the node's directory or absolute"
+        )
     elif bad:
         problem = f"holds {', '.join(map(repr, bad))}"
     elif value.startswith("-"):
@@ -225,8 +230,9 @@ def _validate_security(r: Reporter, topo: Topology) -> None:
     """Paths that reach remote hosts are plain; ``mode = "none"`` stays on loopback unless
     ``allow_insecure`` accepts that anyone who can reach the ports may join as any actor."""
     sec = topo.run.security
-    _check_plain_path(r, "[run.output]", "dir", topo.run.output.dir)
-    _check_plain_path(r, "[run.security]", "keys", sec.keys)
+    # Read by the nodes themselves (no shell): relative to their directory, or absolute.
+    _check_plain_path(r, "[run.output]", "dir", topo.run.output.dir, home=False)
+    _check_plain_path(r, "[run.security]", "keys", sec.keys, home=False)
     exposed = exposed_hosts(topo)
     if sec.mode == "none" and not sec.allow_insecure and exposed:
         h = exposed[0]

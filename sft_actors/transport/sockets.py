@@ -29,6 +29,9 @@ class SocketOptions:
     #: its old connection is known dead). Off under CURVE, where the ROUTER assigns every
     #: connection its own id and peers are told apart by key: nobody may take one over.
     handover: bool = True
+    #: A connection that has not finished its ZMTP (and CURVE) handshake by then is dropped, so
+    #: idle connections from strangers cannot hold file descriptors for long (libzmq: 30 s).
+    handshake_ivl_ms: int = 10_000
 
 
 def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
@@ -37,6 +40,7 @@ def _apply(sock: zmq.asyncio.Socket, opts: SocketOptions) -> None:
     sock.setsockopt(zmq.LINGER, opts.linger_ms)
     sock.setsockopt(zmq.RECONNECT_IVL, opts.reconnect_ivl_ms)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, opts.reconnect_ivl_max_ms)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, opts.handshake_ivl_ms)
     if opts.max_msg_bytes:
         sock.setsockopt(zmq.MAXMSGSIZE, opts.max_msg_bytes)
 
