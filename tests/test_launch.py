@@ -111,8 +111,9 @@ def test_local_hosts_use_the_local_interpreter_and_threads_pass_through() -> Non
         ("topologies/lab.toml", "topologies/lab.toml"),
         ("./topologies/lab.toml", "topologies/lab.toml"),
         ("/repo/topologies/lab.toml", "topologies/lab.toml"),
-        ("/elsewhere/lab.toml", "lab.toml"),
-        ("../lab.toml", "lab.toml"),
+        ("/elsewhere/lab.toml", ".sft/lab.toml"),
+        ("../lab.toml", ".sft/lab.toml"),
+        ("/elsewhere/pyproject.toml", ".sft/pyproject.toml"),  # never over the checkout's files
     ],
 )
 def test_topology_destination(path: str, want: str) -> None:

@@ -15,6 +15,8 @@ from sft_actors.topology import ADDRESSED_ROLES, ROLES, HostSpec, Topology
 
 #: The module every node runs (the entry point of ``sft-node``, without typer).
 NODE_MODULE = "sft_actors.node_process"
+#: Where a topology from outside the launching directory goes in each workdir.
+OUTSIDE_DIR = ".sft"
 #: Interpreter on an ssh host, relative to its workdir (``bin/_setup.sh`` creates it).
 DEFAULT_REMOTE_PYTHON = ".venv/bin/python"
 
@@ -90,16 +92,17 @@ def placement(
 def topology_destination(path: str, cwd: str) -> str:
     """Where the nodes find the topology, relative to their workdir: the same relative path
     as here when ``path`` lies under ``cwd`` (e.g. ``topologies/lab.toml``), else its file
-    name at the top of the workdir. Paths are POSIX (the hosts are)."""
+    name under ``.sft/`` in the workdir (never over a file of the checkout, such as a topology
+    that happens to be called ``pyproject.toml``). Paths are POSIX (the hosts are)."""
     p = PurePosixPath(path)
     if p.is_absolute():
         try:
             p = p.relative_to(PurePosixPath(cwd))
         except ValueError:
-            return p.name
+            return f"{OUTSIDE_DIR}/{p.name}"
     parts = [part for part in p.parts if part not in ("", ".")]
     if not parts or ".." in parts:
-        return PurePosixPath(path).name
+        return f"{OUTSIDE_DIR}/{PurePosixPath(path).name}"
     return str(PurePosixPath(*parts))
 
 
