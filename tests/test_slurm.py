@@ -542,3 +542,15 @@ def test_one_ctrl_c_to_the_launcher_stops_the_job_politely(
     assert line["nodes"]["localhost-coordinator"] == 130 and set(line["nodes"].values()) <= {0, 130}, line
     assert "stopping job" in launched.progress.text()
     assert _summary(line)["status"] == "interrupted"
+
+
+def test_a_logs_directory_holding_another_launch_is_refused(tmp_path: Path) -> None:
+    """The launch is judged from its nodes' logs: old ones would pass for this job's."""
+    from sft_actors.launch.slurm import _fresh_logs
+
+    plan = plan_slurm(SlurmOptions(topology=ROOT / "topologies/tiny.toml", logs=tmp_path / "l"))
+    _fresh_logs(plan)  # a new directory is fine
+    (tmp_path / "l").mkdir()
+    plan.log_path(plan.job.steps[0].node.label).write_text('{"event": "run_ended"}\n')
+    with pytest.raises(LaunchConfigError, match="already holds the logs of a launch"):
+        _fresh_logs(plan)

@@ -174,6 +174,7 @@ async def launch_slurm(options: SlurmOptions, *, echo: Echo) -> SlurmReport:
         except Interrupted:
             return SlurmReport(outcome=_nothing("stopped before the job was submitted"), logs=options.logs)
         logs = plan.job.logs
+        _fresh_logs(plan)
         logs.mkdir(parents=True, exist_ok=True)
         plan.script_path.write_text(sj.batch_script(plan.job), encoding="utf-8")
         submitted = datetime.now(UTC)
@@ -333,6 +334,17 @@ class SlurmReport:
             "submitted_at": None if self.submitted_at is None else self.submitted_at.isoformat(),
             "first_round_s": None if self.first_round_s is None else round(self.first_round_s, 3),
         }
+
+
+def _fresh_logs(plan: SlurmPlan) -> None:
+    """The launch is judged from its nodes' logs: another launch's logs in the same directory
+    would be read as this one's (:class:`LaunchConfigError`: pick a new ``--logs``)."""
+    old = [plan.log_path(s.node.label) for s in plan.job.steps if plan.log_path(s.node.label).exists()]
+    if old:
+        raise LaunchConfigError(
+            f"{plan.job.logs} already holds the logs of a launch ({old[0].name}); give a new --logs "
+            "directory (the default is a fresh runs/launch-<time>)"
+        )
 
 
 def run_slurm_launch(options: SlurmOptions, *, echo: Echo) -> SlurmReport:
