@@ -381,7 +381,9 @@ def test_k8s_main_reports(tmp_path: Path, lab_keys: Path, capsys: pytest.Capture
     assert k8s.k8s_main(LAB, out, keys=lab_keys, namespace="sft", echo=lines.append) == k8s.EXIT_OK
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True and report["backend"] == "k8s"
-    assert report["apply"] == [f"kubectl apply -f {out}/output-claim.yaml", f"kubectl apply -k {out}"]
+    # the claim's namespace first: the claim is applied before the kustomization that also holds it
+    first = f"kubectl apply -f {out}/namespace.yaml -f {out}/output-claim.yaml"
+    assert report["apply"] == [first, f"kubectl apply -k {out}"]
     assert any(line.startswith("warning:") and "secret keys" in line for line in lines)
     assert (
         k8s.k8s_main(LAB, out, keys=lab_keys, namespace="Not_A_Label", echo=lines.append) == k8s.EXIT_CONFIG

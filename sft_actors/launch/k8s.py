@@ -273,7 +273,10 @@ def k8s_main(
         say(f"[k8s] wrote {path}")
     for line in warnings(topo, out, volumes=bool(volumes)):
         say(f"warning: {line}")
-    apply = [f"kubectl apply -f {out / OUTPUT_CLAIM}", f"kubectl apply -k {out}"]
+    # The claim lives outside the kustomization (deleting the run keeps its results), so its
+    # namespace must exist before it: apply the namespace first.
+    first = [f"-f {out / NAMESPACE}"] if namespace else []
+    apply = [f"kubectl apply {' '.join([*first, f'-f {out / OUTPUT_CLAIM}'])}", f"kubectl apply -k {out}"]
     say(f"[k8s] apply with: {' && '.join(apply)}")
     print(
         json.dumps(
