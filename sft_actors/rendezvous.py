@@ -15,6 +15,7 @@ launch: a file left by an earlier job would name where that job ran.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -26,6 +27,7 @@ from sft_actors.errors import ConfigError, PeerTimeout
 from sft_actors.log import get_logger
 from sft_actors.topology import Topology
 from sft_actors.topology.schema import AUTO_ADDRESS
+from sft_actors.topology.validate import is_loopback
 
 AUTO = AUTO_ADDRESS
 _POLL_S = 0.2
@@ -42,8 +44,23 @@ def address_file(directory: Path, host: str) -> Path:
 
 
 def advertised_address() -> str:
-    """This machine's name as other machines dial it (its fully qualified host name)."""
-    return socket.getfqdn()
+    """This machine's name as other machines dial it: its fully qualified host name, or, when
+    that resolves only to loopback (a common /etc/hosts entry), the address of the interface
+    that would route outward (no packet is sent: a UDP socket's connect only picks a route)."""
+    name = socket.getfqdn()
+    if not is_loopback(name) and not _resolves_to_loopback(name):
+        return name
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: routable-looking, never reached
+        return str(s.getsockname()[0])
+    return name
+
+
+def _resolves_to_loopback(name: str) -> bool:
+    try:
+        return all(is_loopback(str(info[4][0])) for info in socket.getaddrinfo(name, None))
+    except OSError:
+        return False
 
 
 def publish(directory: Path, host: str, address: str) -> Path:
@@ -83,6 +100,14 @@ def resolve(
     found: dict[str, str] = {h: a for h, a in given.items() if h in auto}
     for host in sorted(auto & set(mine)):
         address = found.setdefault(host, advertise or advertised_address())
+        if rendezvous is not None and is_loopback(address) and not advertise:
+            # /etc/hosts often maps a machine's own name to 127.0.x.1: nobody else could dial it.
+            log.warning(
+                "address_is_loopback",
+                host=host,
+                address=address,
+                detail="other machines cannot dial it; pass --advertise ADDR (a name or IP they reach)",
+            )
         if rendezvous is not None:
             log.info(
                 "address_published", host=host, address=address, path=str(publish(rendezvous, host, address))
