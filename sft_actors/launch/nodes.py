@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sft_actors.launch import remote
+from sft_actors.launch.outcome import node_log_entry
 from sft_actors.launch.placement import NodeSpec
 from sft_actors.launch.procs import LaunchError, Signals
 from sft_actors.launch.shipping import local_dir
@@ -199,17 +199,12 @@ class Supervisor:
         self.echo(f"[launch] {r.node.role} on {r.node.host.name} exited {code}{_status(r)}")
 
     def _note(self, r: Running, raw: bytes) -> None:
-        try:
-            obj = json.loads(raw)
-        except ValueError:
+        obj, run_dir, outcome = node_log_entry(raw)
+        if obj is None:
             return
-        if not isinstance(obj, dict):
-            return
-        if "ok" in obj and "status" in obj:
+        if outcome:
             r.line = obj
-            result = obj.get("result")
-            if isinstance(result, dict) and isinstance(result.get("run_dir"), str):
-                r.run_dir = result["run_dir"]
+            r.run_dir = run_dir or r.run_dir
         elif r.node.role == "coordinator":
             self._progress(r, obj)
 

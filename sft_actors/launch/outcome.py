@@ -9,8 +9,10 @@ Anything else is ``failed``: exit 2 when a node refused its configuration (it ex
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -92,6 +94,22 @@ def lost(ends: Sequence[NodeEnd]) -> list[str]:
         for e in ends
         if e.role != "coordinator" and node_status(e) not in ("completed", "interrupted")
     ]
+
+
+def node_log_entry(raw: bytes) -> tuple[dict[str, Any] | None, str | None, bool]:
+    """One line a node wrote: (the JSON object or None, the run dir its outcome names, whether
+    it is the node's outcome line — ``ok`` and ``status`` — rather than a log event)."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None, None, False
+    if not isinstance(obj, dict):
+        return None, None, False
+    if "ok" in obj and "status" in obj:
+        result = obj.get("result")
+        run_dir = result.get("run_dir") if isinstance(result, dict) else None
+        return obj, run_dir if isinstance(run_dir, str) else None, True
+    return obj, None, False
 
 
 __all__ = [

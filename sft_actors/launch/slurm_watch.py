@@ -15,7 +15,6 @@ time limit, a preemption: exit 130, a checkpoint in the run directory); anything
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +28,7 @@ from sft_actors.launch.outcome import (
     LaunchOutcome,
     NodeEnd,
     judge,
+    node_log_entry,
     node_status,
 )
 
@@ -84,17 +84,12 @@ class NodeLog:
                 self._note(raw, echo)
 
     def _note(self, raw: bytes, echo: Echo | None) -> None:
-        try:
-            obj = json.loads(raw)
-        except ValueError:
+        obj, run_dir, outcome = node_log_entry(raw)
+        if obj is None:
             return
-        if not isinstance(obj, dict):
-            return
-        if "ok" in obj and "status" in obj:
+        if outcome:
             self.line = obj
-            result = obj.get("result")
-            if isinstance(result, dict) and isinstance(result.get("run_dir"), str):
-                self.run_dir = result["run_dir"]
+            self.run_dir = run_dir or self.run_dir
         elif self.role == "coordinator":
             self._progress(obj, echo)
 
