@@ -222,13 +222,14 @@ class ActorCore:
         link = self._links.get(peer)
         if env.kind is MsgKind.HELLO:
             await self._on_hello(identity, peer, env)
-        elif link is None or link.dialled or link.state is LinkState.GONE:
+        elif link is None or link.dialled or link.state is LinkState.GONE or link.route != [identity]:
+            # (Under CURVE a connection other than the one that said HELLO — a reconnect, or a
+            # stale process of the same actor — must say HELLO first: its session decides.)
             self._guard.rejected += 1
             if self._guard.may_answer(peer):
                 refusal = NotWelcomed(f"{self.name}: send HELLO before {env.kind.name}")
                 await self._reject(identity, refusal, env)
         else:
-            link.route = [identity]  # under CURVE a reconnect gets a new routing id: follow it
             await self._on_frames(link, frames, env)
 
     def _decode(self, peer: str, frames: list[zmq.Frame]) -> Envelope | None:
