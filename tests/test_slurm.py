@@ -443,9 +443,8 @@ def _topology(tmp_path: Path, *, rounds: int, steps: int = 2, auto: bool = False
 
 def _after_a_checkpoint(launched: Launch) -> None:
     """Return once the coordinator has written a checkpoint after round 1 (its log is a file
-    the nodes write: read, bounded, as it grows). A stop then lands in the next round's
-    training, not in its averaging: a coordinator stopped while it averages waits
-    ``rejoin_timeout_s`` for the server its own SHUTDOWN sent away (a runtime issue)."""
+    the nodes write, with no event to wait on: read, bounded, as it grows), so that the stop
+    has a checkpoint to leave and the resumed job a round to continue from."""
     log = launched.logs / "localhost-coordinator.log"
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
