@@ -10,6 +10,7 @@ byte budget per peer (``[run.runtime] queue_mb``) divided by that frame size.
 
 from __future__ import annotations
 
+from sft_actors.errors import SftError
 from sft_actors.model.config import LlamaConfig, ModelConfig
 from sft_actors.topology import Topology
 from sft_actors.transport.sockets import SocketOptions
@@ -75,5 +76,5 @@ def run_model_config(topology: Topology) -> ModelConfig | None:
 
     try:
         return load_config(resolve_spec(topology.run.model))
-    except Exception:  # any failure only means "no tighter budget than the cap"
+    except (SftError, OSError, KeyError, ValueError, TypeError):  # only: no tighter budget than the cap
         return None
