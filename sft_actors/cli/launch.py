@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -98,7 +99,7 @@ def launch_command(
     """Ship the topology (and the checkout, and each host's keys), start one sft-node per host
     and role, stop them on Ctrl-C, and collect the run directory. With --backend slurm: submit
     the run as one Slurm job and follow it (deploy/README.md)."""
-    from sft_actors.launch import EXIT_CONFIG, LaunchOptions, run_launch
+    from sft_actors.launch import LaunchOptions, run_launch
     from sft_actors.launch import dry_run as plan_only
 
     slurm_only = {
@@ -164,18 +165,7 @@ def launch_command(
         ssh_config=None if ssh_config is None else str(ssh_config),
         threads=threads,
     )
-    try:
-        if dry_run:
-            for line in plan_only(options):
-                typer.echo(line)
-            return
-        report = run_launch(options, echo=lambda line: typer.echo(line, err=True))
-    except SftError as exc:  # before anything was copied or started
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_CONFIG) from exc
-    typer.echo(json.dumps(report.line()))
-    if report.outcome.exit_code:
-        raise typer.Exit(report.outcome.exit_code)
+    _carry_out(lambda: plan_only(options), lambda echo: run_launch(options, echo=echo), dry_run=dry_run)
 
 
 def k8s_main_cli(topology: Path, out: Path, **options: Any) -> int:
@@ -193,16 +183,28 @@ def _exit_with(code: int) -> None:
 
 def _launch_slurm(options: SlurmOptions, *, dry_run: bool) -> None:
     """``--backend slurm``: submit one job, follow it (see :mod:`sft_actors.launch.slurm`)."""
-    from sft_actors.launch import EXIT_CONFIG
     from sft_actors.launch.slurm import dry_run_slurm, run_slurm_launch
+
+    _carry_out(
+        lambda: dry_run_slurm(options), lambda echo: run_slurm_launch(options, echo=echo), dry_run=dry_run
+    )
+
+
+def _carry_out(
+    plan_lines: Callable[[], Iterable[str]], run: Callable[[Callable[[str], None]], Any], *, dry_run: bool
+) -> None:
+    """Print the plan (``--dry-run``) or run the launch: progress on stderr, its JSON line on
+    stdout, its exit code; an :class:`SftError` before anything started is one ``error:`` line
+    and exit code 2."""
+    from sft_actors.launch import EXIT_CONFIG
 
     try:
         if dry_run:
-            for line in dry_run_slurm(options):
+            for line in plan_lines():
                 typer.echo(line)
             return
-        report = run_slurm_launch(options, echo=lambda line: typer.echo(line, err=True))
-    except SftError as exc:  # before the job was submitted
+        report = run(lambda line: typer.echo(line, err=True))
+    except SftError as exc:  # before anything was copied, started or submitted
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
     typer.echo(json.dumps(report.line()))
