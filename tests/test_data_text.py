@@ -91,7 +91,7 @@ def test_text_files_one_document_per_file_or_paragraph(tmp_path: Path) -> None:
     corpus = load_text_corpus(f"text:{tmp_path}", split="train", heldout_fraction=0.0)
     assert len(corpus) == 3
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa")
-    with pytest.raises(DatasetCorrupt, match=r"bad\.txt: not UTF-8"):
+    with pytest.raises(DatasetCorrupt, match=r"bad\.txt:1: invalid UTF-8 at byte 0"):
         text_file_documents(tmp_path)
     with pytest.raises(DatasetNotFound, match="missing does not exist"):
         text_file_documents(tmp_path / "missing")
@@ -116,7 +116,7 @@ def test_jsonl_documents_with_configurable_keys(tmp_path: Path) -> None:
     ]
     corpus = load_text_corpus(f"jsonl:{path}", text_key="body", group_key="src", heldout_fraction=0.0)
     assert corpus.class_names == ("x", "y") and corpus.label_array().tolist() == [0, 1, 0]
-    with pytest.raises(DatasetCorrupt, match=r"data\.jsonl:1: expected an object with a string 'text'"):
+    with pytest.raises(DatasetCorrupt, match=r"data\.jsonl:1: no 'text' field \(fields: 'body', 'src'\); set text_key"):
         jsonl_documents(path)
     path.write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(DatasetCorrupt, match=r"data\.jsonl:2: not valid JSON"):

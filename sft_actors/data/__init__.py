@@ -8,6 +8,7 @@ is passed in. Nothing is ever downloaded; a missing dataset raises
 from sft_actors.data.batching import BatchState, ShardBatches
 from sft_actors.data.common import CollatableDataset, LabelledDataset, canonical_split, heldout_split_indices
 from sft_actors.data.images import NORMALIZATION_STATS, ImageDataset, ImageTransform, channel_stats
+from sft_actors.data.instruct import Conversation, InstructionCorpus
 from sft_actors.data.packing import IGNORE_INDEX, PackedSequences, Tokenizer, pack_token_streams
 from sft_actors.data.partition import (
     dirichlet_partition,
@@ -32,10 +33,12 @@ __all__ = [
     "NORMALIZATION_STATS",
     "BatchState",
     "CollatableDataset",
+    "Conversation",
     "Dataset",
     "Document",
     "ImageDataset",
     "ImageTransform",
+    "InstructionCorpus",
     "LabelledDataset",
     "PackedSequences",
     "ShardBatches",

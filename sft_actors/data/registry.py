@@ -8,7 +8,10 @@ name                root                                        options
                                                                 max_total_chars, heldout_fraction, seed
 ``text:<path>``     unused (the path is in the name)            split_on_blank_lines, min_chars, caps,
                                                                 heldout_fraction, seed
-``jsonl:<path>``    unused                                      text_key, group_key, min_chars, caps,
+``jsonl:<path>``    unused                                      kind ("text" | "instruction"),
+``csv:<path>``                                                  text_key, group_key, prompt_key,
+``parquet:<path>``                                              response_key, messages_key,
+``file:<path>``                                                 chat_template, min_chars, caps,
                                                                 heldout_fraction, seed
 ``cifar100``        folder holding ``cifar-100-python/``        label_mode ("fine" | "coarse")
 ``tiny-imagenet``   folder holding ``tiny-imagenet-200/``       max_per_class, workers
@@ -17,9 +20,12 @@ name                root                                        options
 ==================  ==========================================  =====================================
 
 Text names return a :class:`~sft_actors.data.text.TextCorpus` (documents; call ``.pack(...)``
-with the model's tokenizer), image names an :class:`~sft_actors.data.images.ImageDataset`.
-Unknown names and options are :class:`~sft_actors.errors.ConfigError`\\ s with a suggestion.
-:func:`check_dataset` raises the same errors without reading any data (a topology is checked
+with the model's tokenizer) or, with ``kind = "instruction"``, an
+:class:`~sft_actors.data.instruct.InstructionCorpus` (conversations; ``.encode(...)``); image
+names an :class:`~sft_actors.data.images.ImageDataset`. Record formats and options:
+:mod:`sft_actors.data.tabular`. Unknown names and options are
+:class:`~sft_actors.errors.ConfigError`\\ s with a suggestion. :func:`check_dataset` raises the
+same errors, and for the user's text files every error loading would (a topology is checked
 with it at load), and :func:`dataset_kind` says whether a name is text or images.
 """
 
@@ -33,15 +39,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from sft_actors.data import cifar, idx, text, tiny_imagenet
+from sft_actors.data import cifar, idx, tabular, text, tiny_imagenet
 from sft_actors.data.cifar import load_cifar100
 from sft_actors.data.common import TEST, TRAIN, require_dir, require_file
 from sft_actors.data.digits import load_digits
 from sft_actors.data.idx import load_fashion_mnist
 from sft_actors.data.images import ImageDataset
+from sft_actors.data.instruct import InstructionCorpus, make_instruction_corpus
+from sft_actors.data.records import SUFFIX_FORMATS
+from sft_actors.data.tabular import RECORD_PREFIXES
 from sft_actors.data.text import (
     TextCorpus,
-    jsonl_documents,
     make_corpus,
     stdlib_documents,
     text_file_documents,
@@ -53,6 +61,9 @@ DATASET_NAMES = (
     "stdlib-docs",
     "text:<path>",
     "jsonl:<path>",
+    "csv:<path>",
+    "parquet:<path>",
+    "file:<path>",
     "cifar100",
     "tiny-imagenet",
     "fashion-mnist",
@@ -61,7 +72,31 @@ DATASET_NAMES = (
 _CORPUS_OPTIONS = ("heldout_fraction", "seed")
 _IMAGE_NAMES = frozenset({"cifar100", "tiny-imagenet", "fashion-mnist", "digits"})
 
-Dataset = TextCorpus | ImageDataset
+Dataset = TextCorpus | InstructionCorpus | ImageDataset
+_TEXT_PREFIXES = ("text:", *RECORD_PREFIXES)
+
+
+def _records_corpus(
+    name: str, root: str | Path | None, split: str, options: dict[str, Any]
+) -> TextCorpus | InstructionCorpus:
+    """A ``jsonl:``/``csv:``/``parquet:``/``file:`` dataset (``file:`` of .txt files included)."""
+    prefix = name.split(":", 1)[0] + ":"
+    path = _text_path(name, prefix, root)
+    fmt = tabular.record_format(name, path)
+    if fmt == "text":  # file:<.txt files>
+        _check_options(name, options, text_file_documents, extra=_CORPUS_OPTIONS)
+        source, corpus = _split_options(options)
+        return make_corpus(f"{prefix}{path}", text_file_documents(path, **source), split, **corpus)
+    _check_options(name, options, tabular.record_options, extra=_CORPUS_OPTIONS)
+    source, corpus = _split_options(options)
+    opts = tabular.validate_options(name, source)
+    if opts["kind"] == "text":
+        docs = tabular.record_documents(path, fmt, opts)
+        return make_corpus(f"{prefix}{path}", docs, split, **corpus)
+    convs = tabular.conversation_documents(path, fmt, opts)
+    return make_instruction_corpus(
+        f"{prefix}{path}", convs, split, chat_template=opts["chat_template"], **corpus
+    )
 
 
 def _check_options(
@@ -117,13 +152,13 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
         source, corpus = _split_options(options)
         docs = stdlib_documents(stdlib_dir=root, **source)
         return make_corpus(name, docs, split, **corpus)
-    if name.startswith("text:") or name.startswith("jsonl:"):
-        prefix = name.split(":", 1)[0] + ":"
-        builder = text_file_documents if prefix == "text:" else jsonl_documents
-        _check_options(name, options, builder, extra=_CORPUS_OPTIONS)
+    if name.startswith("text:"):
+        _check_options(name, options, text_file_documents, extra=_CORPUS_OPTIONS)
         source, corpus = _split_options(options)
-        path = _text_path(name, prefix, root)
-        return make_corpus(f"{prefix}{path}", builder(path, **source), split, **corpus)
+        path = _text_path(name, "text:", root)
+        return make_corpus(f"text:{path}", text_file_documents(path, **source), split, **corpus)
+    if name.startswith(RECORD_PREFIXES):
+        return _records_corpus(name, root, split, options)
     if name == "cifar100":
         _check_options(name, options, load_cifar100)
         return load_cifar100(_require_root(name, root), split, **options)
@@ -147,20 +182,27 @@ def _unknown(name: str) -> ConfigError:
 
 def dataset_kind(name: str) -> Literal["text", "image"]:
     """Whether ``name`` loads a text corpus or an image dataset; :class:`ConfigError` if unknown."""
-    if name == "stdlib-docs" or name.startswith(("text:", "jsonl:")):
+    if name == "stdlib-docs" or name.startswith(_TEXT_PREFIXES):
         return "text"
     if name in _IMAGE_NAMES:
         return "image"
     raise _unknown(name)
 
 
-def check_dataset(name: str, root: str | Path | None = None, **options: Any) -> None:
-    """Fail as :func:`load_dataset` would for an unknown name or option or a missing file, but
-    read no data: a few ``stat`` calls (a text folder is listed, not read), milliseconds.
+def check_dataset(
+    name: str, root: str | Path | None = None, *, contents: bool = True, **options: Any
+) -> None:
+    """Fail as :func:`load_dataset` would for an unknown name or option or a missing file.
 
-    Raises :class:`ConfigError` (unknown name or option) or :class:`DatasetNotFound` (files
-    missing; the message says which files to put where). Files that exist but are corrupt are
-    only found by loading them.
+    Image datasets and the stdlib are only ``stat``\\ ed (milliseconds). A user's text files
+    (``text:``, ``jsonl:``, ``csv:``, ``parquet:``, ``file:``) are read and every record checked
+    when ``contents`` is true (what loading costs, once), so a corrupt file is refused here,
+    not minutes into a run; with ``contents=False`` they are only listed.
+
+    Raises :class:`ConfigError` (unknown name, option or value), :class:`DatasetNotFound` (files
+    missing; the message says which files to put where) or :class:`DatasetCorrupt` (naming
+    file:line: invalid UTF-8 with its byte offset, invalid JSON or CSV, a missing or non-string
+    field).
     """
     if name == "stdlib-docs":
         if "stdlib_dir" in options:
@@ -172,12 +214,19 @@ def check_dataset(name: str, root: str | Path | None = None, **options: Any) -> 
                 f"stdlib-docs: the standard library folder {folder} does not exist; "
                 "give root a folder of .py files (or leave root out for this Python's own)"
             )
-    elif name.startswith(("text:", "jsonl:")):
+    elif name.startswith(_TEXT_PREFIXES):
         prefix = name.split(":", 1)[0] + ":"
-        builder = text_file_documents if prefix == "text:" else jsonl_documents
-        _check_options(name, options, builder, extra=_CORPUS_OPTIONS)
-        suffix = ".txt" if prefix == "text:" else ".jsonl"
-        text._input_files(_text_path(name, prefix, root), (suffix,), prefix[:-1])  # lists, never reads
+        path = _text_path(name, prefix, root)
+        fmt = "text" if prefix == "text:" else tabular.record_format(name, path)
+        suffix = next(s for s, f in SUFFIX_FORMATS.items() if f == fmt)
+        text._input_files(path, (suffix,), prefix[:-1])  # DatasetNotFound before options
+        if fmt == "text":
+            _check_options(name, options, text_file_documents, extra=_CORPUS_OPTIONS)
+        else:
+            _check_options(name, options, tabular.record_options, extra=_CORPUS_OPTIONS)
+            tabular.validate_options(name, _split_options(options)[0])
+        if contents:
+            load_dataset(name, root, TRAIN, **{**options, "heldout_fraction": 0.0})
     elif name == "cifar100":
         _check_options(name, options, load_cifar100)
         folder = cifar._folder(_require_root(name, root).expanduser())
@@ -220,6 +269,8 @@ def load_text_corpus(
     if name in _IMAGE_NAMES:  # refuse before loading tens of thousands of images
         raise ConfigError(f"dataset {name!r} holds images, not text; use load_image_dataset")
     dataset = load_dataset(name, root, split, **options)
+    if isinstance(dataset, InstructionCorpus):
+        raise ConfigError(f"dataset {name!r} holds instruction data (kind = 'instruction'), not documents")
     if not isinstance(dataset, TextCorpus):
         raise ConfigError(f"dataset {name!r} holds images, not text; use load_image_dataset")
     return dataset
@@ -229,7 +280,7 @@ def load_image_dataset(
     name: str, root: str | Path | None = None, split: str = "train", **options: Any
 ) -> ImageDataset:
     """:func:`load_dataset` for image names, typed: an error if ``name`` is a text corpus."""
-    if name == "stdlib-docs" or name.startswith(("text:", "jsonl:")):  # refuse before reading text
+    if name == "stdlib-docs" or name.startswith(_TEXT_PREFIXES):  # refuse before reading text
         raise ConfigError(f"dataset {name!r} holds text, not images; use load_text_corpus")
     dataset = load_dataset(name, root, split, **options)
     if not isinstance(dataset, ImageDataset):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import sysconfig
 import warnings
@@ -27,7 +26,7 @@ import numpy as np
 
 from sft_actors.data.common import TEST, TRAIN, canonical_split, heldout_split_indices
 from sft_actors.data.packing import PackedSequences, Tokenizer, pack_token_streams
-from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound
+from sft_actors.errors import ConfigError, DatasetNotFound
 from sft_actors.log import get_logger
 
 # Folders of the stdlib that hold tests, test data or third-party code, not library docs.
@@ -244,10 +243,11 @@ def stdlib_documents(
 
 
 def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetCorrupt(f"{path}: not UTF-8 text ({exc}); convert it with iconv") from exc
+    """The file's text by the rules of :mod:`sft_actors.data.records` (BOM dropped, ``\\r\\n`` →
+    ``\\n``); invalid UTF-8 is a :class:`DatasetCorrupt` naming the line and byte offset."""
+    from sft_actors.data.records import read_text
+
+    return read_text(path)
 
 
 def _input_files(path: Path, suffixes: tuple[str, ...], what: str) -> list[tuple[Path, str]]:
@@ -311,32 +311,18 @@ def jsonl_documents(
 ) -> list[Document]:
     """One document per line of a ``.jsonl`` file (or a folder of them): ``obj[text_key]``.
 
-    The group is ``obj[group_key]`` when ``group_key`` is given, else the file's group.
+    The group is ``obj[group_key]`` when ``group_key`` is given, else the file's group. Lines
+    split on ``\\n`` only (see :mod:`sft_actors.data.records` for the text rules); a bad line is
+    a :class:`DatasetCorrupt` naming file:line.
     """
-    root = Path(path).expanduser()
-    collector = _DocCollector(
+    from sft_actors.data.tabular import record_documents, record_options
+
+    opts = record_options(
+        text_key=text_key,
+        group_key=group_key,
         min_chars=min_chars,
         max_chars_per_document=max_chars_per_document,
         max_documents=max_documents,
         max_total_chars=max_total_chars,
     )
-    for file, file_group in _input_files(root, (".jsonl",), "jsonl"):
-        name = file.name if file == root else file.relative_to(root).as_posix()
-        for lineno, line in enumerate(_read_utf8(file).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetCorrupt(f"{file}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DatasetCorrupt(
-                    f"{file}:{lineno}: expected an object with a string {text_key!r} field, "
-                    f"found {keys}; pass text_key=<field>"
-                )
-            group = str(obj.get(group_key, file_group)) if group_key is not None else file_group
-            collector.add(obj[text_key], source=f"{name}:{lineno}", group=group)
-            if collector.full:
-                return collector.documents
-    return collector.documents
+    return record_documents(Path(path).expanduser(), "jsonl", opts)
