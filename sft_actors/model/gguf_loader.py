@@ -34,7 +34,7 @@ from sft_actors.model.tokenizer import BpeTokenizer, bpe_from_vocab
 
 log = get_logger(component="model.gguf")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json special carries the chat template
 _BLOCK_TENSORS = {
     "attn_norm": "attn_norm",
     "attn_q": "q",
@@ -121,7 +121,8 @@ def _read_tokenizer(reader: Any, special: dict[str, int]) -> BpeTokenizer:
     if kind != "gpt2":
         raise ModelSpecError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
-    return bpe_from_vocab(
+    template = reader.fields.get("tokenizer.chat_template")
+    tok = bpe_from_vocab(
         _field(reader, "tokenizer.ggml.tokens"),
         _field(reader, "tokenizer.ggml.merges"),
         _field(reader, "tokenizer.ggml.token_type"),
@@ -130,6 +131,8 @@ def _read_tokenizer(reader: Any, special: dict[str, int]) -> BpeTokenizer:
         pad_id=max(special["pad_id"], 0),
         split_digits=pre in ("smollm", "deepseek-llm", "llama3"),
     )
+    tok.chat_template = template.contents() if template is not None else None
+    return tok
 
 
 def _read_tensors(reader: Any, config: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -212,7 +215,12 @@ def _write_cache(
         meta = {
             "format": CACHE_FORMAT,
             "config": config_to_dict(config),
-            "special": {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+            "special": {
+                "bos_id": tokenizer.bos_id,
+                "eos_id": tokenizer.eos_id,
+                "pad_id": tokenizer.pad_id,
+                "chat_template": tokenizer.chat_template,
+            },
         }
         save_file(state, str(tmp / "weights.safetensors"))
         (tmp / "tokenizer.json").write_text(tokenizer.to_json())

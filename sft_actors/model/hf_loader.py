@@ -105,7 +105,8 @@ def hf_llama_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> 
 
 
 def hf_tokenizer(directory: Path) -> BpeTokenizer | None:
-    """The directory's tokenizer.json, if any (special ids from config.json)."""
+    """The directory's tokenizer.json, if any (special ids from config.json; the chat template
+    from ``chat_template.jinja`` or ``tokenizer_config.json`` ``chat_template``, if any)."""
     path = directory / "tokenizer.json"
     if not path.is_file():
         return None
@@ -113,11 +114,18 @@ def hf_tokenizer(directory: Path) -> BpeTokenizer | None:
     eos = cfg.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     pad = cfg.get("pad_token_id")
+    from sft_actors.data.chat_template import template_from_config
+
+    jinja, tok_cfg = directory / "chat_template.jinja", directory / "tokenizer_config.json"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    if template is None and tok_cfg.is_file():
+        template = template_from_config(read_json(tok_cfg).get("chat_template"), str(tok_cfg))
     return BpeTokenizer.from_json(
         path.read_text(),
         bos_id=cfg.get("bos_token_id"),
         eos_id=eos,
         pad_id=int(pad if pad is not None else 0),
+        chat_template=template,
     )
 
 

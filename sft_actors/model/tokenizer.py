@@ -19,12 +19,16 @@ CONTROL_TOKEN_TYPE = 3
 
 
 class Tokenizer(ABC):
-    """Text ↔ token ids. ``pad_id`` fills right-padding (its labels are -100, so its value is moot)."""
+    """Text ↔ token ids. ``pad_id`` fills right-padding (its labels are -100, so its value is moot).
+
+    ``chat_template`` is the model's Jinja2 chat template (Hugging Face ``tokenizer_config.json``
+    or ``chat_template.jinja``, GGUF ``tokenizer.chat_template``), None when it has none."""
 
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
     pad_id: int
+    chat_template: str | None = None
 
     @abstractmethod
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
@@ -53,13 +57,20 @@ class BpeTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` byte-level BPE with the ids of its special tokens."""
 
     def __init__(
-        self, tokenizer: HfTokenizer, *, bos_id: int | None, eos_id: int | None, pad_id: int
+        self,
+        tokenizer: HfTokenizer,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int,
+        chat_template: str | None = None,
     ) -> None:
         self.hf = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.pad_id = pad_id
+        self.chat_template = chat_template
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids: list[int] = self.hf.encode(text, add_special_tokens=False).ids
@@ -75,8 +86,22 @@ class BpeTokenizer(Tokenizer):
         return str(self.hf.to_str())
 
     @classmethod
-    def from_json(cls, data: str, *, bos_id: int | None, eos_id: int | None, pad_id: int) -> BpeTokenizer:
-        return cls(HfTokenizer.from_str(data), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+    def from_json(
+        cls,
+        data: str,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int,
+        chat_template: str | None = None,
+    ) -> BpeTokenizer:
+        return cls(
+            HfTokenizer.from_str(data),
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            chat_template=chat_template,
+        )
 
 
 def bpe_from_vocab(

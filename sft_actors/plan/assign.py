@@ -48,7 +48,7 @@ def device_plans(topo: Topology) -> list[DevicePlan]:
         partition=d.partition,
         alpha=d.alpha,
         heldout_fraction=d.heldout_fraction,
-        options=dict(d.options),
+        options=d.loader_options(),
         batch_size=t.batch_size,
         seq_len=t.seq_len,
         eval_batches=t.eval_batches,

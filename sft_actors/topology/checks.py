@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Collection
 
-from sft_actors.errors import ConfigError, DatasetNotFound, ModelSpecError
+from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound, ModelSpecError
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import AUTO_ADDRESS, CODED_MODES, ROLES, Topology
@@ -135,7 +135,9 @@ def check_codec_packages(r: Reporter, topo: Topology) -> None:
 
 def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, present: bool = True) -> None:
     """The dataset is one the data layer knows, of the model's kind (text for a Llama, images
-    for a ViT), its options exist and, with ``present``, its files are where the run reads them."""
+    for a ViT), with a tokenizer for text, its options exist and, with ``present``, its files are
+    where the run reads them and load: a user's text files are read and every record checked
+    here (invalid UTF-8, JSON or CSV, a missing field: file:line), not minutes into a run."""
     from sft_actors.data.registry import check_dataset, dataset_kind  # torch: only when a file is read
 
     d = topo.run.data
@@ -154,19 +156,54 @@ def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, prese
                 f"{d.dataset!r} holds {kind}s but model {topo.run.model!r} ({config.family}) trains on "
                 f"{wanted}s; use {article} {wanted} dataset (e.g. {example}) or another model",
             )
+        if kind == "text" and isinstance(config, LlamaConfig):
+            check_tokenizer(r, topo.run.model, config)
+    if d.kind == "instruction" and d.chat_template not in ("auto", "none"):
+        from sft_actors.data.chat_template import load_template_file
+
+        try:
+            load_template_file(d.chat_template)
+        except ConfigError as exc:
+            r.fail("[run.data]", "chat_template", f'{exc}; or use "auto" or "none"')
     if not present:
         return
-    path_key = "dataset" if d.dataset.startswith(("text:", "jsonl:")) else "root"
+    path_key = "dataset" if ":" in d.dataset else "root"
     try:
-        check_dataset(d.dataset, d.root)
+        check_dataset(d.dataset, d.root, contents=False)
     except DatasetNotFound as exc:
         r.fail("[run.data]", path_key, str(exc))
     except ConfigError as exc:
         r.fail("[run.data]", path_key, f"{exc}; fix the value")
-    try:  # the files are there (above), so what fails now is an option
-        check_dataset(d.dataset, d.root, **d.options)
+    try:  # the files are there (above), so what fails now is an option or the files' contents
+        check_dataset(d.dataset, d.root, **d.loader_options())
+    except DatasetCorrupt as exc:
+        r.fail("[run.data]", path_key, f"{exc}")
     except ConfigError as exc:
         r.fail("[run.data]", "options", f"{exc}; fix or remove that option")
+
+
+def check_tokenizer(r: Reporter, model: str, config: LlamaConfig) -> None:
+    """A Llama trained on text needs a tokenizer: a Hugging Face folder needs its
+    ``tokenizer.json`` and a preset needs the byte vocabulary (256); GGUF files carry theirs."""
+    from sft_actors.model.spec import resolve_spec
+
+    try:
+        spec = resolve_spec(model)
+    except (ModelSpecError, ConfigError, OSError):  # reported by the model check, or a test's hint
+        return
+    if spec.source == "hf_llama" and spec.path is not None and not (spec.path / "tokenizer.json").is_file():
+        r.fail(
+            "[run]",
+            "model",
+            f"{spec.path} has no tokenizer.json, and the dataset is text; put tokenizer.json in {spec.path}",
+        )
+    if spec.source == "preset" and config.vocab_size != 256:
+        r.fail(
+            "[run]",
+            "model",
+            f"preset {model!r} has vocab_size {config.vocab_size} but no tokenizer (only vocab_size 256 "
+            "has one, the byte tokenizer); use vocab_size=256, a GGUF file or a folder with tokenizer.json",
+        )
 
 
 def check_hosts(topo: Topology, hosts: Collection[str] | None = None) -> None:

@@ -25,6 +25,10 @@ TrainMode = Literal["sl", "sfl", "sft", "fedlora"]
 CODED_MODES: frozenset[str] = frozenset({"sft"})
 ServerUpdate = Literal["per_batch", "per_round"]
 Partition = Literal["iid", "dirichlet"]
+DataKind = Literal["text", "instruction"]
+#: ``[run.data]`` keys that are loader options of record datasets (jsonl:, csv:, parquet:, file:).
+DATA_FIELD_KEYS = ("text_key", "prompt_key", "response_key", "messages_key", "group_key")
+RECORD_DATASETS = ("jsonl:", "csv:", "parquet:", "file:")
 DType = Literal["float32", "bfloat16", "float16"]
 SecurityMode = Literal["none", "curve"]
 
@@ -89,6 +93,28 @@ class DataConfig:
     heldout_fraction: float = 0.1
     #: Loader options, e.g. ``{max_documents = 200}`` for stdlib-docs (see ``sft data info``).
     options: dict[str, Any] = field(default_factory=dict)
+    #: What each record of a jsonl:/csv:/parquet:/file: dataset holds: "text" (a document; loss
+    #: on every token) or "instruction" (prompt/response or chat messages; loss on responses only).
+    kind: DataKind = "text"
+    #: JSON keys or CSV/parquet columns; None: "text", "prompt", "response", "messages"; no group.
+    text_key: str | None = None
+    prompt_key: str | None = None
+    response_key: str | None = None
+    messages_key: str | None = None
+    #: The partitioning label (``partition = "dirichlet"``); None: the file's group.
+    group_key: str | None = None
+    #: kind = "instruction": "auto" (the model's chat template; the plain format without one),
+    #: "none" (the plain format) or a path to a .jinja file / tokenizer_config.json.
+    chat_template: str = "auto"
+
+    def loader_options(self) -> dict[str, Any]:
+        """``options`` plus the keys above that are set: what ``load_dataset`` is given."""
+        out = dict(self.options)
+        out.update({k: getattr(self, k) for k in DATA_FIELD_KEYS if getattr(self, k) is not None})
+        if self.kind != "text":
+            out["kind"] = self.kind
+            out["chat_template"] = self.chat_template
+        return out
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

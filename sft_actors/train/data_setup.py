@@ -3,8 +3,10 @@
 Every device derives the same partition independently (same dataset, same seed), then keeps
 shard ``shard``; nothing but the shard index crosses the network. Text corpora are partitioned
 by *document* (IID, or Dirichlet over the source package of each document), then each device
-packs its documents into ``seq_len`` token sequences with the model's own tokenizer. Image
-datasets are partitioned by sample over their labels.
+packs its documents into ``seq_len`` token sequences with the model's own tokenizer.
+Instruction data (``kind = "instruction"``) is partitioned by conversation and encoded one
+conversation per row, rendered with the model's chat template, labels on responses only
+(:mod:`sft_actors.data.instruct`). Image datasets are partitioned by sample over their labels.
 
 Held-out evaluation is split across devices (device *i* of *n* takes batches i, i+n, …), so a
 run's evaluation uses every device's path through the model and costs each device ``1/n``.
@@ -21,12 +23,14 @@ import torch
 
 from sft_actors.data import (
     ImageDataset,
+    InstructionCorpus,
     ShardBatches,
     TextCorpus,
     label_histogram,
     load_dataset,
     partition,
 )
+from sft_actors.data.instruct import resolve_chat_template
 from sft_actors.errors import ConfigError
 from sft_actors.wire.plans import DataPlan
 
@@ -95,10 +99,24 @@ def build_device_data(
     )
     mine = np.sort(parts[shard])
     hist = label_histogram(labels, [mine], len(train.class_names))[0].tolist()
-    if isinstance(train, TextCorpus):
+    if isinstance(train, TextCorpus | InstructionCorpus):
         if model.family != "llama":
             raise ConfigError(f"dataset {s.dataset!r} is text; model family {model.family!r} needs images")
         tok = model.tokenizer
+        if tok is None:
+            raise ConfigError(
+                f"dataset {s.dataset!r} is text but model {getattr(model, 'name', '')!r} has no tokenizer; "
+                "put its tokenizer.json in the model's folder"
+            )
+    if isinstance(train, InstructionCorpus):
+        template = resolve_chat_template(train.chat_template, tok)
+
+        def encode(corpus: InstructionCorpus) -> Any:
+            return corpus.encode(tok, seq_len=s.seq_len, template=template).sequences
+
+        packed = encode(train.subset(mine))
+        heldout_set = cache(("instruct-heldout", id(test), id(tok), s.seq_len), lambda: encode(test))
+    elif isinstance(train, TextCorpus):
         eos = tok.eos_id if tok.eos_id is not None else tok.pad_id
 
         def pack(corpus: TextCorpus) -> Any:
