@@ -173,6 +173,24 @@ def read_records(file: Path, fmt: str, columns: list[str] | None = None) -> Iter
     raise ValueError(f"no record reader for format {fmt!r}")
 
 
+def record_group(record: Record, group_key: str | None, file_group: str) -> str:
+    """The partitioning label: ``str(record[group_key])``, or the file's group without one."""
+    if group_key is None:
+        return file_group
+    value = record.fields.get(group_key)
+    return file_group if value is None else str(value)
+
+
+def warn_replaced(file: Path, replaced: int) -> None:
+    """Log, once per file, how many lone surrogates were replaced with U+FFFD."""
+    if replaced:
+        from sft_actors.log import get_logger
+
+        get_logger(component="data.records").warning(
+            "lone_surrogates_replaced", file=str(file), count=replaced, replacement="U+FFFD"
+        )
+
+
 def require_str(record: Record, key: str, what: str) -> str:
     """``record.fields[key]`` as a string, or ``DatasetCorrupt`` naming file:line, the key and
     the fields found (``what`` names the setting, e.g. ``"text_key"``)."""

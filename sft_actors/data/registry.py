@@ -91,7 +91,7 @@ def _records_corpus(
     source, corpus = _split_options(options)
     opts = tabular.validate_options(name, source)
     if opts["kind"] == "text":
-        docs = tabular.record_documents(path, fmt, opts)
+        docs = tabular.text_documents(path, fmt, opts)
         return make_corpus(f"{prefix}{path}", docs, split, **corpus)
     convs = tabular.conversation_documents(path, fmt, opts)
     return make_instruction_corpus(

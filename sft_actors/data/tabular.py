@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sft_actors.data.instruct import Conversation, conversation_from_record
-from sft_actors.data.records import SUFFIX_FORMATS, Record, read_records, require_str
-from sft_actors.data.text import Document, _DocCollector, _input_files, _walk_sorted
+from sft_actors.data.records import SUFFIX_FORMATS, read_records, record_group, warn_replaced
+from sft_actors.data.text import Document, _input_files, _walk_sorted, record_documents
 from sft_actors.errors import ConfigError, DatasetNotFound
-from sft_actors.log import get_logger
 
 RECORD_PREFIXES = ("jsonl:", "csv:", "parquet:", "file:")
 Kind = Literal["text", "instruction"]
@@ -109,51 +108,25 @@ def _files(path: Path, fmt: str) -> list[tuple[Path, str]]:
     return _input_files(path, (suffix,), fmt)
 
 
+def text_documents(path: Path, fmt: str, opts: dict[str, Any]) -> list[Document]:
+    """Text documents (``kind = "text"``): ``record[text_key]`` per record."""
+    keys = (
+        "text_key",
+        "group_key",
+        "min_chars",
+        "max_chars_per_document",
+        "max_documents",
+        "max_total_chars",
+    )
+    return record_documents(path, fmt, **{k: opts[k] for k in keys})
+
+
 def _columns(opts: dict[str, Any]) -> list[str]:
     if opts["kind"] == "text":
         keys = [opts["text_key"]]
     else:
         keys = [opts["prompt_key"], opts["response_key"], opts["messages_key"]]
     return keys + ([opts["group_key"]] if opts["group_key"] else [])
-
-
-def _group(record: Record, group_key: str | None, file_group: str) -> str:
-    if group_key is None:
-        return file_group
-    value = record.fields.get(group_key)
-    return file_group if value is None else str(value)
-
-
-def _warn_replaced(file: Path, replaced: int) -> None:
-    if replaced:
-        get_logger(component="data.records").warning(
-            "lone_surrogates_replaced", file=str(file), count=replaced, replacement="U+FFFD"
-        )
-
-
-def record_documents(path: Path, fmt: str, opts: dict[str, Any]) -> list[Document]:
-    """Text documents (``kind = "text"``): ``record[text_key]`` per record."""
-    collector = _DocCollector(
-        min_chars=opts["min_chars"],
-        max_chars_per_document=opts["max_chars_per_document"],
-        max_documents=opts["max_documents"],
-        max_total_chars=opts["max_total_chars"],
-    )
-    for file, file_group in _files(path, fmt):
-        name = file.name if file == path else file.relative_to(path).as_posix()
-        replaced = 0
-        for record in read_records(file, fmt, _columns(opts)):
-            replaced += record.replaced
-            text = require_str(record, opts["text_key"], "text_key")
-            collector.add(
-                text, source=f"{name}:{record.line}", group=_group(record, opts["group_key"], file_group)
-            )
-            if collector.full:
-                break
-        _warn_replaced(file, replaced)
-        if collector.full:
-            break
-    return collector.documents
 
 
 def conversation_documents(path: Path, fmt: str, opts: dict[str, Any]) -> list[Conversation]:
@@ -172,12 +145,12 @@ def conversation_documents(path: Path, fmt: str, opts: dict[str, Any]) -> list[C
                     prompt_key=opts["prompt_key"],
                     response_key=opts["response_key"],
                     messages_key=opts["messages_key"],
-                    group=_group(record, opts["group_key"], file_group),
+                    group=record_group(record, opts["group_key"], file_group),
                 )
             )
             if cap is not None and len(out) >= cap:
                 break
-        _warn_replaced(file, replaced)
+        warn_replaced(file, replaced)
         if cap is not None and len(out) >= cap:
             break
     return out

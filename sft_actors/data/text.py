@@ -299,6 +299,49 @@ def text_file_documents(
     return collector.documents
 
 
+def record_documents(
+    path: str | Path,
+    fmt: str,
+    *,
+    text_key: str = "text",
+    group_key: str | None = None,
+    min_chars: int = 1,
+    max_chars_per_document: int | None = None,
+    max_documents: int | None = None,
+    max_total_chars: int | None = None,
+) -> list[Document]:
+    """One document per record of a ``fmt`` ("jsonl", "csv", "parquet") file or folder of them:
+    ``record[text_key]``; the group is ``record[group_key]`` when given, else the file's group.
+    A bad record is a :class:`DatasetCorrupt` naming file:line (:mod:`sft_actors.data.records`).
+    """
+    from sft_actors.data.records import SUFFIX_FORMATS, read_records, record_group, require_str, warn_replaced
+
+    root = Path(path).expanduser()
+    collector = _DocCollector(
+        min_chars=min_chars,
+        max_chars_per_document=max_chars_per_document,
+        max_documents=max_documents,
+        max_total_chars=max_total_chars,
+    )
+    suffix = next(s for s, f in SUFFIX_FORMATS.items() if f == fmt)
+    columns = [text_key] + ([group_key] if group_key else [])
+    for file, file_group in _input_files(root, (suffix,), fmt):
+        name = file.name if file == root else file.relative_to(root).as_posix()
+        replaced = 0
+        for record in read_records(file, fmt, columns):
+            replaced += record.replaced
+            text = require_str(record, text_key, "text_key")
+            collector.add(
+                text, source=f"{name}:{record.line}", group=record_group(record, group_key, file_group)
+            )
+            if collector.full:
+                break
+        warn_replaced(file, replaced)
+        if collector.full:
+            break
+    return collector.documents
+
+
 def jsonl_documents(
     path: str | Path,
     *,
@@ -315,9 +358,9 @@ def jsonl_documents(
     split on ``\\n`` only (see :mod:`sft_actors.data.records` for the text rules); a bad line is
     a :class:`DatasetCorrupt` naming file:line.
     """
-    from sft_actors.data.tabular import record_documents, record_options
-
-    opts = record_options(
+    return record_documents(
+        path,
+        "jsonl",
         text_key=text_key,
         group_key=group_key,
         min_chars=min_chars,
@@ -325,4 +368,3 @@ def jsonl_documents(
         max_documents=max_documents,
         max_total_chars=max_total_chars,
     )
-    return record_documents(Path(path).expanduser(), "jsonl", opts)
