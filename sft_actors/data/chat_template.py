@@ -8,7 +8,9 @@ A model's chat template is a Jinja2 template (Hugging Face ``tokenizer_config.js
 ``loopcontrols`` extension, the ``tojson`` filter (no HTML escaping, ``ensure_ascii=False``), the
 globals ``raise_exception``, ``strftime_now``, ``dict`` and ``namespace``, and the variables
 ``messages``, ``add_generation_prompt``, ``tools`` / ``documents`` (None), ``bos_token`` and
-``eos_token``. Templates are untrusted code: the sandbox forbids attribute access to internals.
+``eos_token``; ``{% generation %}`` blocks render their body. Templates are untrusted code:
+the sandbox refuses access to Python internals (a :class:`~sft_actors.errors.DatasetCorrupt`
+for the conversation being rendered).
 
 Response spans are found the standard way: for the *i*-th assistant message, the conversation
 before it is rendered with ``add_generation_prompt=True`` (the prompt ends where the response
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sft_actors.errors import ConfigError, DatasetCorrupt
 
@@ -65,6 +67,7 @@ def compile_template(source: str) -> Any:
     """The compiled template (cached); a syntax error is a :class:`ConfigError`."""
     import jinja2
     import jinja2.ext
+    import jinja2.nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -84,8 +87,19 @@ def compile_template(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}…{% endgeneration %}`` renders its body (transformers marks the
+        assistant's tokens with it; the spans here come from rendering prefixes instead)."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
