@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from sft_actors.errors import ConfigError, DatasetCorrupt
 
@@ -91,7 +91,7 @@ def compile_template(source: str) -> Any:
         """``{% generation %}…{% endgeneration %}`` renders its body (transformers marks the
         assistant's tokens with it; the spans here come from rendering prefixes instead)."""
 
-        tags: ClassVar[set[str]] = {"generation"}
+        tags = {"generation"}  # noqa: RUF012 - jinja2 declares it an instance attribute
 
         def parse(self, parser: Any) -> Any:
             lineno = next(parser.stream).lineno
