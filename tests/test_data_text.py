@@ -1,15 +1,29 @@
-"""Text corpora (stdlib docstrings, .txt, .jsonl), the split by document, and LM packing."""
+"""Text corpora (stdlib docstrings, .txt, .jsonl, .csv, .parquet), text hygiene, the split by document,
+and LM packing."""
 
 from __future__ import annotations
 
+import csv
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sft_actors.data import IGNORE_INDEX, TextCorpus, load_text_corpus, pack_token_streams
+from sft_actors.data import (
+    IGNORE_INDEX,
+    InstructionCorpus,
+    TextCorpus,
+    load_dataset,
+    load_text_corpus,
+    pack_token_streams,
+)
+from sft_actors.data.records import jsonl_records
+from sft_actors.data.registry import check_dataset
 from sft_actors.data.text import jsonl_documents, stdlib_documents, text_file_documents
 from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound
 
@@ -116,7 +130,9 @@ def test_jsonl_documents_with_configurable_keys(tmp_path: Path) -> None:
     ]
     corpus = load_text_corpus(f"jsonl:{path}", text_key="body", group_key="src", heldout_fraction=0.0)
     assert corpus.class_names == ("x", "y") and corpus.label_array().tolist() == [0, 1, 0]
-    with pytest.raises(DatasetCorrupt, match=r"data\.jsonl:1: no 'text' field \(fields: 'body', 'src'\); set text_key"):
+    with pytest.raises(
+        DatasetCorrupt, match=r"data\.jsonl:1: no 'text' field \(fields: 'body', 'src'\); set text_key"
+    ):
         jsonl_documents(path)
     path.write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(DatasetCorrupt, match=r"data\.jsonl:2: not valid JSON"):
@@ -176,3 +192,145 @@ def test_corpus_pack_with_a_real_tokenizer() -> None:
     assert packed.num_tokens == words + len(corpus)
     assert int((packed.input_ids == 1).sum().item()) >= len(corpus)
     assert 0 not in packed.input_ids.tolist()[0]  # every word is in the vocabulary
+
+
+# ---------------------------------------------------------------- text hygiene
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(), min_size=1, max_size=5), ensure_ascii=st.booleans())
+def test_any_unicode_round_trips_through_jsonl(texts: list[str], ensure_ascii: bool) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "d.jsonl"
+        body = "".join(json.dumps({"text": t}, ensure_ascii=ensure_ascii) + "\n" for t in texts)
+        path.write_bytes(body.encode("utf-8"))
+        records = list(jsonl_records(path))
+        assert [r.fields["text"] for r in records] == texts
+        assert [r.line for r in records] == list(range(1, len(texts) + 1))
+
+
+def test_line_separators_inside_strings_bom_crlf_and_blank_lines(tmp_path: Path) -> None:
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "g\x0ch\x1ci", "tab\tend"]
+    body = "\r\n\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n  \r\n"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    docs = jsonl_documents(path)
+    assert [d.text for d in docs] == [t.strip() for t in texts]
+    assert [d.source for d in docs] == ["d.jsonl:1", "d.jsonl:3", "d.jsonl:5", "d.jsonl:7", "d.jsonl:9"]
+
+
+def test_lone_surrogates_become_replacement_characters_and_are_counted(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "a\\ud800b\\udfffc"}\n{"text": "\\ud83d\\ude00 pair"}\n')
+    records = list(jsonl_records(path))
+    assert records[0].fields["text"] == "a\ufffdb\ufffdc" and records[0].replaced == 2
+    assert records[1].fields["text"] == "\U0001f600 pair" and records[1].replaced == 0  # a valid pair
+    assert [d.text for d in jsonl_documents(path)] == ["a\ufffdb\ufffdc", "\U0001f600 pair"]
+
+
+def test_invalid_utf8_names_file_line_and_byte_offset(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "ok"}\n{"text": "\xc3\x28"}\n')
+    with pytest.raises(DatasetCorrupt, match=r"d\.jsonl:3: invalid UTF-8 at byte 40 \(c3 28"):
+        jsonl_documents(path)
+    path.write_bytes(b'\xef\xbb\xbf{"text": "\xff"}\n')
+    with pytest.raises(DatasetCorrupt, match=r"d\.jsonl:1: invalid UTF-8 at byte 13"):
+        jsonl_documents(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ('{"text": broken', r"d\.jsonl:2: not valid JSON \(Expecting value at column 10\)"),
+        ('["text"]', r"d\.jsonl:2: expected a JSON object, found list"),
+        ('{"body": "x"}', r"d\.jsonl:2: no 'text' field \(fields: 'body'\)"),
+        ('{"text": 5}', r"d\.jsonl:2: field 'text' is a int, not a string"),
+        ('{"text": null}', r"d\.jsonl:2: no 'text' field"),
+    ],
+)
+def test_bad_jsonl_lines_are_refused_at_check_time(tmp_path: Path, line: str, error: str) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DatasetCorrupt, match=error):
+        check_dataset(f"jsonl:{path}")
+    check_dataset(f"jsonl:{path}", contents=False)  # listing alone does not read
+
+
+# ---------------------------------------------------------------- CSV and parquet
+
+
+def test_csv_text_and_instruction_columns(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    rows = [
+        ["body", "topic", "q", "a"],
+        ["first, with comma", "x", "Q1", "A1"],
+        ["multi\nline", "y", "Q2", "A2"],
+    ]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    docs = load_text_corpus(f"csv:{path}", text_key="body", group_key="topic", heldout_fraction=0.0)
+    assert [d.text for d in docs.documents] == ["first, with comma", "multi\nline"]
+    assert docs.class_names == ("x", "y") and [d.source for d in docs.documents] == ["d.csv:2", "d.csv:4"]
+    inst = load_dataset(
+        f"file:{path}", kind="instruction", prompt_key="q", response_key="a", heldout_fraction=0.0
+    )
+    assert isinstance(inst, InstructionCorpus)
+    assert [c.messages for c in inst.documents] == [
+        (("user", "Q1"), ("assistant", "A1")),
+        (("user", "Q2"), ("assistant", "A2")),
+    ]
+
+
+def test_csv_errors_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("text,group\nfine,a\nshort\n")
+    with pytest.raises(DatasetCorrupt, match=r"d\.csv:3: 1 cells, but the header has 2 columns"):
+        check_dataset(f"csv:{path}")
+    path.write_text("")
+    with pytest.raises(DatasetCorrupt, match=r"d\.csv:1: no header row"):
+        check_dataset(f"csv:{path}")
+    path.write_text("body\nx\n")
+    with pytest.raises(DatasetCorrupt, match=r"d\.csv:2: no 'text' field \(fields: 'body'\); set text_key"):
+        check_dataset(f"csv:{path}")
+    path.write_bytes(b"text\nok\n\xe9t\xe9\n")
+    with pytest.raises(DatasetCorrupt, match=r"d\.csv:3: invalid UTF-8 at byte 8"):
+        check_dataset(f"csv:{path}")
+
+
+def test_parquet_text_instruction_and_errors(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    table = pa.table(
+        {"text": ["one", "two", "three"], "prompt": ["p1", "p2", "p3"], "response": ["r1", "r2", "r3"]}
+    )
+    pq.write_table(table, path)
+    assert [d.text for d in load_text_corpus(f"parquet:{path}", heldout_fraction=0.0).documents] == [
+        "one",
+        "two",
+        "three",
+    ]
+    inst = load_dataset(f"file:{path}", kind="instruction", heldout_fraction=0.0)
+    assert isinstance(inst, InstructionCorpus) and len(inst) == 3
+    pq.write_table(pa.table({"text": ["ok", None, "x"]}), path)
+    with pytest.raises(DatasetCorrupt, match=r"d\.parquet:2: no 'text' field"):
+        check_dataset(f"parquet:{path}")
+    pq.write_table(pa.table({"text": [1, 2]}), path)
+    with pytest.raises(DatasetCorrupt, match=r"d\.parquet:1: field 'text' is a int, not a string"):
+        check_dataset(f"parquet:{path}")
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DatasetCorrupt, match=r"d\.parquet: not a readable parquet file"):
+        check_dataset(f"parquet:{path}")
+
+
+def test_file_prefix_picks_the_format_by_suffix(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("plain text file")
+    assert [
+        d.text for d in load_text_corpus(f"file:{tmp_path / 'a.txt'}", heldout_fraction=0.0).documents
+    ] == ["plain text file"]
+    (tmp_path / "b.jsonl").write_text('{"text": "json"}\n')
+    with pytest.raises(DatasetNotFound, match=r"holds \['jsonl', 'text'\] data files"):
+        check_dataset(f"file:{tmp_path}")
+    (tmp_path / "c.tsv").write_text("x")
+    with pytest.raises(ConfigError, match=r"unknown suffix '\.tsv'"):
+        check_dataset(f"file:{tmp_path / 'c.tsv'}")
