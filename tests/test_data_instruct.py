@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tokenizers import Tokenizer as HfTokenizer
@@ -247,3 +248,121 @@ def test_instruction_options_are_checked(tmp_path: Path) -> None:
         check_dataset(f"jsonl:{path}", chat_template="none")
     with pytest.raises(ConfigError, match="cannot read chat template"):
         check_dataset(f"jsonl:{path}", kind="instruction", chat_template=str(tmp_path / "nope.jinja"))
+
+
+# ---------------------------------------------------------------- topology: check time and a run
+
+
+def topology(data: dict[str, object], *, model: str = "llama-tiny") -> dict[str, object]:
+    return {
+        "run": {"name": "t", "model": model, "train": {"rounds": 1, "seq_len": 64}, "data": data},
+        "actors": [
+            {"name": "coordinator", "role": "coordinator", "port": 5000},
+            {"name": "server", "role": "server", "port": 5001},
+            {"name": "dev0", "role": "device", "cut": 1},
+        ],
+    }
+
+
+def refused(d: dict[str, object], *fragments: str) -> str:
+    from sft_actors.errors import TopologyError
+    from sft_actors.topology.loader import parse_topology
+
+    with pytest.raises(TopologyError) as info:
+        parse_topology(d, source="t.toml")
+    msg = str(info.value)
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+def test_check_time_refuses_bad_instruction_data_naming_file_and_line(tmp_path: Path) -> None:
+    from sft_actors.plan.assign import device_plans
+    from sft_actors.topology.loader import parse_topology
+
+    path = write_jsonl(tmp_path / "i.jsonl", [{"q": "p", "a": "r"}, {"q": "p"}])
+    data = {"dataset": f"jsonl:{path}", "kind": "instruction", "prompt_key": "q", "response_key": "a"}
+    refused(topology(data), "[run.data]", "i.jsonl:2: no 'a' field (fields: 'q'); set response_key")
+    write_jsonl(path, [{"q": "p", "a": "r"}] * 3)
+    topo = parse_topology(topology(data), source="t.toml")
+    opts = device_plans(topo)[0].data.options
+    assert opts == {"kind": "instruction", "prompt_key": "q", "response_key": "a", "chat_template": "auto"}
+    path.write_bytes(b'{"q": "p", "a": "r"}\n{"q": "\xff", "a": "r"}\n')
+    refused(topology(data), "[run.data]", "i.jsonl:2: invalid UTF-8 at byte 28")
+
+
+def test_check_time_refuses_misplaced_or_unknown_data_keys(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "i.jsonl", [{"prompt": "p", "response": "r"}])
+    refused(
+        topology({"dataset": "stdlib-docs", "kind": "instruction"}),
+        "[run.data]",
+        "key 'kind'",
+        "needs records",
+    )
+    refused(topology({"dataset": f"jsonl:{path}", "kind": "chat"}), "key 'kind'", "'chat' is not one of")
+    refused(topology({"dataset": f"jsonl:{path}", "promt_key": "q"}), "promt_key", "prompt_key")
+    refused(
+        topology({"dataset": f"jsonl:{path}", "chat_template": "none"}), "key 'chat_template'", "instruction"
+    )
+    refused(
+        topology({"dataset": f"jsonl:{path}", "text_key": "a", "options": {"text_key": "b"}}),
+        "key 'options'",
+        "set twice",
+    )
+    refused(
+        topology(
+            {"dataset": f"jsonl:{path}", "kind": "instruction", "chat_template": str(tmp_path / "no.jinja")}
+        ),
+        "key 'chat_template'",
+        "cannot read chat template",
+    )
+
+
+def test_check_time_refuses_a_llama_folder_without_tokenizer(tmp_path: Path) -> None:
+    model = tmp_path / "llama"
+    model.mkdir()
+    config = {
+        "model_type": "llama",
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"")  # the check only looks for the file
+    msg = refused(topology({"dataset": "stdlib-docs"}, model=str(model)), "[run]", "key 'model'")
+    assert f"put tokenizer.json in {model}" in msg
+
+
+def instruct_topology(tmp_path: Path) -> Path:
+    """topologies/instruct.toml, shortened, writing under ``tmp_path``."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "topologies/instruct.toml").read_text()
+    text = text.replace("topologies/data/instruct.jsonl", str(root / "topologies/data/instruct.jsonl"))
+    text = text.replace('dir = "runs/instruct"', f'dir = "{tmp_path / "runs"}"')
+    text = text.replace("rounds = 2", "rounds = 1").replace("steps_per_round = 4", "steps_per_round = 2")
+    text = text.replace("port = 47320", "port = 0").replace("port = 47321", "port = 0")
+    path = tmp_path / "instruct.toml"
+    path.write_text(text)
+    return path
+
+
+def read_summary(tmp_path: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads(
+        next((tmp_path / "runs").glob("instruct-*/summary.json")).read_text()
+    )
+    return summary
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_instruction_run_completes_on_llama_tiny(tmp_path: Path) -> None:
+    from sft_actors.runtime import run_topology
+    from sft_actors.topology import load_topology
+
+    result = await run_topology(load_topology(instruct_topology(tmp_path)), transport="inproc", timeout_s=240)
+    assert result.ok, result.failures
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "completed"
+    assert summary["before"]["targets"] > 0 and summary["after"]["loss"] > 0
