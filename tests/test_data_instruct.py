@@ -366,3 +366,38 @@ async def test_instruction_run_completes_on_llama_tiny(tmp_path: Path) -> None:
     summary = read_summary(tmp_path)
     assert summary["status"] == "completed"
     assert summary["before"]["targets"] > 0 and summary["after"]["loss"] > 0
+
+
+def test_check_time_renders_every_conversation_with_the_template(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "i.jsonl",
+        [
+            {"prompt": "p", "response": "r"},
+            {"messages": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "u"}]},
+        ],
+    )
+    strict = tmp_path / "strict.jinja"
+    strict.write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations start with the user') }}"
+        "{% endif %}" + CHATML
+    )
+    data = {"dataset": f"jsonl:{path}", "kind": "instruction", "chat_template": str(strict)}
+    refused(
+        topology(data), "key 'chat_template'", "i.jsonl:2: the chat template refuses", "start with the user"
+    )
+
+
+def test_hf_folder_template_from_tokenizer_config_list(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text(tiny_bpe().to_str())
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    tok = hf_tokenizer(tmp_path)
+    assert tok is not None and tok.chat_template == CHATML and tok.eos_id == 2
+    (tmp_path / "chat_template.jinja").write_text("J")  # transformers >= 4.50 saves it apart
+    tok = hf_tokenizer(tmp_path)
+    assert tok is not None and tok.chat_template == "J"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    tok = hf_tokenizer(tmp_path)
+    assert tok is not None and tok.chat_template is None

@@ -191,7 +191,7 @@ def dataset_kind(name: str) -> Literal["text", "image"]:
 
 def check_dataset(
     name: str, root: str | Path | None = None, *, contents: bool = True, **options: Any
-) -> None:
+) -> Dataset | None:
     """Fail as :func:`load_dataset` would for an unknown name or option or a missing file.
 
     Image datasets and the stdlib are only ``stat``\\ ed (milliseconds). A user's text files
@@ -202,7 +202,8 @@ def check_dataset(
     Raises :class:`ConfigError` (unknown name, option or value), :class:`DatasetNotFound` (files
     missing; the message says which files to put where) or :class:`DatasetCorrupt` (naming
     file:line: invalid UTF-8 with its byte offset, invalid JSON or CSV, a missing or non-string
-    field).
+    field). Returns the whole of a user's text dataset when it was read (``heldout_fraction``
+    0, so every record is in it), else None.
     """
     if name == "stdlib-docs":
         if "stdlib_dir" in options:
@@ -226,7 +227,7 @@ def check_dataset(
             _check_options(name, options, tabular.record_options, extra=_CORPUS_OPTIONS)
             tabular.validate_options(name, _split_options(options)[0])
         if contents:
-            load_dataset(name, root, TRAIN, **{**options, "heldout_fraction": 0.0})
+            return load_dataset(name, root, TRAIN, **{**options, "heldout_fraction": 0.0})
     elif name == "cifar100":
         _check_options(name, options, load_cifar100)
         folder = cifar._folder(_require_root(name, root).expanduser())
@@ -248,6 +249,7 @@ def check_dataset(
             raise DatasetNotFound("digits ships with scikit-learn: `pip install scikit-learn`")
     else:
         raise _unknown(name)
+    return None
 
 
 def _check_tiny_imagenet(root: Path) -> None:

@@ -175,11 +175,64 @@ def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, prese
     except ConfigError as exc:
         r.fail("[run.data]", path_key, f"{exc}; fix the value")
     try:  # the files are there (above), so what fails now is an option or the files' contents
-        check_dataset(d.dataset, d.root, **d.loader_options())
+        loaded = check_dataset(d.dataset, d.root, **d.loader_options())
     except DatasetCorrupt as exc:
         r.fail("[run.data]", path_key, f"{exc}")
     except ConfigError as exc:
         r.fail("[run.data]", "options", f"{exc}; fix or remove that option")
+    check_rendering(r, topo, loaded)
+
+
+def check_rendering(r: Reporter, topo: Topology, loaded: object) -> None:
+    """Every conversation of instruction data renders with the chat template the run will use
+    (a template's ``raise_exception`` on, say, a conversation that does not start with a user
+    turn, or a template that rewrites earlier turns). ``"auto"`` needs the model's template
+    without loading the model: a Hugging Face folder's, or a GGUF's once the model cache holds
+    it (the first run fills the cache; until then the run itself reports such a conversation)."""
+    from sft_actors.data.chat_template import ChatRenderer, load_template_file
+    from sft_actors.data.instruct import InstructionCorpus
+
+    d = topo.run.data
+    if not isinstance(loaded, InstructionCorpus) or d.chat_template == "none":
+        return
+    template = (
+        load_template_file(d.chat_template) if d.chat_template != "auto" else _model_template(topo.run.model)
+    )
+    if template is None:
+        return
+    key = "chat_template" if d.chat_template != "auto" else "dataset"
+    try:
+        renderer = ChatRenderer(template)
+        for conv in loaded.documents:
+            renderer.segments(conv.messages, conv.source)
+    except DatasetCorrupt as exc:
+        r.fail("[run.data]", key, f"{exc}; fix the record or use another chat_template")
+    except ConfigError as exc:
+        r.fail("[run.data]", "chat_template", str(exc))
+
+
+def _model_template(model: str) -> str | None:
+    """The model's chat template if it can be read without loading the model, else None."""
+    import json
+
+    from sft_actors.model import gguf_loader, hf_loader
+    from sft_actors.model.spec import resolve_spec
+
+    try:
+        spec = resolve_spec(model)
+        if spec.source == "hf_llama" and spec.path is not None:
+            tok = hf_loader.hf_tokenizer(spec.path)
+            return tok.chat_template if tok is not None else None
+        if spec.source == "gguf" and spec.path is not None:
+            meta = gguf_loader.cache_root() / "gguf" / gguf_loader.file_key(spec.path) / "meta.json"
+            if meta.is_file():
+                cached = json.loads(meta.read_text())
+                if cached.get("format") == gguf_loader.CACHE_FORMAT:
+                    template = cached["special"].get("chat_template")
+                    return template if isinstance(template, str) else None
+    except (ModelSpecError, ConfigError, OSError, ValueError, KeyError):  # the model check reports these
+        return None
+    return None
 
 
 def check_tokenizer(r: Reporter, model: str, config: LlamaConfig) -> None:
