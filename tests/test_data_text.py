@@ -270,7 +270,7 @@ def test_csv_text_and_instruction_columns(tmp_path: Path) -> None:
         csv.writer(f).writerows(rows)
     docs = load_text_corpus(f"csv:{path}", text_key="body", group_key="topic", heldout_fraction=0.0)
     assert [d.text for d in docs.documents] == ["first, with comma", "multi\nline"]
-    assert docs.class_names == ("x", "y") and [d.source for d in docs.documents] == ["d.csv:2", "d.csv:4"]
+    assert docs.class_names == ("x", "y") and [d.source for d in docs.documents] == ["d.csv:2", "d.csv:3"]
     inst = load_dataset(
         f"file:{path}", kind="instruction", prompt_key="q", response_key="a", heldout_fraction=0.0
     )
@@ -334,3 +334,14 @@ def test_file_prefix_picks_the_format_by_suffix(tmp_path: Path) -> None:
     (tmp_path / "c.tsv").write_text("x")
     with pytest.raises(ConfigError, match=r"unknown suffix '\.tsv'"):
         check_dataset(f"file:{tmp_path / 'c.tsv'}")
+
+
+def test_parquet_missing_column_lists_the_columns_there(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": ["x"], "topic": ["t"]}), path)
+    with pytest.raises(DatasetCorrupt, match=r"d\.parquet:1: no 'text' field \(fields: 'body', 'topic'\)"):
+        check_dataset(f"parquet:{path}")
+    docs = load_text_corpus(f"parquet:{path}", text_key="body", group_key="topic", heldout_fraction=0.0)
+    assert docs.class_names == ("t",) and docs.documents[0].source == "d.parquet:1"

@@ -212,7 +212,18 @@ class InstructionCorpus:
     def encode(self, tokenizer: ChatTokenizer, *, seq_len: int, template: str | None) -> EncodedInstructions:
         """Rows of ``seq_len`` tokens (see :func:`encode_conversations`)."""
         renderer = renderer_for(tokenizer, template)
-        return encode_conversations(self.documents, tokenizer, renderer, seq_len=seq_len, name=self.name)
+        out = encode_conversations(self.documents, tokenizer, renderer, seq_len=seq_len, name=self.name)
+        get_logger(component="data.instruct").info(
+            "instructions_encoded",
+            dataset=self.name,
+            split=self.split,
+            rows=len(out.sequences),
+            dropped=out.dropped,
+            truncated=out.truncated,
+            response_tokens=int((out.sequences.labels != IGNORE_INDEX).sum()),
+            format="plain" if template is None else "chat_template",
+        )
+        return out
 
     def describe(self) -> dict[str, object]:
         turns = [len(d.messages) for d in self.documents]

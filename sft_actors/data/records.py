@@ -13,7 +13,8 @@ Text hygiene, the same for every text format:
   U+FFFD, deterministically, and counted (:attr:`Record.replaced`); loaders warn once per file.
 
 Each record is a :class:`Record`: a ``dict`` of fields, the file and the line (the data row for
-CSV, counting the header as line 1; the row number from 1 for parquet). A field the configured
+CSV, counting the header as line 1 — the first line of a row whose quoted cells span several;
+the row number from 1 for parquet). A field the configured
 key names must exist and be a string, or :func:`require_str` raises ``DatasetCorrupt`` naming
 file:line and the fields found.
 """
@@ -130,8 +131,9 @@ def csv_records(file: Path) -> Iterator[Record]:
         if len(set(header)) != len(header):
             dupes = sorted({h for h in header if header.count(h) > 1})
             raise DatasetCorrupt(f"{file}:1: duplicate column names {dupes}; name each column once")
+        end = reader.line_num
         for row in reader:
-            line = reader.line_num
+            line, end = end + 1, reader.line_num  # a quoted cell may span lines: name the first
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
@@ -152,7 +154,8 @@ def parquet_records(file: Path, columns: list[str] | None = None) -> Iterator[Re
     try:
         pf = pq.ParquetFile(file)
         names = pf.schema_arrow.names
-        wanted = [c for c in columns if c in names] if columns is not None else None
+        # only the columns asked for; none of them present: all, so the error can list them
+        wanted = [c for c in columns or () if c in names] or None
         row = 0
         for batch in pf.iter_batches(columns=wanted):
             for fields in batch.to_pylist():
