@@ -401,3 +401,23 @@ def test_hf_folder_template_from_tokenizer_config_list(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text("{}")
     tok = hf_tokenizer(tmp_path)
     assert tok is not None and tok.chat_template is None
+
+
+def test_gguf_cache_carries_the_template_and_replaces_an_older_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sft_actors.model import gguf_loader
+    from sft_actors.model.config import PRESETS, LlamaConfig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "meta.json").write_text(json.dumps({"format": 1}))  # written by an older version
+    config = PRESETS["llama-tiny"]
+    assert isinstance(config, LlamaConfig)
+    tok = BpeTokenizer(tiny_bpe(), bos_id=None, eos_id=2, pad_id=0, chat_template=CHATML)
+    gguf_loader._write_cache(entry, config, tok, {})
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["format"] == gguf_loader.CACHE_FORMAT and meta["special"]["chat_template"] == CHATML
+    again = BpeTokenizer.from_json((entry / "tokenizer.json").read_text(), **meta["special"])
+    assert again.chat_template == CHATML and again.eos_id == 2

@@ -225,9 +225,19 @@ def _write_cache(
         save_file(state, str(tmp / "weights.safetensors"))
         (tmp / "tokenizer.json").write_text(tokenizer.to_json())
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the entry complete
+        if (entry / "meta.json").is_file() and _cached_format(entry) != CACHE_FORMAT:
+            shutil.rmtree(entry, ignore_errors=True)  # an older format is replaced, not kept forever
         try:
             tmp.rename(entry)
         except OSError:  # another process won the race; its entry is equivalent
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:  # a read-only or full disk only costs speed
         log.warning("gguf_cache_write_failed", entry=str(entry), error=str(exc))
+
+
+def _cached_format(entry: Path) -> object:
+    """The ``format`` of a cache entry's meta.json (None if unreadable)."""
+    try:
+        return json.loads((entry / "meta.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
