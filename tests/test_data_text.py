@@ -345,3 +345,10 @@ def test_parquet_missing_column_lists_the_columns_there(tmp_path: Path) -> None:
         check_dataset(f"parquet:{path}")
     docs = load_text_corpus(f"parquet:{path}", text_key="body", group_key="topic", heldout_fraction=0.0)
     assert docs.class_names == ("t",) and docs.documents[0].source == "d.parquet:1"
+
+
+def test_a_line_of_unicode_space_is_not_blank(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n \t \n\u2028\n', encoding="utf-8")
+    with pytest.raises(DatasetCorrupt, match=r"d\.jsonl:3: not valid JSON"):
+        check_dataset(f"jsonl:{path}")

@@ -8,7 +8,8 @@ Text hygiene, the same for every text format:
 - Lines end at ``\\n`` (a ``\\r`` before it is dropped) and nowhere else: U+2028, U+2029, NEL
   (U+0085), form feeds and every other character are text, so JSON written with
   ``ensure_ascii=False`` loads (``str.splitlines`` would split inside its strings).
-- Blank lines (only whitespace) are skipped; line numbers count them, so they match an editor.
+- Blank lines (only spaces, tabs, ``\\r``: JSON's whitespace) are skipped; line numbers count
+  them, so they match an editor.
 - JSON may escape lone surrogates (``"\\ud800"``), which are not text. They are replaced with
   U+FFFD, deterministically, and counted (:attr:`Record.replaced`); loaders warn once per file.
 
@@ -35,6 +36,7 @@ from sft_actors.errors import DatasetCorrupt
 #: File suffix → format name, for ``file:<path>`` datasets (the format follows the suffix).
 SUFFIX_FORMATS = {".txt": "text", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 _BOM = b"\xef\xbb\xbf"
+_BLANK = " \t\r"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -75,7 +77,7 @@ def read_text(file: Path) -> str:
 def text_lines(file: Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` for every non-blank line, split on ``\\n`` only."""
     for number, line in enumerate(read_text(file).split("\n"), start=1):
-        if line.strip():
+        if line.strip(_BLANK):
             yield number, line.removesuffix("\r")
 
 
