@@ -421,3 +421,19 @@ def test_gguf_cache_carries_the_template_and_replaces_an_older_format(
     assert meta["format"] == gguf_loader.CACHE_FORMAT and meta["special"]["chat_template"] == CHATML
     again = BpeTokenizer.from_json((entry / "tokenizer.json").read_text(), **meta["special"])
     assert again.chat_template == CHATML and again.eos_id == 2
+
+
+def test_instruction_folder_groups_and_sources(tmp_path: Path) -> None:
+    (tmp_path / "math").mkdir()
+    write_jsonl(tmp_path / "math" / "a.jsonl", [{"prompt": "1+1", "response": "2"}])
+    write_jsonl(
+        tmp_path / "top.jsonl", [{"prompt": "hi", "response": "hello"}, {"prompt": "x", "response": "y"}]
+    )
+    corpus = load_dataset(f"file:{tmp_path}", kind="instruction", heldout_fraction=0.0)
+    assert isinstance(corpus, InstructionCorpus)
+    assert [(c.source, c.group) for c in corpus.documents] == [
+        ("top.jsonl:1", "top"),  # a folder's own files first, then its sub-folders (walk order)
+        ("top.jsonl:2", "top"),
+        ("math/a.jsonl:1", "math"),
+    ]
+    assert corpus.describe()["conversations"] == 3 and corpus.class_names == ("math", "top")

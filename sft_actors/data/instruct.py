@@ -62,9 +62,14 @@ def conversation_from_record(
     response_key: str,
     messages_key: str,
     group: str,
+    name: str | None = None,
 ) -> Conversation:
-    """A :class:`Conversation` from one record; ``DatasetCorrupt`` naming file:line otherwise."""
+    """A :class:`Conversation` from one record; ``DatasetCorrupt`` naming file:line otherwise.
+
+    ``name`` is the file as the source names it (default: its file name), e.g. ``sub/a.jsonl``
+    for a file in a folder."""
     fields = record.fields
+    source = f"{name or record.file.name}:{record.line}"
     if messages_key in fields and fields[messages_key] is not None:
         raw = fields[messages_key]
         if not isinstance(raw, list) or not raw:
@@ -79,7 +84,7 @@ def conversation_from_record(
             messages.append((m["role"], m["content"]))
         if not any(role == "assistant" for role, _ in messages):
             raise DatasetCorrupt(f"{record.where}: no assistant message, so nothing to learn; add a response")
-        return Conversation(messages=tuple(messages), source=f"{record.file.name}:{record.line}", group=group)
+        return Conversation(messages=tuple(messages), source=source, group=group)
     if prompt_key not in fields and response_key not in fields:
         found = ", ".join(repr(k) for k in fields) or "none"
         raise DatasetCorrupt(
@@ -90,7 +95,7 @@ def conversation_from_record(
     response = require_str(record, response_key, "response_key")
     return Conversation(
         messages=(("user", prompt), ("assistant", response)),
-        source=f"{record.file.name}:{record.line}",
+        source=source,
         group=group,
     )
 

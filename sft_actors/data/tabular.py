@@ -136,6 +136,7 @@ def conversation_documents(path: Path, fmt: str, opts: dict[str, Any]) -> list[C
     if cap is not None and cap < 1:
         raise ConfigError(f"max_documents must be >= 1 or None, got {cap}")
     for file, file_group in _files(path, fmt):
+        name = file.name if file == path else file.relative_to(path).as_posix()
         replaced = 0
         for record in read_records(file, fmt, _columns(opts)):
             replaced += record.replaced
@@ -146,6 +147,7 @@ def conversation_documents(path: Path, fmt: str, opts: dict[str, Any]) -> list[C
                     response_key=opts["response_key"],
                     messages_key=opts["messages_key"],
                     group=record_group(record, opts["group_key"], file_group),
+                    name=name,
                 )
             )
             if cap is not None and len(out) >= cap:
