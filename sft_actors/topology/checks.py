@@ -156,8 +156,6 @@ def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, prese
                 f"{d.dataset!r} holds {kind}s but model {topo.run.model!r} ({config.family}) trains on "
                 f"{wanted}s; use {article} {wanted} dataset (e.g. {example}) or another model",
             )
-        if kind == "text" and isinstance(config, LlamaConfig):
-            check_tokenizer(r, topo.run.model, config)
     if d.kind == "instruction" and d.chat_template not in ("auto", "none"):
         from sft_actors.data.chat_template import load_template_file
 
@@ -167,6 +165,8 @@ def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, prese
             r.fail("[run.data]", "chat_template", f'{exc}; or use "auto" or "none"')
     if not present:
         return
+    if kind == "text" and isinstance(config, LlamaConfig):  # devices tokenize; others need none
+        check_tokenizer(r, topo.run.model, config)
     path_key = "dataset" if ":" in d.dataset else "root"
     try:
         check_dataset(d.dataset, d.root, contents=False)
