@@ -1,0 +1,217 @@
+"""``sft export`` and ``sft generate`` as functions: load a run, assemble one device's model,
+write it, check it against the runtime, or continue a prompt with it.
+
+The self-check feeds a few seeded token ids (2 × 8) through the written model and through the
+runtime's split parts with the same adapters, and reports the largest absolute logit
+difference. It loads the written folder with ``transformers`` (and ``peft`` for
+``--format peft``) when they are installed — the check a user's own code would make — and
+otherwise with this package's loaders (``self_check`` in the result says which).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sft_actors.dtypes import torch_dtype
+from sft_actors.model import SplitLM, export_hf_llama, load_model, merge_lora, resolve_spec
+from sft_actors.train.run_adapters import DeviceModel, ExportError, RunAdapters, device_model, load_run
+from sft_actors.train.run_export import (
+    check_inputs,
+    describe,
+    generate,
+    merged_model,
+    peft_state_back,
+    runtime_logits,
+    write_merged,
+    write_peft,
+)
+
+Format = Literal["peft", "merged"]
+FORMATS: tuple[str, ...] = ("peft", "merged")
+NO_HF_BASE = (
+    "the run's base model ({model}) is not a Hugging Face folder, so adapter_config.json names no "
+    "base: pass --with-base to write one into OUT/base (export_hf_llama), or use --format merged"
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Loaded:
+    run: RunAdapters
+    model: SplitLM
+    dm: DeviceModel
+    hf_base: bool  # the run's model spec is a Hugging Face folder
+
+
+def load_device(
+    run_dir: Path, device: str, *, round_: int | str | None, topology: str | Path | None
+) -> Loaded:
+    """The run's adapters, its base model (as the run loaded it) and ``device``'s model.
+    Raises :class:`ExportError` / ``ConfigError`` / ``CheckpointError``."""
+    run = load_run(run_dir, round_=round_, topology=topology)
+    spec = resolve_spec(run.info.model_spec)
+    model = load_model(spec, dtype=torch_dtype(run.info.dtype))
+    dm = device_model(run, device, model.num_blocks)
+    return Loaded(run=run, model=model, dm=dm, hf_base=spec.source == "hf_llama")
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """A fresh temporary folder beside ``out``; refuses a non-empty ``out`` unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} exists and is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+
+
+def export_run(
+    run_dir: Path,
+    device: str,
+    fmt: Format,
+    out: Path,
+    *,
+    force: bool = False,
+    round_: int | str | None = None,
+    topology: str | Path | None = None,
+    with_base: bool = False,
+    check: bool = True,
+) -> dict[str, Any]:
+    """Write ``device``'s model from ``run_dir`` to ``out`` in ``fmt``; returns the JSON line.
+
+    ``out`` is written as a temporary folder and renamed into place (``force`` replaces an
+    existing non-empty one). Raises :class:`ExportError` (unknown device, no adapters yet, a
+    non-empty ``out``, a ViT), ``ConfigError`` for a model that cannot be loaded."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    loaded = load_device(run_dir, device, round_=round_, topology=topology)
+    model, dm, info = loaded.model, loaded.dm, loaded.run.info
+    if model.family != "llama":
+        raise ExportError(
+            f"sft export writes Llama-family models; this run's model ({info.model}) is a ViT. Its "
+            "adapters stay in RUN_DIR/adapters_*.safetensors (keys blocks.{i}.{proj}.lora_A|B)"
+        )
+    out = Path(out).absolute()
+    tmp = _prepare_out(out, force)
+    note = None
+    try:
+        if fmt == "merged":
+            write_merged(model, dm, info.lora, tmp)
+            base = None
+        else:
+            if loaded.hf_base:
+                base = info.model_spec
+            elif with_base:
+                export_hf_llama(model, tmp / "base")
+                base = str(out / "base")
+            else:
+                base = ""
+                note = NO_HF_BASE.format(model=info.model)
+            write_peft(dm, info.lora, tmp, family=model.family, base=base)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    line: dict[str, Any] = {
+        "ok": True,
+        "run_dir": str(run_dir),
+        "device": device,
+        "format": fmt,
+        "out": str(out),
+        "files": sorted(p.name for p in out.iterdir()),
+        **describe(dm, loaded.run),
+    }
+    if fmt == "peft":
+        line["base_model_name_or_path"] = base
+    if note:
+        line["note"] = note
+    if check:
+        diff, how = self_check(loaded, fmt, out, base or None)
+        line["max_abs_logit_diff_vs_runtime"] = diff
+        line["self_check"] = how
+    return line
+
+
+def self_check(loaded: Loaded, fmt: Format, out: Path, base: str | None) -> tuple[float, str]:
+    """Largest |logit difference| between the written model and the runtime's parts, and how
+    the written model was loaded (``transformers``, ``transformers+peft`` or ``sft_actors``)."""
+    model, dm = loaded.model, loaded.dm
+    inputs = check_inputs(model)  # (2, 8)
+    reference = runtime_logits(model, loaded.run, dm, inputs)  # (2, 8, V)
+    with tempfile.TemporaryDirectory() as scratch:
+        if fmt == "peft" and not base:  # a base folder just for the check
+            base = str(export_hf_llama(model, Path(scratch) / "base"))
+        got, how = _written_logits(loaded, fmt, out, base, inputs)
+    return float((got.float() - reference.float()).abs().max()), how
+
+
+@torch.no_grad()
+def _written_logits(
+    loaded: Loaded, fmt: Format, out: Path, base: str | None, inputs: torch.Tensor
+) -> tuple[torch.Tensor, str]:
+    dtype = next(loaded.model.parameters()).dtype
+    try:
+        transformers: Any = importlib.import_module("transformers")
+        transformers.logging.set_verbosity_error()
+        if fmt == "merged":
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).to(dtype).eval()
+            logits: torch.Tensor = hf(inputs).logits
+            return logits, "transformers"
+        peft: Any = importlib.import_module("peft")
+        assert base is not None
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base).to(dtype).eval()
+        peft_model = peft.PeftModel.from_pretrained(hf, str(out)).eval()
+        logits = peft_model(input_ids=inputs).logits
+        return logits, "transformers+peft"
+    except ImportError:
+        pass
+    if fmt == "merged":
+        mine = load_model(resolve_spec(str(out)), dtype=dtype)
+    else:
+        mine = merge_lora(loaded.model, peft_state_back(out, sorted(loaded.dm.lora)), loaded.run.info.lora)
+    result: torch.Tensor = mine(inputs)
+    return result, "sft_actors"
+
+
+def generate_text(
+    run_dir: Path,
+    device: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    round_: int | str | None = None,
+    topology: str | Path | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``device``'s model (merged in memory) continuing ``prompt``: the text and a JSON-able
+    description. Raises :class:`ExportError` for a ViT or a model without a tokenizer."""
+    loaded = load_device(run_dir, device, round_=round_, topology=topology)
+    model = loaded.model
+    tok = model.tokenizer
+    if model.family != "llama":
+        raise ExportError(f"sft generate needs a language model; {loaded.run.info.model} is a ViT")
+    if tok is None:
+        raise ExportError(
+            f"the run's model {loaded.run.info.model} has no tokenizer (an HF folder needs its "
+            "tokenizer.json); generation needs one to encode --prompt"
+        )
+    ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
+    merged = merged_model(model, loaded.dm, loaded.run.info.lora)
+    new = generate(merged, ids, max_new_tokens, temperature=temperature, seed=seed, eos_id=tok.eos_id)
+    text = tok.decode([i for i in new if i != tok.eos_id])
+    return text, {
+        "device": device,
+        "prompt_tokens": len(ids),
+        "new_tokens": len(new),
+        **describe(loaded.dm, loaded.run),
+    }
