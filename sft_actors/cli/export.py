@@ -11,6 +11,7 @@ from typing import Annotated, Any, cast
 
 import typer
 
+from sft_actors import log
 from sft_actors.errors import SftError
 from sft_actors.train.export_job import Format, export_run, generate_text
 
@@ -82,6 +83,7 @@ def export_command(
     The line has what was written and max_abs_logit_diff_vs_runtime: the written model (loaded
     with transformers/peft when installed) against the runtime's split parts, on a few tokens.
     """
+    log.configure("console", "warning")  # logs to stderr: stdout is the JSON line
     try:
         line = export_run(
             run_dir,
@@ -118,6 +120,7 @@ def generate_command(
 ) -> None:
     """Continue --prompt with one device's fine-tuned model (base + its adapters, merged in
     memory); prints the continuation on stdout."""
+    log.configure("console", "warning")  # logs to stderr: stdout is the text
     try:
         text, info = generate_text(
             run_dir,

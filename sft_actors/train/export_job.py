@@ -162,6 +162,7 @@ def _written_logits(
     try:
         transformers: Any = importlib.import_module("transformers")
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         if fmt == "merged":
             hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).to(dtype).eval()
             logits: torch.Tensor = hf(inputs).logits
