@@ -122,13 +122,17 @@ def staged(tmp_path_factory: pytest.TempPathFactory, hf_base: Path) -> Path:
         '[[actors]]\nname = "s2"\nrole = "server"\nport = 0\nstart_block = 3\n'
     )
     root = tmp_path_factory.mktemp("staged")
-    return _run(_topology(root, model=str(hf_base), mode="sfl", servers=servers, devices={"dev0": 1, "dev1": 3}))
+    return _run(
+        _topology(root, model=str(hf_base), mode="sfl", servers=servers, devices={"dev0": 1, "dev1": 3})
+    )
 
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fed")
-    return _run(_topology(root, model="llama-tiny", mode="fedlora", servers="", devices={"dev0": 1, "dev1": 2}))
+    return _run(
+        _topology(root, model="llama-tiny", mode="fedlora", servers="", devices={"dev0": 1, "dev1": 2})
+    )
 
 
 def _export(run_dir: Path, out: Path, *args: str) -> dict:
@@ -172,7 +176,9 @@ def test_the_run_records_what_export_needs(staged: Path, hf_base: Path) -> None:
 
 
 @pytest.mark.parametrize("device", ["dev0", "dev1"])
-def test_peft_export_loads_in_peft_and_matches_the_runtime(staged: Path, hf_base: Path, tmp_path: Path, device: str) -> None:
+def test_peft_export_loads_in_peft_and_matches_the_runtime(
+    staged: Path, hf_base: Path, tmp_path: Path, device: str
+) -> None:
     line = _export(staged, tmp_path / "peft", "--device", device, "--format", "peft")
     assert line["base_model_name_or_path"] == str(hf_base.resolve())
     assert line["max_abs_logit_diff_vs_runtime"] <= TOL and line["self_check"] == "transformers+peft"
@@ -287,3 +293,35 @@ def test_generate_needs_a_tokenizer(staged: Path, tmp_path: Path, hf_base: Path)
 def test_load_run_refuses_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="not a directory"):
         load_run(tmp_path / "nope")
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("vit")
+    server = '[[actors]]\nname = "server"\nrole = "server"\nport = 0\n'
+    path = _topology(root, model="vit-tiny", mode="sfl", servers=server, devices={"dev0": 1, "dev1": 2})
+    path.write_text(
+        path.read_text().replace(
+            'dataset = "stdlib-docs"\noptions = { max_documents = 40 }', 'dataset = "digits"'
+        )
+    )
+    return _run(path)
+
+
+def test_a_vit_exports_in_timm_names_with_the_trained_head(vit: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    merged = _export(vit, tmp_path / "merged", "--device", "dev0", "--format", "merged")
+    assert merged["max_abs_logit_diff_vs_runtime"] <= TOL and merged["self_check"] == "sft_actors"
+    assert merged["blocks"] == {"devices": [0], "server": [1, 2, 3]}
+    state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    server = load_file(str(vit / "adapters_server.safetensors"))
+    assert "blocks.3.attn.qkv.weight" in state and torch.equal(state["head.weight"], server["head.weight"])
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architecture"].startswith("vit_")
+    line = _export(vit, tmp_path / "peft", "--device", "dev1", "--format", "peft")
+    assert line["max_abs_logit_diff_vs_runtime"] <= TOL
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"] and config["target_modules"] == ["proj", "qkv"]
+    saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert torch.equal(saved["base_model.model.head.weight"], server["head.weight"])
+    assert "base_model.model.blocks.1.attn.qkv.lora_A.weight" in saved

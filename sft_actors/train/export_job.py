@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from sft_actors.dtypes import torch_dtype
-from sft_actors.model import SplitLM, export_hf_llama, load_model, merge_lora, resolve_spec
+from sft_actors.model import LoraConfig, SplitLM, export_hf_llama, load_model, resolve_spec
 from sft_actors.train.run_adapters import DeviceModel, ExportError, RunAdapters, device_model, load_run
 from sft_actors.train.run_export import (
     check_inputs,
@@ -37,8 +37,8 @@ from sft_actors.train.run_export import (
 Format = Literal["peft", "merged"]
 FORMATS: tuple[str, ...] = ("peft", "merged")
 NO_HF_BASE = (
-    "the run's base model ({model}) is not a Hugging Face folder, so adapter_config.json names no "
-    "base: pass --with-base to write one into OUT/base (export_hf_llama), or use --format merged"
+    "the run's base model ({model}) is not a folder or file transformers/timm can load, so "
+    "adapter_config.json names no base: pass --with-base to write it into OUT/base, or use --format merged"
 )
 
 
@@ -47,7 +47,7 @@ class Loaded:
     run: RunAdapters
     model: SplitLM
     dm: DeviceModel
-    hf_base: bool  # the run's model spec is a Hugging Face folder
+    hf_base: bool  # the run's model is a folder or file (HF Llama, timm/HF ViT weights)
 
 
 def load_device(
@@ -59,7 +59,7 @@ def load_device(
     spec = resolve_spec(run.info.model_spec)
     model = load_model(spec, dtype=torch_dtype(run.info.dtype))
     dm = device_model(run, device, model.num_blocks)
-    return Loaded(run=run, model=model, dm=dm, hf_base=spec.source == "hf_llama")
+    return Loaded(run=run, model=model, dm=dm, hf_base=spec.source in ("hf_llama", "vit_weights"))
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
@@ -93,10 +93,10 @@ def export_run(
         raise ExportError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     loaded = load_device(run_dir, device, round_=round_, topology=topology)
     model, dm, info = loaded.model, loaded.dm, loaded.run.info
-    if model.family != "llama":
+    if model.family == "vit" and info.whole_model_on_device:
         raise ExportError(
-            f"sft export writes Llama-family models; this run's model ({info.model}) is a ViT. Its "
-            "adapters stay in RUN_DIR/adapters_*.safetensors (keys blocks.{i}.{proj}.lora_A|B)"
+            "a fedlora ViT run does not save the heads its devices trained (only their LoRA "
+            "average), so the model a device ended with cannot be rebuilt from RUN_DIR"
         )
     out = Path(out).absolute()
     tmp = _prepare_out(out, force)
@@ -109,7 +109,7 @@ def export_run(
             if loaded.hf_base:
                 base = info.model_spec
             elif with_base:
-                export_hf_llama(model, tmp / "base")
+                _write_base(model, tmp / "base")
                 base = str(out / "base")
             else:
                 base = ""
@@ -141,15 +141,24 @@ def export_run(
     return line
 
 
+def _write_base(model: SplitLM, directory: Path) -> Path:
+    """The base model alone: an HF Llama folder, or a ViT in timm's layout."""
+    if model.family == "llama":
+        return export_hf_llama(model, directory)
+    write_merged(model, DeviceModel(device="base", cut=0, lora={}), LoraConfig(), directory)
+    return directory
+
+
 def self_check(loaded: Loaded, fmt: Format, out: Path, base: str | None) -> tuple[float, str]:
     """Largest |logit difference| between the written model and the runtime's parts, and how
-    the written model was loaded (``transformers``, ``transformers+peft`` or ``sft_actors``)."""
+    the written model was loaded (``transformers``, ``transformers+peft`` or ``sft_actors``;
+    a ViT is always read back with this package's loaders: timm is not a dependency)."""
     model, dm = loaded.model, loaded.dm
-    inputs = check_inputs(model)  # (2, 8)
-    reference = runtime_logits(model, loaded.run, dm, inputs)  # (2, 8, V)
+    inputs = check_inputs(model)  # (2, 8) token ids, or (2, C, H, W) images
+    reference = runtime_logits(model, loaded.run, dm, inputs)  # (2, 8, V) or (2, K)
     with tempfile.TemporaryDirectory() as scratch:
-        if fmt == "peft" and not base:  # a base folder just for the check
-            base = str(export_hf_llama(model, Path(scratch) / "base"))
+        if fmt == "peft" and not base and model.family == "llama":  # an HF base just for the check
+            base = str(_write_base(model, Path(scratch) / "base"))
         got, how = _written_logits(loaded, fmt, out, base, inputs)
     return float((got.float() - reference.float()).abs().max()), how
 
@@ -159,6 +168,14 @@ def _written_logits(
     loaded: Loaded, fmt: Format, out: Path, base: str | None, inputs: torch.Tensor
 ) -> tuple[torch.Tensor, str]:
     dtype = next(loaded.model.parameters()).dtype
+    if loaded.model.family == "llama":
+        return _transformers_logits(loaded, fmt, out, base, inputs, dtype)
+    return _own_logits(loaded, fmt, out, inputs, dtype), "sft_actors"
+
+
+def _transformers_logits(
+    loaded: Loaded, fmt: Format, out: Path, base: str | None, inputs: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, str]:
     try:
         transformers: Any = importlib.import_module("transformers")
         transformers.logging.set_verbosity_error()
@@ -174,13 +191,22 @@ def _written_logits(
         logits = peft_model(input_ids=inputs).logits
         return logits, "transformers+peft"
     except ImportError:
-        pass
+        return _own_logits(loaded, fmt, out, inputs, dtype), "sft_actors"
+
+
+def _own_logits(
+    loaded: Loaded, fmt: Format, out: Path, inputs: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The written folder read back with this package's loaders."""
     if fmt == "merged":
         mine = load_model(resolve_spec(str(out)), dtype=dtype)
     else:
-        mine = merge_lora(loaded.model, peft_state_back(out, sorted(loaded.dm.lora)), loaded.run.info.lora)
+        dm = loaded.dm
+        lora, head = peft_state_back(out, sorted(dm.lora), loaded.model.family)
+        back = DeviceModel(device=dm.device, cut=dm.cut, lora=lora, head=head)
+        mine = merged_model(loaded.model, back, loaded.run.info.lora)
     result: torch.Tensor = mine(inputs)
-    return result, "sft_actors"
+    return result
 
 
 def generate_text(

@@ -13,16 +13,21 @@
 - :func:`generate` continues token ids with a merged model: greedy, or sampled at a
   temperature from a seeded generator.
 
-ViT runs are refused by the writers (:class:`ExportError`): their LoRA targets timm names and
-their head is trained, and no reference loader for timm is part of this build.
+ViT runs use timm names: ``--format merged`` writes ``model.safetensors`` in timm's layout
+(``blocks.{i}.attn.qkv.weight``, ``head.weight``; the trained head included) with a
+``config.json`` naming the architecture (``architecture``, ``num_classes``, ``model_args``);
+``--format peft`` writes the LoRA on ``blocks.{i}.attn.qkv`` … and the trained head as PEFT's
+``modules_to_save = ["head"]`` (saved as ``base_model.model.head.weight``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sft_actors.model import (
@@ -38,8 +43,12 @@ from sft_actors.model import (
 )
 from sft_actors.model.config import ViTConfig
 from sft_actors.model.export import peft_key
+from sft_actors.model.vit import ViT
 from sft_actors.train.run_adapters import DeviceModel, ExportError, RunAdapters
 from sft_actors.train.stages import StagePart
+
+#: PEFT's prefix of the saved tensors' names (``PeftModel`` → ``LoraModel`` → the base model).
+PEFT_PREFIX = "base_model.model."
 
 
 def _trained_head(model: SplitLM, head: dict[str, torch.Tensor]) -> nn.Module | None:
@@ -84,60 +93,100 @@ def runtime_logits(model: SplitLM, run: RunAdapters, dm: DeviceModel, inputs: to
     raise ExportError(f"run {info.run!r} has no server stage that runs the head")
 
 
-def _require_llama(model: SplitLM, what: str) -> None:
-    if model.family != "llama":
-        raise ExportError(
-            f"{what} exports Llama-family models; this run's model is a {model.family} (its adapters "
-            "stay in RUN_DIR/adapters_*.safetensors, keys blocks.{i}.{proj}.lora_A|B, timm block names)"
-        )
-
-
 def merged_model(model: SplitLM, dm: DeviceModel, lora: LoraConfig) -> SplitLM:
-    """A copy of ``model`` with ``dm``'s adapters merged into the weights (``model`` untouched)."""
-    return merge_lora(model, dm.lora, lora)
+    """A copy of ``model`` with ``dm``'s adapters merged into the weights and, for a ViT, its
+    trained head in place of the base head (``model`` itself is untouched)."""
+    merged = merge_lora(model, dm.lora, lora)
+    if dm.head and isinstance(merged, ViT):
+        with torch.no_grad():
+            merged.head_fc.weight.copy_(dm.head["weight"])  # (K, C)
+            merged.head_fc.bias.copy_(dm.head["bias"])  # (K,)
+    return merged
 
 
 def write_merged(model: SplitLM, dm: DeviceModel, lora: LoraConfig, out: Path) -> list[str]:
-    """The merged model as a Hugging Face Llama folder in ``out``; returns the files written.
-    Raises :class:`ExportError` for a ViT."""
-    _require_llama(model, "--format merged")
-    export_hf_llama(merged_model(model, dm, lora), out)
+    """The merged model in ``out``: a Hugging Face Llama folder, or a ViT in timm's layout
+    (``model.safetensors`` + ``config.json``). Returns the files written."""
+    merged = merged_model(model, dm, lora)
+    if not isinstance(merged, ViT):
+        export_hf_llama(merged, out)
+        return sorted(p.name for p in out.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    state = {vit_timm_name(k): v.detach().contiguous() for k, v in merged.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    c = merged.config
+    model_args = {
+        "img_size": c.image_size,
+        "patch_size": c.patch_size,
+        "in_chans": c.in_chans,
+        "num_classes": c.num_classes,
+        "embed_dim": c.dim,
+        "depth": c.num_blocks,
+        "num_heads": c.num_heads,
+        "mlp_ratio": c.mlp_dim / c.dim,
+    }
+    config = {
+        "architecture": f"vit_custom_patch{c.patch_size}_{c.image_size}",
+        "num_classes": c.num_classes,
+        "num_attention_heads": c.num_heads,
+        "layer_norm_eps": c.norm_eps,
+        "hidden_act": "gelu",
+        "model_args": model_args,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return sorted(p.name for p in out.iterdir())
+
+
+def vit_timm_name(key: str) -> str:
+    """Our ViT state-dict key in timm's layout (our head module is ``head_fc``)."""
+    return "head." + key[len("head_fc.") :] if key.startswith("head_fc.") else key
 
 
 def write_peft(dm: DeviceModel, lora: LoraConfig, out: Path, *, family: str, base: str) -> list[str]:
-    """PEFT's LoRA layout in ``out`` with ``base_model_name_or_path = base``; returns the files.
-    Raises :class:`ExportError` for a ViT or when ``dm`` has no adapter at all."""
-    if family != "llama":
-        raise ExportError("--format peft exports Llama-family models; this run's model is a ViT")
+    """PEFT's LoRA layout in ``out`` with ``base_model_name_or_path = base``; a ViT's trained
+    head goes in as ``modules_to_save = ["head"]``. Returns the files written. Raises
+    :class:`ExportError` when ``dm`` has no adapter at all."""
     if not dm.lora:
         raise ExportError(f"device {dm.device!r} has no adapter in this source; nothing to export")
     export_peft(out, dm.lora, lora, family=family, base_model_name_or_path=base)
+    if dm.head:
+        tensors = dict(load_file(str(out / "adapter_model.safetensors")))
+        tensors |= {f"{PEFT_PREFIX}head.{k}": v.contiguous() for k, v in dm.head.items()}
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((out / "adapter_config.json").read_text())
+        config["modules_to_save"] = ["head"]
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return sorted(p.name for p in out.iterdir())
 
 
-def peft_state_back(directory: Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``adapter_model.safetensors`` of a Llama PEFT export back under our keys
-    (``blocks.{i}.{proj}.lora_A|B``), for the ``keys`` that were exported. Raises
-    :class:`ExportError` when one of them is missing from the file."""
-    from safetensors.torch import load_file
-
+def peft_state_back(
+    directory: Path, keys: Sequence[str], family: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``adapter_model.safetensors`` of a PEFT export back under our keys
+    (``blocks.{i}.{proj}.lora_A|B``, for the ``keys`` exported) and the head it carries
+    (``weight``, ``bias``; empty without one). Raises :class:`ExportError` for a missing key."""
     saved = load_file(str(directory / "adapter_model.safetensors"))
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         _, block, proj, which = key.split(".")
-        name = peft_key("llama", int(block), proj, which)
+        name = peft_key(family, int(block), proj, which)
         if name not in saved:
             raise ExportError(f"{directory}: {name} (our {key}) is missing from adapter_model.safetensors")
         out[key] = saved[name]
-    return out
+    head = {
+        k[len(PEFT_PREFIX + "head.") :]: v for k, v in saved.items() if k.startswith(PEFT_PREFIX + "head.")
+    }
+    return out, head
 
 
 def check_inputs(model: SplitLM, *, batch: int = 2, tokens: int = 8, seed: int = 0) -> torch.Tensor:
-    """A few token ids (B, T) for the self-check, seeded (Llama models only)."""
-    vocab = int(getattr(model.config, "vocab_size", 0))
+    """Seeded self-check inputs: token ids (B, T) for a Llama, images (B, C, H, W) for a ViT."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, tokens), generator=gen)
+    c = model.config
+    if isinstance(c, ViTConfig):
+        dtype = next(model.parameters()).dtype
+        return torch.randn(batch, c.in_chans, c.image_size, c.image_size, generator=gen).to(dtype)
+    return torch.randint(0, c.vocab_size, (batch, tokens), generator=gen)
 
 
 @torch.no_grad()
