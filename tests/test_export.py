@@ -325,3 +325,28 @@ def test_a_vit_exports_in_timm_names_with_the_trained_head(vit: Path, tmp_path: 
     saved = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert torch.equal(saved["base_model.model.head.weight"], server["head.weight"])
     assert "base_model.model.blocks.1.attn.qkv.lora_A.weight" in saved
+
+
+def test_the_vit_lora_loads_in_peft_on_a_timm_named_model(vit: Path, tmp_path: Path) -> None:
+    """Our ViT has timm's module names (``blocks.{i}.attn.qkv``), so PEFT itself can load the
+    LoRA part of the export onto it (the head, ``head_fc`` here, is left out)."""
+    from safetensors.torch import load_file, save_file
+
+    from sft_actors.train.run_adapters import DeviceModel
+    from sft_actors.train.run_export import merged_model
+
+    out = tmp_path / "peft"
+    _export(vit, out, "--device", "dev1", "--no-check")
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".head." not in k}, str(out / "adapter_model.safetensors"))
+    loaded = load_device(vit, "dev1", round_=None, topology=None)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    lora_only = DeviceModel(device="dev1", cut=2, lora=loaded.dm.lora)
+    with torch.no_grad():
+        want = merged_model(loaded.model, lora_only, loaded.run.info.lora)(images)
+        base = loaded.model(images)
+        model = peft.PeftModel.from_pretrained(loaded.model, str(out)).eval()
+        got = model(images)
+    assert float((got - want).abs().max()) <= TOL < float((base - want).abs().max())

@@ -19,8 +19,8 @@ MODEL_HELP = """
 The model device NAME ends with (cut c, L blocks): blocks [0, c) carry the devices' per-block
 average (adapters_devices.safetensors); blocks [c, L) carry the adapters of the server actor
 that holds each block (adapters_<server>.safetensors; several server stages give one file each)
-— the path the device's micro-batches took. Under mode = "fedlora" (no server) every block
-carries the devices' average. A run stopped before its end has no final adapters: --round N
+— the path the device's micro-batches took; a ViT also takes that server's trained head. Under
+mode = "fedlora" (no server) every block carries the devices' average. A run stopped before its end has no final adapters: --round N
 (or latest) takes a checkpoint's instead.
 """
 
