@@ -5,6 +5,7 @@ The logic lives in ``sft_actors.train.export_job``; this module parses and print
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -15,14 +16,15 @@ from sft_actors import log
 from sft_actors.errors import SftError
 from sft_actors.train.export_job import Format, export_run, generate_text
 
-MODEL_HELP = """
-The model device NAME ends with (cut c, L blocks): blocks [0, c) carry the devices' per-block
-average (adapters_devices.safetensors); blocks [c, L) carry the adapters of the server actor
-that holds each block (adapters_<server>.safetensors; several server stages give one file each)
-— the path the device's micro-batches took; a ViT also takes that server's trained head. Under
-mode = "fedlora" (no server) every block carries the devices' average. A run stopped before its end has no final adapters: --round N
-(or latest) takes a checkpoint's instead.
-"""
+MODEL_HELP = (
+    "The model device NAME ends with (cut c, L blocks): blocks [0, c) carry the devices' "
+    "per-block average (adapters_devices.safetensors); blocks [c, L) carry the adapters of the "
+    "server actor that holds each block (adapters_<server>.safetensors; several server stages "
+    "give one file each), the path the device's micro-batches took; a ViT also takes that "
+    "server's trained head. Under mode = \"fedlora\" (no server) every block carries the devices' "
+    "average.\n\nA run stopped before its end has no final adapters: --round N (or latest) takes "
+    "a checkpoint's instead."
+)
 
 RunDirArg = Annotated[Path, typer.Argument(help="a run directory (the run_dir `sft run` printed)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="the device whose model to take")]
@@ -140,5 +142,5 @@ def generate_command(
 
 def register(app: Any) -> None:
     """Add ``export`` and ``generate`` to the ``sft`` app."""
-    app.command(name="export", help=(export_command.__doc__ or "") + MODEL_HELP)(export_command)
-    app.command(name="generate", help=(generate_command.__doc__ or "") + MODEL_HELP)(generate_command)
+    for name, command in (("export", export_command), ("generate", generate_command)):
+        app.command(name=name, help=inspect.cleandoc(command.__doc__ or "") + "\n\n" + MODEL_HELP)(command)
