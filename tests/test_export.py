@@ -245,6 +245,14 @@ def test_a_run_without_final_adapters_exports_from_a_checkpoint(staged: Path, tm
     assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
 
 
+def test_a_run_without_run_json_is_read_from_its_topology_file(staged: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(staged, old)
+    (old / "run.json").unlink()  # as a run of an older build left it
+    line = _export(old, tmp_path / "o", "--device", "dev0", "--no-check")
+    assert line["blocks"] == {"devices": [0], "s1": [1, 2], "s2": [3]}
+
+
 def test_a_directory_with_nothing_to_export_says_so(tmp_path: Path) -> None:
     msg = _fail("export", str(tmp_path), "--device", "dev0", "--out", str(tmp_path / "x"))
     assert "run.json" in msg and "--topology" in msg
