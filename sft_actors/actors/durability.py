@@ -6,6 +6,9 @@ moments, step and sample counters — asked for with STATE_REQUEST), the average
 adapters, and the run's history (the summary so far). It is also kept in memory: a server lost
 mid-run is restored from it, and so is every device (a rollback), and a device that rejoins gets
 its own last state from it. ``--resume RUN_DIR`` loads the last complete one.
+``run.json`` (``train.run_info``: model, dtype, LoRA, each device's cut, each server's block
+range) is written when the run directory is made, and the same facts go into the metadata of
+the adapters files, so ``sft export`` can rebuild any device's model from the directory alone.
 """
 
 from __future__ import annotations
