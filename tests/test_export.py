@@ -232,9 +232,11 @@ def test_a_run_without_final_adapters_exports_from_a_checkpoint(staged: Path, tm
     broken = tmp_path / "interrupted"
     shutil.copytree(staged, broken)
     for f in broken.glob("adapters_*.safetensors"):
-        f.unlink()
+        f.unlink()  # as a run stopped by Ctrl-C leaves it: checkpoints, no final adapters
+    summary = json.loads((broken / "summary.json").read_text())
+    (broken / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "reason": "SIGINT"}))
     msg = _fail("export", str(broken), "--device", "dev0", "--out", str(tmp_path / "x"))
-    assert "no final adapters" in msg and "--round 2" in msg
+    assert "no final adapters" in msg and "interrupted (SIGINT)" in msg and "--round 2" in msg
     assert "rounds [1, 2]" in _fail(
         "export", str(broken), "--device", "dev0", "--out", str(tmp_path / "x"), "--round", "7"
     )

@@ -21,6 +21,7 @@ its end. Pure: reads files, imports no actor, transport or runtime code.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,7 @@ def load_run(
             else "and no complete checkpoint either (the run has not finished a round)"
         )
         raise ExportError(
-            f"{run_dir} has no final adapters ({', '.join(missing)} missing: the run did not end); {hint}"
+            f"{run_dir} has no final adapters ({', '.join(missing)} missing: {_ending(run_dir)}); {hint}"
         )
     if not rounds:
         raise ExportError(f"{run_dir} has no complete checkpoint to export")
@@ -145,6 +146,16 @@ def load_run(
     if r not in rounds:
         raise ExportError(f"{run_dir} has no complete checkpoint after round {r}; it has rounds {rounds}")
     return from_checkpoint(info, run_dir / CHECKPOINTS / round_dir_name(r))
+
+
+def _ending(run_dir: Path) -> str:
+    """How the run ended, from its summary.json, for an error message."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        status, reason = summary["status"], summary.get("reason") or ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the run is still going or was killed (no summary.json)"
+    return f"the run ended {status}" + (f" ({reason})" if reason else "")
 
 
 def from_checkpoint(info: RunInfo, path: Path) -> RunAdapters:
