@@ -228,6 +228,15 @@ def test_a_non_empty_out_is_refused_unless_forced(staged: Path, tmp_path: Path) 
     assert not (out / "mine.txt").exists()
 
 
+def test_an_unknown_format_or_a_file_as_out_is_refused(staged: Path, tmp_path: Path) -> None:
+    args = ["export", str(staged), "--device", "dev0"]
+    assert "--format" in _fail(*args, "--out", str(tmp_path / "x"), "--format", "onnx")
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in _fail(*args, "--out", str(tmp_path / "file"))
+    usage = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--round", "soon"])
+    assert usage.exit_code == 2 and "round number or 'latest'" in usage.output
+
+
 def test_a_run_without_final_adapters_exports_from_a_checkpoint(staged: Path, tmp_path: Path) -> None:
     broken = tmp_path / "interrupted"
     shutil.copytree(staged, broken)

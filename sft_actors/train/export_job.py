@@ -62,12 +62,17 @@ def load_device(
     return Loaded(run=run, model=model, dm=dm, hf_base=spec.source in ("hf_llama", "vit_weights"))
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """A fresh temporary folder beside ``out``; refuses a non-empty ``out`` unless ``force``."""
+def _check_out(out: Path, force: bool) -> None:
+    """Refuses an ``out`` that is a file, or a non-empty folder unless ``force``."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """A fresh temporary folder beside ``out`` (checked again: the model took a while to load)."""
+    _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
 
@@ -88,9 +93,12 @@ def export_run(
 
     ``out`` is written as a temporary folder and renamed into place (``force`` replaces an
     existing non-empty one). Raises :class:`ExportError` (unknown device, no adapters yet, a
-    non-empty ``out``, a ViT), ``ConfigError`` for a model that cannot be loaded."""
+    non-empty ``out``, a fedlora ViT), ``ConfigError`` for a model that cannot be loaded,
+    ``CheckpointError`` for a corrupted checkpoint."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    out = Path(out).absolute()
+    _check_out(out, force)
     loaded = load_device(run_dir, device, round_=round_, topology=topology)
     model, dm, info = loaded.model, loaded.dm, loaded.run.info
     if model.family == "vit" and info.whole_model_on_device:
@@ -98,7 +106,6 @@ def export_run(
             "a fedlora ViT run does not save the heads its devices trained (only their LoRA "
             "average), so the model a device ended with cannot be rebuilt from RUN_DIR"
         )
-    out = Path(out).absolute()
     tmp = _prepare_out(out, force)
     note = None
     try:
