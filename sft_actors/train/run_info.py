@@ -70,8 +70,11 @@ class RunInfo:
 
     @property
     def model_spec(self) -> str:
-        """The spec to load the base from: the absolute path when the run recorded one."""
-        return self.model_path or self.model
+        """The spec to load the base from: the absolute path the run recorded while it exists
+        (the run may be read from another directory), else the spec as the topology gave it."""
+        if self.model_path and Path(self.model_path).exists():
+            return self.model_path
+        return self.model
 
     def to_json(self) -> dict[str, Any]:
         return {
