@@ -5,7 +5,9 @@ Two runs are made once per module through ``run_topology`` (as ``sft run`` does)
 * ``staged``: an HF-folder base (llama-tiny saved with ``export_hf_llama``, byte-level BPE
   tokenizer.json), mode ``sfl``, devices cutting at 1 and 3, two server stages ``s1`` [1, 3)
   and ``s2`` [3, 4) (head) — every block of dev0's model comes from another file than dev1's;
-* ``fed``: the ``llama-tiny`` preset (byte tokenizer) under ``fedlora`` (no server).
+* ``fed``: the ``llama-tiny`` preset (byte tokenizer) under ``fedlora`` (no server);
+* ``vit``: ``vit-tiny`` on scikit-learn's digits, devices cutting at 1 and 2, one server with
+  the trainable head.
 """
 
 from __future__ import annotations

@@ -139,6 +139,12 @@ def export_run(
     }
     if fmt == "peft":
         line["base_model_name_or_path"] = base
+    elif model.family == "llama" and "tokenizer.json" not in line["files"]:
+        line["tokenizer"] = (
+            "none: the model has no tokenizer"
+            if model.tokenizer is None
+            else "none written: the model's byte tokenizer maps each UTF-8 byte to its id"
+        )
     if note:
         line["note"] = note
     if check:
