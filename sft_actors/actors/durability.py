@@ -6,6 +6,9 @@ moments, step and sample counters — asked for with STATE_REQUEST), the average
 adapters, and the run's history (the summary so far). It is also kept in memory: a server lost
 mid-run is restored from it, and so is every device (a rollback), and a device that rejoins gets
 its own last state from it. ``--resume RUN_DIR`` loads the last complete one.
+``run.json`` (``train.run_info``: model, dtype, LoRA, each device's cut, each server's block
+range) is written when the run directory is made, and the same facts go into the metadata of
+the adapters files, so ``sft export`` can rebuild any device's model from the directory alone.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sft_actors.log import get_logger
 from sft_actors.topology import Topology
 from sft_actors.train import modes
 from sft_actors.train.checkpoint import checkpoint_bytes, latest_checkpoint, write_checkpoint
+from sft_actors.train.run_info import RUN_INFO, adapter_metadata, run_info, write_run_info
 from sft_actors.train.state import TrainerState
 from sft_actors.train.summary import RunSummary, new_run_dir, write_adapters, write_summary
 from sft_actors.wire import StateReport, WireTensor
@@ -63,6 +67,8 @@ class Durability:
         self.topology = topology
         self.env = env
         self.summary = summary
+        #: What ``sft export`` needs (model, LoRA, cuts, server block ranges): ``run.json``.
+        self.info = run_info(topology)
         self.run_dir: Path | None = None
         #: Names the run in every plan (random for a fresh run; kept by ``--resume``).
         self.run_id = secrets.token_hex(8)
@@ -93,6 +99,8 @@ class Durability:
                 f"{self.env.schema_hash}): model, cuts, LoRA and codec must match to resume"
             )
         self.run_dir = self.env.resume_dir
+        if not (self.run_dir / RUN_INFO).is_file():  # a run written before run.json existed
+            write_run_info(self.run_dir, self.info)
         self._states = {k: v for k, v in ckpt.states.items() if k != COORDINATOR_STATE}
         own = ckpt.states.get(COORDINATOR_STATE)
         self._adapters_at_checkpoint = (
@@ -117,6 +125,7 @@ class Durability:
         if self.run_dir is None:
             run = self.topology.run
             self.run_dir = new_run_dir(run.output.dir, run.name)
+            write_run_info(self.run_dir, self.info)
             self.summary.run_dir = str(self.run_dir)
         return self.run_dir
 
@@ -184,15 +193,17 @@ class Durability:
         return write_summary(self.summary, self._ensure_dir())
 
     def write_adapters(self, servers: dict[str, dict[str, torch.Tensor]]) -> None:
-        """``adapters_devices.safetensors`` (the devices' average) and one file per server."""
-        run = self.topology.run
+        """``adapters_devices.safetensors`` (the devices' average) and one file per server, each
+        with the run's model, dtype, LoRA config and cuts or block range in its metadata
+        (``train.run_info.adapter_metadata``)."""
         run_dir = self._ensure_dir()
-        meta = {"model": run.model, "mode": run.train.mode, "run": run.name}
         if self.device_adapters:
+            meta = adapter_metadata(self.info, "devices")
             path = write_adapters(self.device_adapters, run_dir / "adapters_devices.safetensors", meta)
             self.summary.adapters["devices"] = str(path)
         for name, tensors in servers.items():
             if tensors:
+                meta = adapter_metadata(self.info, name)
                 path = write_adapters(tensors, run_dir / f"adapters_{name}.safetensors", meta)
                 self.summary.adapters[name] = str(path)
         log.info("run_written", run_dir=str(run_dir))

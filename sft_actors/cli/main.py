@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from sft_actors.cli.data import app as data_app
+from sft_actors.cli.export import register as register_export
 from sft_actors.cli.keys import app as keys_app
 from sft_actors.cli.launch import launch_command
 from sft_actors.cli.model import app as model_app
@@ -30,6 +31,7 @@ app.command(name="status")(status_command)
 app.add_typer(model_app, name="model")
 app.command(name="plan")(plan_command)
 app.command(name="launch")(launch_command)
+register_export(app)
 
 if __name__ == "__main__":
     app()
