@@ -200,12 +200,12 @@ def _opt_float(value: Any) -> float | None:
 def hf_rope_parameters(scaling: RopeScaling | None, theta: float) -> dict[str, Any]:
     """The transformers-5 ``rope_parameters`` dict for ``scaling`` (the inverse of the parser)."""
     out: dict[str, Any] = {"rope_type": "default" if scaling is None else scaling.kind, "rope_theta": theta}
-    if scaling is None or scaling.kind == "default":
-        return out
-    if scaling.freq_factors:
+    if scaling is not None and scaling.freq_factors:
         raise ModelSpecError(
             "RoPE frequency factors (a GGUF rope_freqs tensor) have no transformers equivalent"
         )
+    if scaling is None or scaling.kind == "default":
+        return out
     out["factor"] = scaling.factor
     if scaling.kind == "llama3":
         out["low_freq_factor"] = scaling.low_freq_factor
