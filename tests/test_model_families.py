@@ -409,26 +409,16 @@ runner = CliRunner()
 
 
 def test_cli_verify_reference_transformers_json(tmp_path: Path) -> None:
+    """``sft model verify DIR --reference transformers --json`` (cut defaults to half the blocks)."""
     _save(tmp_path / "hf", transformers.Qwen3Config, head_dim=32)
-    result = runner.invoke(
-        app,
-        [
-            "verify",
-            str(tmp_path / "hf"),
-            "--cut",
-            "1",
-            "--seq",
-            "24",
-            "--reference",
-            "transformers",
-            "--json",
-        ],
-    )
+    args = ["verify", str(tmp_path / "hf"), "--seq", "24", "--reference", "transformers", "--json"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output.strip().splitlines()[-1])
-    assert data["ok"] and data["max_abs_logit_diff"] <= 1e-5
+    assert data["ok"] and data["cut"] == 1 and data["max_abs_logit_diff"] <= 1e-5
     assert data["max_abs_logit_diff_vs_reference"] <= 1e-4
     assert data["max_rel_lora_grad_diff_vs_reference"] <= 1e-4
+    assert data["reference"].startswith("transformers")
 
 
 def test_cli_reference_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
