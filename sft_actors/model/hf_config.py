@@ -109,7 +109,7 @@ def _fail(where: str, field: str, message: str) -> ModelSpecError:
 
 def _require(cfg: dict[str, Any], key: str, where: str) -> int:
     if key not in cfg or cfg[key] is None:
-        raise _fail(where, key, "is missing; a Llama-family config.json must set it")
+        raise _fail(where, key, "is missing; add that field (a Llama-family config.json must set it)")
     try:
         return int(cfg[key])
     except (TypeError, ValueError) as exc:
