@@ -68,7 +68,10 @@ def verify_against_transformers(
         raise ConfigError("--reference transformers compares Llama-family checkpoints only")
     transformers, peft = _require("transformers"), _require("peft")
     lora = lora or LoraConfig()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+    auto = transformers.AutoModelForCausalLM
+    ref = auto.from_pretrained(str(directory), **{dtype_kw: torch.float32}).eval()
     ids, labels = sample_batch(model, batch, seq, seed=seed)
     ours = model.float()
 
