@@ -125,7 +125,7 @@ def test_cache_key_follows_content(tiny_gguf: tuple[Llama, Path]) -> None:
     assert file_key(path) != key
 
 
-def test_non_llama_gguf_is_refused(tmp_path: Path) -> None:
+def test_unsupported_gguf_architecture_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.gguf"
     w = gguf.GGUFWriter(str(path), "gpt2")
     w.add_block_count(1)
@@ -134,5 +134,7 @@ def test_non_llama_gguf_is_refused(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ModelSpecError, match="only 'llama'"):
+    with pytest.raises(
+        ModelSpecError, match=r"'gpt2' is not supported; supported: \['llama', 'qwen2', 'qwen3'\]"
+    ):
         load_model(str(path), use_cache=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, cast
 import torch
 import typer
 
-from sft_actors.errors import SftError
+from sft_actors.errors import ConfigError, SftError
 from sft_actors.model.config import LlamaConfig, LoraConfig, ModelConfig
 from sft_actors.model.memory import (
     MemoryEstimate,
@@ -18,7 +18,7 @@ from sft_actors.model.memory import (
     estimate_device_memory,
     head_param_count,
 )
-from sft_actors.model.spec import load_config, load_model, resolve_spec
+from sft_actors.model.spec import ModelSpec, load_config, load_model, resolve_spec
 from sft_actors.model.verify import verify_split
 
 app = typer.Typer(help="Inspect and verify models.", no_args_is_help=True, add_completion=False)
@@ -191,7 +191,7 @@ def _estimate_dict(est: MemoryEstimate) -> dict[str, int]:
 @app.command()
 def verify(
     spec: SpecArg,
-    cut: Annotated[int, typer.Option(help="device holds blocks [0, cut)")],
+    cut: Annotated[int | None, typer.Option(help="device holds blocks [0, cut); default: half")] = None,
     server_start: Annotated[int | None, typer.Option(help="server part's first block (≤ cut)")] = None,
     batch: Annotated[int, typer.Option()] = 2,
     seq: Annotated[int, typer.Option()] = 16,
@@ -202,30 +202,75 @@ def verify(
         float, typer.Option(help="fail (exit 1) above this logit / relative grad diff")
     ] = 1e-4,
     as_json: Annotated[bool, typer.Option("--json", help="last line: the result as JSON")] = False,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="also compare the whole model with this reference implementation on the same "
+            "checkpoint: 'transformers' (a Hugging Face directory; needs transformers and peft)"
+        ),
+    ] = None,
+    reference_tolerance: Annotated[
+        float, typer.Option(help="fail (exit 1) above this logit / relative grad diff vs the reference")
+    ] = 1e-3,
 ) -> None:
-    """Split == whole: logits and LoRA gradients of device→server vs the unsplit model."""
+    """Split == whole: logits and LoRA gradients of device→server vs the unsplit model (and, with
+    ``--reference transformers``, the whole model vs transformers + PEFT)."""
     torch.manual_seed(seed)
+    lora = LoraConfig(rank=rank, mlp=mlp)
     try:
-        model = load_model(resolve_spec(spec))
+        resolved = resolve_spec(spec)
+        _check_reference(reference, resolved)
+        model = load_model(resolved)
         result = verify_split(
             model,
-            cut,
+            model.num_blocks // 2 if cut is None else cut,
             server_start=server_start,
             batch=batch,
             seq=seq,
-            lora=LoraConfig(rank=rank, mlp=mlp),
+            lora=lora,
             seed=seed,
         )
+        extra: dict[str, Any] = {}
+        if reference is not None:
+            from sft_actors.model.reference import verify_against_transformers  # transformers: lazily
+
+            assert resolved.path is not None
+            ref = verify_against_transformers(
+                model, resolved.path, batch=batch, seq=seq, lora=lora, seed=seed
+            )
+            extra = ref.as_dict()
     except SftError as exc:
         raise _fail(exc) from exc
     ok = result.max_abs_logit_diff <= tolerance and result.max_rel_grad_diff <= tolerance
+    ref_keys = ("max_abs_logit_diff_vs_reference", "max_rel_lora_grad_diff_vs_reference")
+    ok = ok and all(extra[k] <= reference_tolerance for k in ref_keys if k in extra)
     typer.echo(
         f"{spec} cut {result.cut} (server from block {result.server_start}), "
         f"batch {result.batch}×{result.seq}: "
         f"max |Δlogit| {result.max_abs_logit_diff:.3e}, max rel Δgrad {result.max_rel_grad_diff:.3e} "
         f"over {result.grads_compared} LoRA tensors — {'OK' if ok else 'FAIL'} (tolerance {tolerance:g})"
     )
+    if extra:
+        typer.echo(
+            f"vs {extra['reference']}: max |Δlogit| {extra['max_abs_logit_diff_vs_reference']:.3e}, "
+            f"max rel ΔLoRA grad {extra['max_rel_lora_grad_diff_vs_reference']:.3e} "
+            f"(tolerance {reference_tolerance:g})"
+        )
     if as_json:
-        typer.echo(json.dumps({"spec": spec, "ok": ok, **result.as_dict()}))
+        typer.echo(json.dumps({"spec": spec, "ok": ok, **result.as_dict(), **extra}))
     if not ok:
         raise typer.Exit(1)
+
+
+def _check_reference(reference: str | None, resolved: ModelSpec) -> None:
+    """``--reference``: only ``transformers``, only for a Hugging Face directory."""
+    if reference is None:
+        return
+    if reference != "transformers":
+        raise ConfigError(f"--reference {reference!r} is not supported; use --reference transformers")
+    if resolved.source != "hf_llama":
+        raise ConfigError(
+            f"--reference transformers needs a Hugging Face Llama-family directory; {resolved.name!r} is a "
+            f"{resolved.source} spec (a GGUF has no transformers reference to load — compare its "
+            "export_hf_llama folder instead, which checks our export, not the GGUF reading)"
+        )

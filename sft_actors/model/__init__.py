@@ -12,7 +12,7 @@ Pure torch: nothing here imports actors, transport or runtime.
 """
 
 from sft_actors.model.base import SplitLM
-from sft_actors.model.config import PRESETS, LlamaConfig, LoraConfig, ModelConfig, ViTConfig
+from sft_actors.model.config import PRESETS, LlamaConfig, LoraConfig, ModelConfig, RopeScaling, ViTConfig
 from sft_actors.model.export import export_hf_llama, export_peft, load_lora, merge_lora, save_lora
 from sft_actors.model.llama import IGNORE_INDEX, Llama
 from sft_actors.model.lora import LoraAdapter, randomize_lora_B
@@ -57,6 +57,7 @@ __all__ = [
     "ModelConfig",
     "ModelSpec",
     "Part",
+    "RopeScaling",
     "ServerPart",
     "SplitLM",
     "Tokenizer",

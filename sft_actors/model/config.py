@@ -17,9 +17,60 @@ from sft_actors.errors import ConfigError, ModelSpecError
 Family = Literal["llama", "vit"]
 
 
+Arch = Literal["llama", "mistral", "qwen2", "qwen3"]
+ARCHS: tuple[Arch, ...] = ("llama", "mistral", "qwen2", "qwen3")
+RopeKind = Literal["default", "linear", "dynamic", "llama3", "yarn"]
+ROPE_KINDS: tuple[RopeKind, ...] = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RopeScaling:
+    """How RoPE frequencies are rescaled (the math lives in :mod:`sft_actors.model.rope`).
+
+    ``kind`` follows transformers' ``rope_type``: ``linear`` (position interpolation),
+    ``dynamic`` (NTK-aware, grows the base past ``original_max_position_embeddings``),
+    ``llama3`` (Llama 3.1's per-band division) and ``yarn`` (Peng et al. 2023, with its attention
+    factor). ``default`` only carries ``freq_factors``: per-frequency divisors from a GGUF
+    ``rope_freqs`` tensor (llama.cpp divides each frequency by its factor), which also apply on
+    top of ``linear`` and ``yarn``.
+    """
+
+    kind: RopeKind
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn; None: derived from factor / mscale
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+    freq_factors: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_KINDS:
+            raise ModelSpecError(f"RoPE scaling kind {self.kind!r} is not supported; use one of {ROPE_KINDS}")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ModelSpecError(f"RoPE scaling factor must be a positive number, got {self.factor}")
+        if self.kind in ("dynamic", "llama3", "yarn") and not self.original_max_position_embeddings:
+            raise ModelSpecError(f"RoPE scaling {self.kind!r} needs original_max_position_embeddings")
+        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ModelSpecError("llama3 RoPE scaling needs high_freq_factor > low_freq_factor")
+        if self.freq_factors and self.kind in ("dynamic", "llama3"):
+            raise ModelSpecError(f"RoPE frequency factors do not combine with {self.kind!r} scaling")
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class LlamaConfig:
-    """A Llama-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention."""
+    """A Llama-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention.
+
+    The same block serves Llama 1-3.x, Mistral, Qwen2/2.5 and Qwen3 (``arch`` names which, so an
+    export writes the right ``model_type`` back): ``head_dim`` may differ from ``dim /
+    num_heads`` (``explicit_head_dim``), q/k/v and o may carry biases, Qwen3 normalises q and k
+    per head (``qk_norm``), RoPE may be rescaled (``rope_scaling``), and attention may be limited
+    to the last ``sliding_window`` positions (every block except ``full_attention_blocks``).
+    """
 
     vocab_size: int
     dim: int
@@ -31,26 +82,56 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_seq_len: int = 2048
+    arch: Arch = "llama"
+    explicit_head_dim: int | None = None  # None: dim // num_heads
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    full_attention_blocks: tuple[int, ...] = ()  # blocks exempt from the sliding window
 
     family: Family = dataclasses.field(default="llama", init=False)
 
     def __post_init__(self) -> None:
-        if self.dim % self.num_heads:
+        if self.arch not in ARCHS:
+            raise ModelSpecError(f"unknown Llama-family arch {self.arch!r}; use one of {ARCHS}")
+        if self.explicit_head_dim is None and self.dim % self.num_heads:
             raise ModelSpecError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ModelSpecError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
-        if self.head_dim % 2:
-            raise ModelSpecError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.head_dim % 2 or self.head_dim <= 0:
+            raise ModelSpecError(f"head_dim {self.head_dim} must be positive and even for RoPE")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelSpecError(f"sliding_window must be ≥ 1, got {self.sliding_window}")
+        freq_factors = self.rope_scaling.freq_factors if self.rope_scaling else ()
+        if freq_factors and len(freq_factors) != self.head_dim // 2:
+            raise ModelSpecError(
+                f"{len(freq_factors)} RoPE frequency factors for head_dim {self.head_dim} "
+                f"(expected {self.head_dim // 2})"
+            )
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.explicit_head_dim if self.explicit_head_dim is not None else self.dim // self.num_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection's output (and the o projection's input)."""
+        return self.num_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def window(self, block: int) -> int | None:
+        """The sliding attention window of ``block`` (None: full causal attention)."""
+        if self.sliding_window is None or block in self.full_attention_blocks:
+            return None
+        return self.sliding_window
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -149,14 +230,33 @@ def with_overrides(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    """Plain JSON-able fields (tuples become lists; ``rope_scaling`` a nested dict or None)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, RopeScaling):
+            value = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)}
+            value["freq_factors"] = list(value["freq_factors"])
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """The inverse of :func:`config_to_dict`."""
     fields = dict(data)
     family = fields.pop("family", "llama")
-    cls: type[LlamaConfig] | type[ViTConfig] = LlamaConfig if family == "llama" else ViTConfig
-    return cls(**fields)
+    if family != "llama":
+        return ViTConfig(**fields)
+    rope = fields.get("rope_scaling")
+    if isinstance(rope, dict):
+        fields["rope_scaling"] = RopeScaling(
+            **{**rope, "freq_factors": tuple(float(x) for x in rope.get("freq_factors", ()))}
+        )
+    if "full_attention_blocks" in fields:
+        fields["full_attention_blocks"] = tuple(int(i) for i in fields["full_attention_blocks"])
+    return LlamaConfig(**fields)
 
 
 LLAMA_ATTENTION = ("q", "k", "v", "o")

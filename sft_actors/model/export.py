@@ -14,16 +14,18 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sft_actors.errors import ConfigError
+from sft_actors.errors import ConfigError, ModelSpecError
 from sft_actors.model.base import SplitLM
 from sft_actors.model.config import LlamaConfig, LoraConfig
 from sft_actors.model.hf_loader import HF_LLAMA_NAMES
+from sft_actors.model.rope import hf_rope_parameters
 from sft_actors.model.tokenizer import BpeTokenizer
 
 _KEY = re.compile(r"blocks\.(\d+)\.(\w+)\.(lora_A|lora_B)")
@@ -169,11 +171,76 @@ def merge_lora(model: SplitLM, state: Mapping[str, torch.Tensor], lora: LoraConf
     return merged
 
 
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def _hf_family_fields(config: LlamaConfig) -> dict[str, Any]:
+    """The model-type specific config.json fields; ConfigError for what that type cannot express."""
+    arch = config.arch
+    fields: dict[str, Any] = {}
+    no_window = config.sliding_window is None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ConfigError(
+                f"a {arch} config.json cannot express {what}; transformers would compute otherwise"
+            )
+
+    if arch == "llama":
+        need(config.qkv_bias == config.o_bias, "q/k/v biases without an o bias (or the reverse)")
+        need(not config.qk_norm and no_window, "q/k norms or a sliding window")
+        fields.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    elif arch == "mistral":
+        need(
+            not (config.qkv_bias or config.o_bias or config.mlp_bias or config.qk_norm), "biases or q/k norms"
+        )
+        need(not config.full_attention_blocks, "blocks exempt from the sliding window")
+        fields["sliding_window"] = config.sliding_window
+    else:
+        need(not config.mlp_bias, "an MLP bias")
+        if arch == "qwen2":
+            need(
+                config.qkv_bias and not config.o_bias and not config.qk_norm, "other than q/k/v biases alone"
+            )
+        else:
+            need(
+                config.qk_norm and config.qkv_bias == config.o_bias,
+                "no q/k norms, or q/k/v and o biases apart",
+            )
+            fields["attention_bias"] = config.qkv_bias
+        types = [
+            "full_attention" if config.window(i) is None else "sliding_attention"
+            for i in range(config.num_blocks)
+        ]
+        fields.update(
+            use_sliding_window=not no_window,
+            sliding_window=config.sliding_window,
+            max_window_layers=len(config.full_attention_blocks) if not no_window else config.num_blocks,
+            layer_types=types,
+        )
+    return fields
+
+
 def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
-    """A Llama (e.g. merged) as a Hugging Face folder: config.json, model.safetensors, tokenizer.json."""
+    """A Llama-family model (e.g. merged) as a Hugging Face folder: config.json (the model type of
+    ``config.arch``, with its RoPE scaling, biases, head_dim, window), model.safetensors and
+    tokenizer.json, which ``AutoModelForCausalLM.from_pretrained`` loads back to the same logits.
+
+    Raises :class:`ConfigError` for what transformers cannot express (e.g. a GGUF ``rope_freqs``).
+    """
     config = model.config
     if not isinstance(config, LlamaConfig):
-        raise ConfigError("export_hf_llama exports Llama models only")
+        raise ConfigError("export_hf_llama exports Llama-family models only")
+    try:
+        rope = hf_rope_parameters(config.rope_scaling, config.rope_theta)
+    except ModelSpecError as exc:
+        raise ConfigError(f"cannot export to Hugging Face: {exc}") from exc
+    family = _hf_family_fields(config)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -185,24 +252,32 @@ def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
         elif key == "lm_head.weight":
             name = key
         else:
-            _, idx, ours, _w = key.split(".")
-            name = f"model.layers.{idx}.{HF_LLAMA_NAMES[ours]}.weight"
+            _, idx, ours, kind = key.split(".")
+            name = f"model.layers.{idx}.{HF_LLAMA_NAMES[ours]}.{kind}"
         tensors[name] = value.detach().contiguous()
     tok = model.tokenizer
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     hf_config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_HF_ARCHITECTURES[config.arch]],
+        "model_type": config.arch,
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
         "num_hidden_layers": config.num_blocks,
         "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
         "intermediate_size": config.ffn_dim,
+        # transformers ≥ 5 reads rope_parameters (rope_scaling wins when non-empty, with the
+        # top-level rope_theta); < 5 reads rope_theta + rope_scaling. Both say the same here.
         "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "rope_scaling": None if scaling["rope_type"] == "default" else scaling,
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "max_position_embeddings": config.max_seq_len,
         "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        **family,
         "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "bos_token_id": tok.bos_id if tok else None,
         "eos_token_id": tok.eos_id if tok else None,

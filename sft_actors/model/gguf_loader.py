@@ -1,7 +1,15 @@
-"""Llama-architecture GGUF files → our config, fp32 state dict and tokenizer, with a local cache.
+"""Llama-family GGUF files → our config, fp32 state dict and tokenizer, with a local cache.
 
-llama.cpp's converter permutes the rows of the Q and K projections so that RoPE can rotate
-interleaved pairs; our Llama (like HF) rotates halves, so :func:`unpermute_qk` undoes it.
+Architectures: ``llama`` (Llama 1-3.x and Mistral), ``qwen2`` (q/k/v bias tensors), ``qwen3``
+(``attn_q_norm``/``attn_k_norm``, ``attention.key_length`` as head_dim). llama.cpp's converter
+permutes the rows of the Q and K projections of ``llama`` only (weights and biases), so that
+RoPE can rotate interleaved pairs; our Llama (like HF) rotates halves, so :func:`unpermute_qk`
+undoes it. qwen2/qwen3 are written unpermuted (llama.cpp rotates them NeoX-style).
+
+RoPE scaling: ``{arch}.rope.scaling.type`` ``linear`` (+ ``factor``) and ``yarn`` (+ ``factor``,
+``original_context_length``, ``yarn_beta_fast``/``yarn_beta_slow``), and a ``rope_freqs`` tensor
+(Llama 3's per-frequency divisors, as ``ggml_rope_ext`` divides). Every other ``{arch}.*`` key is
+refused unless it is known not to change the math.
 
 Parsing the metadata (≈50k vocabulary strings) and dequantising take seconds, so the result is
 cached under ``$XDG_CACHE_HOME/sft_actors/gguf/<sha256[:16]>-<size>/`` (default
@@ -29,14 +37,18 @@ from safetensors.torch import load_file, save_file
 
 from sft_actors.errors import ModelSpecError
 from sft_actors.log import get_logger
-from sft_actors.model.config import LlamaConfig, config_from_dict, config_to_dict
+from sft_actors.model.config import LlamaConfig, RopeScaling, config_from_dict, config_to_dict
 from sft_actors.model.tokenizer import BpeTokenizer, bpe_from_vocab
 
 log = get_logger(component="model.gguf")
 
-CACHE_FORMAT = 2  # 2: meta.json special carries the chat template
+# 2: meta.json special carries the chat template; 3: Llama-family config fields
+# (arch, biases, q/k norm, RoPE scaling, window).
+CACHE_FORMAT = 3
 _BLOCK_TENSORS = {
     "attn_norm": "attn_norm",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
     "attn_q": "q",
     "attn_k": "k",
     "attn_v": "v",
@@ -71,9 +83,9 @@ def file_key(path: Path) -> str:
 
 
 def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's ``permute`` of Q/K rows: interleaved-pair layout → rotate-half layout."""
-    out, inp = weight.shape
-    return weight.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+    """Undo llama.cpp's ``permute`` of Q/K rows (weights or biases): interleaved pairs → rotate-half."""
+    out, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(n_heads, out // n_heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -85,14 +97,111 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return field.contents()
 
 
+ARCHS = ("llama", "qwen2", "qwen3")  # a Mistral GGUF is a llama one
+# ``{arch}.*`` keys this loader honours (read below) or knows not to change the math.
+_ARCH_KEYS = {
+    "vocab_size",
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "attention.sliding_window",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "rope.scaling.original_context_length",
+    "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
+    "rope.scaling.yarn_ext_factor",
+    "rope.scaling.attn_factor",
+    "rope.scaling.finetuned",
+}
+
+
+def _check_keys(reader: Any, arch: str) -> None:
+    """Refuse an ``{arch}.*`` key this loader neither reads nor knows to be harmless."""
+    for key in reader.fields:
+        if key.startswith(f"{arch}.") and key.removeprefix(f"{arch}.") not in _ARCH_KEYS:
+            raise ModelSpecError(
+                f"GGUF key {key!r} is not supported (it may change the model's math); "
+                f"supported {arch}.* keys: {sorted(_ARCH_KEYS)}"
+            )
+
+
+def _rope_scaling(reader: Any, arch: str, head_dim: int, context: int) -> RopeScaling | None:
+    """llama.cpp's RoPE scaling keys (and a ``rope_freqs`` tensor) → :class:`RopeScaling`."""
+    kind = str(_field(reader, f"{arch}.rope.scaling.type", "none"))
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 0.0))
+    if f"{arch}.rope.scale_linear" in reader.fields:  # the pre-2024 spelling of linear scaling
+        kind, factor = "linear", float(_field(reader, f"{arch}.rope.scale_linear"))
+    if kind not in ("none", "linear", "yarn"):
+        raise ModelSpecError(
+            f"GGUF key {arch}.rope.scaling.type = {kind!r} is not supported; supported: none, linear, yarn"
+        )
+    if float(_field(reader, f"{arch}.rope.scaling.attn_factor", 1.0)) != 1.0:
+        raise ModelSpecError(f"GGUF key {arch}.rope.scaling.attn_factor ≠ 1 is not supported")
+    ext = float(_field(reader, f"{arch}.rope.scaling.yarn_ext_factor", -1.0))
+    if ext not in (-1.0, 1.0 if kind == "yarn" else 0.0):
+        raise ModelSpecError(
+            f"GGUF key {arch}.rope.scaling.yarn_ext_factor = {ext} is not supported (the full YaRN ramp only)"
+        )
+    factors: tuple[float, ...] = ()
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        factors = tuple(float(x) for x in np.asarray(rope_freqs.data, dtype=np.float32).reshape(-1))
+    if kind == "none" or (kind == "linear" and factor in (0.0, 1.0)):
+        return RopeScaling(kind="default", freq_factors=factors) if factors else None
+    if factor <= 0:
+        raise ModelSpecError(f"GGUF key {arch}.rope.scaling.factor is missing or not positive for {kind!r}")
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=factor, freq_factors=factors)
+    return RopeScaling(
+        kind="yarn",
+        factor=factor,
+        original_max_position_embeddings=int(
+            _field(reader, f"{arch}.rope.scaling.original_context_length", context)
+        ),
+        beta_fast=float(_field(reader, f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=float(_field(reader, f"{arch}.rope.scaling.yarn_beta_slow", 1.0)),
+        freq_factors=factors,
+    )
+
+
 def _read_config(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ModelSpecError(f"GGUF architecture {arch!r} is not supported; only 'llama' GGUF files load")
+    if arch not in ARCHS:
+        raise ModelSpecError(
+            f"GGUF architecture {arch!r} is not supported; supported: {list(ARCHS)} "
+            "(Mistral GGUFs are 'llama')"
+        )
+    _check_keys(reader, arch)
     tokens = _field(reader, "tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     dim = int(_field(reader, f"{arch}.embedding_length"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", dim // n_heads))
+    if int(_field(reader, f"{arch}.attention.value_length", head_dim)) != head_dim:
+        raise ModelSpecError(f"GGUF key {arch}.attention.value_length ≠ key_length is not supported")
+    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ModelSpecError(
+            f"GGUF key {arch}.rope.dimension_count: partial RoPE ({rope_dims} of {head_dim} dims) "
+            "is not supported"
+        )
+    qk_norm = "blk.0.attn_q_norm.weight" in names
+    if qk_norm and arch != "qwen3":
+        raise ModelSpecError(
+            f"GGUF tensor blk.0.attn_q_norm.weight: q/k norms are supported for qwen3 only, not {arch!r}"
+        )
+    context = int(_field(reader, f"{arch}.context_length", 2048))
+    window = _field(reader, f"{arch}.attention.sliding_window", 0)
     config = LlamaConfig(
         vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens))),
         dim=dim,
@@ -103,11 +212,16 @@ def _read_config(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
-        max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
+        max_seq_len=context,
+        arch=arch,
+        explicit_head_dim=None if head_dim * n_heads == dim else head_dim,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        o_bias="blk.0.attn_output.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
+        qk_norm=qk_norm,
+        rope_scaling=_rope_scaling(reader, arch, head_dim, context),
+        sliding_window=int(window) if window else None,
     )
-    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", config.head_dim))
-    if rope_dims != config.head_dim:
-        raise ModelSpecError(f"partial RoPE ({rope_dims} of {config.head_dim} dims) is not supported")
     special = {
         "bos_id": int(_field(reader, "tokenizer.ggml.bos_token_id", -1)),
         "eos_id": int(_field(reader, "tokenizer.ggml.eos_token_id", -1)),
@@ -153,16 +267,17 @@ def _read_tensors(reader: Any, config: LlamaConfig) -> dict[str, torch.Tensor]:
         elif name == "output.weight":
             out["lm_head.weight"] = tensor
         elif name.startswith("blk."):
-            _, idx, kind, _suffix = name.split(".")
-            if kind not in _BLOCK_TENSORS:
-                raise ModelSpecError(f"unexpected GGUF tensor {name!r} (unsupported Llama variant)")
-            if kind == "attn_q":
+            _, idx, kind, suffix = name.split(".")
+            if kind not in _BLOCK_TENSORS or suffix not in ("weight", "bias"):
+                raise ModelSpecError(f"unexpected GGUF tensor {name!r} (unsupported {config.arch} variant)")
+            # Only llama.cpp's llama converter permutes Q/K (weights and biases); qwen2/qwen3 do not.
+            if config.arch == "llama" and kind == "attn_q":
                 tensor = unpermute_qk(tensor, config.num_heads)
-            elif kind == "attn_k":
+            elif config.arch == "llama" and kind == "attn_k":
                 tensor = unpermute_qk(tensor, config.num_kv_heads)
-            out[f"blocks.{idx}.{_BLOCK_TENSORS[kind]}.weight"] = tensor.contiguous()
+            out[f"blocks.{idx}.{_BLOCK_TENSORS[kind]}.{suffix}"] = tensor.contiguous()
         elif name != "rope_freqs.weight":
-            raise ModelSpecError(f"unexpected GGUF tensor {name!r} (unsupported Llama variant)")
+            raise ModelSpecError(f"unexpected GGUF tensor {name!r} (unsupported {config.arch} variant)")
     return out
 
 
@@ -170,8 +285,8 @@ def read_gguf_config(path: Path, *, use_cache: bool = True) -> LlamaConfig:
     """Only the architecture config (from the cache when present, else from the file's metadata)."""
     if use_cache:
         meta = cache_root() / "gguf" / file_key(path) / "meta.json"
-        if meta.is_file():
-            cfg = config_from_dict(json.loads(meta.read_text())["config"])
+        if meta.is_file() and (data := json.loads(meta.read_text())).get("format") == CACHE_FORMAT:
+            cfg = config_from_dict(data["config"])
             assert isinstance(cfg, LlamaConfig)
             return cfg
     from gguf import GGUFReader

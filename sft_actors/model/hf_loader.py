@@ -1,4 +1,5 @@
-"""Loaders for weights users have locally: a Hugging Face Llama directory, timm/HF ViT safetensors.
+"""Loaders for weights users have locally: a Hugging Face Llama-family directory (Llama, Mistral,
+Qwen2, Qwen3; config parsing in :mod:`hf_config`), timm/HF ViT safetensors.
 
 Tensor names are mapped onto ours; anything unexpected is an error rather than silently
 ignored, because a half-loaded checkpoint produces plausible-looking garbage.
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sft_actors.errors import ModelSpecError
+from sft_actors.model import hf_config
 from sft_actors.model.config import LlamaConfig, ViTConfig
 from sft_actors.model.tokenizer import BpeTokenizer
 
@@ -29,6 +31,8 @@ _LLAMA_BLOCK = {
     "mlp.down_proj": "down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "mlp_norm",
+    "self_attn.q_norm": "q_norm",
+    "self_attn.k_norm": "k_norm",
 }
 HF_LLAMA_NAMES = {ours: theirs for theirs, ours in _LLAMA_BLOCK.items()}
 
@@ -43,52 +47,61 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _shards(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The files to read and, for a sharded checkpoint, its index's ``weight_map``."""
+    index_path = directory / SHARD_INDEX
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelSpecError(f"{index_path} has no 'weight_map' object naming the shards")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelSpecError(
+                f"{index_path} names shard(s) {missing} that are not in {directory}; copy them there"
+            )
+        return files, weight_map
+    single = directory / "model.safetensors"
+    files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
     if not files:
         raise ModelSpecError(f"no *.safetensors file in {directory}; put the checkpoint's weights there")
+    return files, None
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, in its stored dtype (the caller casts).
+
+    A sharded checkpoint (``model.safetensors.index.json``) loads exactly the files its index
+    names, and each tensor must sit in the shard the index says; otherwise ``model.safetensors``,
+    else every ``*.safetensors`` file.
+    """
+    files, weight_map = _shards(directory)
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        part = load_file(str(f))
+        if weight_map is not None:
+            stray = sorted(k for k in part if weight_map.get(k) != f.name)
+            if stray:
+                raise ModelSpecError(f"{f} holds tensors its index does not place there: {stray[:5]}")
+        state.update(part)
+    if weight_map is not None and (absent := sorted(set(weight_map) - set(state))):
+        raise ModelSpecError(f"{directory / SHARD_INDEX} lists tensors no shard holds: {absent[:5]}")
     return state
 
 
-# --- Llama ---------------------------------------------------------------------------------
+# --- Llama family ----------------------------------------------------------------------------
 def hf_llama_config(directory: Path) -> LlamaConfig:
-    cfg = read_json(directory / "config.json")
-    if cfg.get("model_type") != "llama":
-        raise ModelSpecError(
-            f"{directory}/config.json has model_type {cfg.get('model_type')!r}, expected 'llama'"
-        )
-    # transformers < 5 writes rope_theta / rope_scaling; ≥ 5 writes rope_parameters.
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ModelSpecError(f"{directory}: RoPE scaling {rope} is not supported (default RoPE only)")
-    rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ModelSpecError(f"{directory}: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ModelSpecError(f"{directory}: projection biases are not supported")
-    heads = int(cfg["num_attention_heads"])
-    if cfg.get("head_dim") not in (None, int(cfg["hidden_size"]) // heads):
-        raise ModelSpecError(f"{directory}: head_dim ≠ hidden_size / num_attention_heads is not supported")
-    return LlamaConfig(
-        vocab_size=int(cfg["vocab_size"]),
-        dim=int(cfg["hidden_size"]),
-        num_blocks=int(cfg["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        ffn_dim=int(cfg["intermediate_size"]),
-        rope_theta=rope_theta,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-    )
+    """The directory's config.json as a :class:`LlamaConfig` (see :mod:`hf_config`)."""
+    return hf_config.hf_llama_config(directory, read_json(directory / "config.json"))
 
 
 def hf_llama_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """HF names → ours (weights, biases, norms); an unknown tensor is an error."""
     out: dict[str, torch.Tensor] = {}
-    block = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+    block = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
     for name, tensor in state.items():
         if name == "model.embed_tokens.weight":
             out["embed_tokens.weight"] = tensor
@@ -98,9 +111,9 @@ def hf_llama_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> 
             if not config.tie_embeddings:
                 out["lm_head.weight"] = tensor
         elif (m := block.fullmatch(name)) and m.group(2) in _LLAMA_BLOCK:
-            out[f"blocks.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}.weight"] = tensor
+            out[f"blocks.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}.{m.group(3)}"] = tensor
         elif not name.endswith("rotary_emb.inv_freq"):
-            raise ModelSpecError(f"unexpected tensor {name!r} in a Llama checkpoint")
+            raise ModelSpecError(f"unexpected tensor {name!r} in a {config.arch} checkpoint")
     return out
 
 

@@ -63,10 +63,30 @@ class MemoryEstimate:
         return self.cut * (self.block_forward_flops + self.block_backward_flops)
 
 
+def _llama_linear_params(config: LlamaConfig) -> int:
+    """Weights of one block's projections (q, k, v, o, gate, up, down), without biases."""
+    c, q, kv = config.dim, config.q_dim, config.kv_dim
+    return 2 * c * q + 2 * c * kv + 3 * c * config.ffn_dim
+
+
+def _llama_small_params(config: LlamaConfig) -> int:
+    """One block's vectors: the two RMSNorms, q/k norms (Qwen3), projection biases."""
+    n = 2 * config.dim
+    if config.qk_norm:
+        n += 2 * config.head_dim
+    if config.qkv_bias:
+        n += config.q_dim + 2 * config.kv_dim
+    if config.o_bias:
+        n += config.dim
+    if config.mlp_bias:
+        n += 2 * config.ffn_dim + config.dim
+    return n
+
+
 def block_param_count(config: ModelConfig) -> int:
     c = config.dim
     if isinstance(config, LlamaConfig):
-        return 2 * c * c + 2 * c * config.kv_dim + 3 * c * config.ffn_dim + 2 * c
+        return _llama_linear_params(config) + _llama_small_params(config)
     m = config.mlp_dim
     return 3 * c * c + 3 * c + c * c + c + 2 * c * m + m + c + 4 * c
 
@@ -89,12 +109,12 @@ def lora_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, i
     """(in, out) features of each adapted projection in one block."""
     c = config.dim
     if isinstance(config, LlamaConfig):
-        kv, f = config.kv_dim, config.ffn_dim
+        q, kv, f = config.q_dim, config.kv_dim, config.ffn_dim
         table = {
-            "q": (c, c),
+            "q": (c, q),
             "k": (c, kv),
             "v": (c, kv),
-            "o": (c, c),
+            "o": (q, c),
             "gate": (c, f),
             "up": (c, f),
             "down": (f, c),
@@ -117,11 +137,16 @@ def saved_elements_per_token(config: ModelConfig, lora: LoraConfig, *, first_blo
     n_adapters = len(projections)
     x = 0 if first_block else c
     if isinstance(config, LlamaConfig):
-        f = config.ffn_dim
+        f, q = config.ffn_dim, config.q_dim
         normed = c if {"q", "k", "v"} & set(projections) else 0
         mlp_lora = c + f if lora.mlp else 0  # normed MLP input (gate/up A) and SwiGLU output (down A)
-        act = x + normed + 4 * c + c + 3 * f + mlp_lora + r * n_adapters
-        return act, 2 + config.num_heads  # two RMSNorm rstd, attention log-sum-exp per head
+        # q, k, v (K/V expanded to the query heads) and the attention output are q_dim wide.
+        act = x + normed + 4 * q + c + 3 * f + mlp_lora + r * n_adapters
+        fp32 = 2 + config.num_heads  # two RMSNorm rstd, attention log-sum-exp per head
+        if config.qk_norm:  # Qwen3: q and k before their norms, and one rstd per head each
+            act += q + config.kv_dim
+            fp32 += config.num_heads + config.num_kv_heads
+        return act, fp32
     m = config.mlp_dim
     normed = c if "qkv" in projections else 0
     mlp_lora = c + m if lora.mlp else 0
@@ -132,10 +157,11 @@ def saved_elements_per_token(config: ModelConfig, lora: LoraConfig, *, first_blo
 def flops_per_block(config: ModelConfig, lora: LoraConfig, batch: int, seq: int) -> tuple[int, int]:
     """(forward, backward) FLOPs of one block on a batch; a multiply-add counts 2."""
     tokens = batch * seq
-    c = config.dim
-    linear = block_param_count(config) - (2 * c if isinstance(config, LlamaConfig) else 0)
+    # Biases and norms are elementwise; only the weight matrices count as matmul FLOPs.
+    linear = _llama_linear_params(config) if isinstance(config, LlamaConfig) else block_param_count(config)
     attn_pairs = seq * seq / 2 if isinstance(config, LlamaConfig) else seq * seq  # causal computes half
-    attention = 2 * 2 * batch * config.num_heads * attn_pairs * config.head_dim  # QKᵀ and AV
+    # QKᵀ and AV (a sliding window is not discounted: this is the full-attention upper bound).
+    attention = 2 * 2 * batch * config.num_heads * attn_pairs * config.head_dim
     lora_fwd = 2 * tokens * lora_param_count(config, lora)
     forward = 2 * tokens * linear + attention + lora_fwd
     # Frozen base: only input grads (≈ forward matmuls); attention backward ≈ 2× forward;

