@@ -15,7 +15,7 @@ import ipaddress
 import re
 
 from sft_actors.topology.report import Reporter
-from sft_actors.topology.schema import ActorSpec, HostSpec, Topology
+from sft_actors.topology.schema import LORA_AVERAGING, ActorSpec, HostSpec, Topology
 
 _NAME_CHARS = "-_."
 #: What a path that reaches a shell or another host may hold (``[[hosts]] workdir``,
@@ -61,6 +61,10 @@ def _validate_train(r: Reporter, topo: Topology) -> None:
         r.fail("[run.train]", "round_timeout_s", f"must be positive, got {t.round_timeout_s}")
     if t.lr <= 0:
         r.fail("[run.train]", "lr", f"must be positive, got {t.lr}")
+    if t.lora_averaging not in LORA_AVERAGING:  # a topology built in code, not parsed
+        choices = ", ".join(map(repr, LORA_AVERAGING))
+        fix = f"{t.lora_averaging!r} is not one of {choices}; use one of them"
+        r.fail("[run.train]", "lora_averaging", fix)
     if t.round_deadline_s is not None and not 0 < t.round_deadline_s <= t.round_timeout_s:
         r.fail(
             "[run.train]",
