@@ -49,7 +49,8 @@ from sft_actors.train.aggregate import Contribution, average_per_block
 _A, _B = ".lora_A", ".lora_B"
 #: ``‖B̄Ā − ΔW‖ ≤ this · ‖ΔW‖``: FedAvg is exact (fp64 round-off), keep its factors.
 EXACT_RTOL = 1e-9
-#: Singular values below this fraction of the largest count as zero.
+#: Singular values below this fraction of the largest, or of Σ w_n ‖B_n‖ ‖A_n‖ (the products'
+#: scale, which bounds their round-off), count as zero; so do norms below the latter.
 RANK_RTOL = 1e-10
 
 
@@ -161,11 +162,21 @@ def refactorize(
     q_b, r_b = torch.linalg.qr(b_cat)  # (out, k), (k, N r)
     q_a, r_a = torch.linalg.qr(a_cat.T)  # (in, k'), (k', N r)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core (k, k'): ΔW = q_b u diag(s) vh q_aᵀ
-    norm = float(torch.linalg.vector_norm(s))
-    tail = float(torch.linalg.vector_norm(s[rank:]))
-    gap = _lowrank_norm(torch.cat([b_avg, -b_cat], dim=1), torch.cat([a_avg, a_cat], dim=0))
+    # Round-off of the products is relative to Σ w_n ‖B_n‖ ‖A_n‖, not to ‖ΔW‖ (which may be 0).
+    tiny = RANK_RTOL * sum(
+        float(wn * b.norm() * a.norm()) for wn, b, a in zip(w, b_list, a_list, strict=True)
+    )
+
+    def rounded(x: torch.Tensor) -> float:
+        value = float(torch.linalg.vector_norm(x))
+        return 0.0 if value <= tiny else value
+
+    norm, tail = rounded(s), rounded(s[rank:])
+    gap_l, gap_r = torch.cat([b_avg, -b_cat], dim=1), torch.cat([a_avg, a_cat], dim=0)
+    gap = _lowrank_norm(gap_l, gap_r)
+    gap = 0.0 if gap <= tiny else gap
     kept = min(rank, s.shape[0])
-    live = s[:kept] > RANK_RTOL * s[0] if kept and float(s[0]) > 0 else torch.zeros(kept, dtype=torch.bool)
+    live = s[:kept] > max(tiny, RANK_RTOL * float(s[0]))
     root = torch.where(live, s[:kept], torch.zeros_like(s[:kept])).sqrt()  # (kept,)
     b_new = torch.zeros_like(b_avg)
     a_new = a_avg.clone()  # components without a singular value keep Ā's row, with B' = 0
