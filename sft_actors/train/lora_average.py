@@ -35,9 +35,11 @@ that no gradient could revive; if ``ΔW = 0`` this means ``B' = 0``, ``A' = Ā``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +123,30 @@ def average_lora(contributions: list[Contribution], method: str = "fedavg") -> A
                 raise ConfigError(f"{c.device} sent {key} without its {_A[1:]} factor")
     errors: dict[str, ProjectionErrors] = {}
     refactorized: list[str] = []
+    with _one_thread():
+        _refactorize_all(holders, method, tensors, errors, refactorized)
+    stats = AveragingStats(
+        method=method,
+        projections=len(errors),
+        refactorized=len(refactorized) // 2,
+        svd_error=_pooled(list(errors.values()), "svd"),
+        svd_error_max=max((e.svd for e in errors.values()), default=0.0),
+        fedavg_error=_pooled(list(errors.values()), "fedavg"),
+        fedavg_error_max=max((e.fedavg for e in errors.values()), default=0.0),
+        ms=(time.perf_counter() - t0) * 1e3,
+    )
+    return AveragedLora(tensors=tensors, refactorized=tuple(refactorized), stats=stats, errors=errors)
+
+
+def _refactorize_all(
+    holders: dict[str, list[Contribution]],
+    method: str,
+    tensors: dict[str, torch.Tensor],
+    errors: dict[str, ProjectionErrors],
+    refactorized: list[str],
+) -> None:
+    """Measure every pair several devices hold; re-factorize it in ``tensors`` (``svd``) unless
+    FedAvg is already exact."""
     for prefix, group in holders.items():
         if len(group) < 2:
             continue  # one device: its own factors are the average, exactly
@@ -134,17 +160,19 @@ def average_lora(contributions: list[Contribution], method: str = "fedavg") -> A
             tensors[prefix + _A] = a_new.to(tensors[prefix + _A].dtype)
             tensors[prefix + _B] = b_new.to(tensors[prefix + _B].dtype)
             refactorized += [prefix + _A, prefix + _B]
-    stats = AveragingStats(
-        method=method,
-        projections=len(errors),
-        refactorized=len(refactorized) // 2,
-        svd_error=_pooled(list(errors.values()), "svd"),
-        svd_error_max=max((e.svd for e in errors.values()), default=0.0),
-        fedavg_error=_pooled(list(errors.values()), "fedavg"),
-        fedavg_error_max=max((e.fedavg for e in errors.values()), default=0.0),
-        ms=(time.perf_counter() - t0) * 1e3,
-    )
-    return AveragedLora(tensors=tensors, refactorized=tuple(refactorized), stats=stats, errors=errors)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread meanwhile (process-wide; restored after). The QRs and
+    SVDs here are (out, N·r) and (N·r)² — too small to share: with 2 threads on a busy 2-core
+    machine one aggregation took 4.4 s instead of 33 ms (bench/lora_averaging.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def refactorize(
