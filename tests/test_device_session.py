@@ -92,6 +92,21 @@ def test_adapters_for_blocks_it_does_not_hold_are_refused() -> None:
         s.load_adapters(alien)
 
 
+def test_re_factorized_adapters_start_with_fresh_adamw_moments() -> None:
+    # lora_averaging = "svd" sends new factors (a new basis) and names them in reset_moments.
+    s = DeviceSession(plan())
+    step, inputs, _ = s.next_batch()
+    s.backward(step, torch.ones_like(s.forward(step, inputs)))
+    state, _ = s.adapters()
+    reset = ["blocks.0.q.lora_A", "blocks.0.q.lora_B"]
+    assert s.load_adapters(dict(state), reset) == 0
+    moments = {n: s.trainer.optimizer.state[p] for n, p in s.trainer.params.items()}
+    zeroed = {n for n, st in moments.items() if all(float(v.abs().sum()) == 0 for v in st.values())}
+    assert len(zeroed) == 2 and all(".0." in n and ".q." in n for n in zeroed)  # only those two
+    with pytest.raises(ProtocolViolation, match="not sent"):
+        s.load_adapters({}, ["blocks.0.q.lora_A"])
+
+
 def test_projecting_chain_fits_a_basis_on_its_own_activations() -> None:
     up = {
         "outliers": {"first_tokens": 1},

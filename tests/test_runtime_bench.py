@@ -129,3 +129,15 @@ def test_launch_slurm_bench_smoke() -> None:
     for base in ("local", "processes"):
         assert r[f"slurm_minus_{base}_wall_s"] == round(slurm["wall_s"] - variants[base]["wall_s"], 3)
         assert r[f"slurm_over_{base}_wall_s"] == round(slurm["wall_s"] / variants[base]["wall_s"], 3)
+
+
+def test_lora_averaging_bench_smoke() -> None:
+    r = run_bench("lora_averaging.py", "--quick")
+    assert (r["blocks"], r["devices"], r["repeats"]) == (2, 2, 1)
+    assert r["projections"] == r["refactorized"] == 4  # cuts 1 and 2: block 0 (q, k, v, o) is shared
+    assert set(r["ms"]) == {"fedavg", "fedavg+errors", "svd", "dense_svd", "svd_lowrank"}
+    assert r["svd_vs_fedavg_ms_ratio"] == pytest.approx(r["ms"]["svd"] / r["ms"]["fedavg"], rel=1e-9)
+    # The factored re-factorization is the dense truncated SVD (fp32 output), and the best
+    # rank-r approximation is at least as close as FedAvg's product.
+    assert r["factored_vs_dense_rel"] < 1e-5 and r["fedavg_stats_equal"]
+    assert 0 <= r["svd_error"] <= r["fedavg_error"]

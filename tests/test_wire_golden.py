@@ -118,7 +118,9 @@ def sample_messages() -> dict[MsgKind, Message]:
             tensors={"blocks.0.attn.q.lora_a": _t(lora_a), "blocks.0.attn.q.lora_b": _t(lora_b)},
         ),
         AdaptersDown(
-            round=3, tensors={"blocks.0.attn.q.lora_a": _t(lora_a * 2), "scalar": _t(torch.tensor(0.5))}
+            round=3,
+            tensors={"blocks.0.attn.q.lora_a": _t(lora_a * 2), "scalar": _t(torch.tensor(0.5))},
+            reset_moments=["blocks.0.attn.q.lora_a"],
         ),
         Heartbeat(node="dev0", seq=9, sent_at_ns=123_456_789),
         Metrics(node="dev0", round=3, step_loss=2.5, wire_bytes=1024, raw_bytes=16384),

@@ -18,9 +18,10 @@ from sft_actors.actors.coordinator_eval import EvaluatingCoordinator
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.errors import ProtocolViolation, SftError
 from sft_actors.train import modes
-from sft_actors.train.aggregate import Contribution, average_per_block
+from sft_actors.train.aggregate import Contribution
 from sft_actors.train.claims import check_round_done
-from sft_actors.train.summary import round_record
+from sft_actors.train.lora_average import average_lora
+from sft_actors.train.summary import averaging_record, round_record
 from sft_actors.wire import (
     AdaptersDown,
     Metrics,
@@ -190,15 +191,33 @@ class RoundsCoordinator(EvaluatingCoordinator):
         ]
         if not contributions:
             return []
-        averaged = await self.offload(average_per_block, contributions)
+        result = await self.offload(average_lora, contributions, self.train.lora_averaging)
+        averaged, refactorized = result.tensors, set(result.refactorized)
         self.store.device_adapters = averaged
+        if self.summary.rounds and self.summary.rounds[-1].round == r:
+            self.summary.rounds[-1].averaging = averaging_record(result.stats)
 
         def send_back(d: str) -> Any:
             mine = {k: WireTensor.from_torch(averaged[k]) for k in ups[d].tensors if k in averaged}
-            return self.call(d, AdaptersDown(round=r, tensors=mine), timeout_s=self.round_timeout_s)
+            reset = sorted(k for k in mine if k in refactorized)
+            down = AdaptersDown(round=r, tensors=mine, reset_moments=reset)
+            return self.call(d, down, timeout_s=self.round_timeout_s)
 
         synced = await self._each_device(list(ups), r, "averaging", send_back)
-        self.log.info("adapters_averaged", round=r, tensors=len(averaged), devices=len(ups))
+        st = result.stats
+        self.log.info(
+            "adapters_averaged",
+            round=r,
+            tensors=len(averaged),
+            devices=len(ups),
+            method=st.method,
+            projections=st.projections,
+            refactorized=st.refactorized,
+            svd_error=round(st.svd_error, 6),
+            fedavg_error=round(st.fedavg_error, 6),
+            fedavg_error_max=round(st.fedavg_error_max, 6),
+            ms=round(st.ms, 2),
+        )
         return list(synced)
 
     async def _checkpoint(self, r: int, devices: list[str] | None = None) -> None:

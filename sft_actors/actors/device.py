@@ -269,8 +269,9 @@ class DeviceActor(Actor):
         s = self.session
         state = {k: unpack_tensor(v) for k, v in msg.tensors.items()}
         async with self._compute:
-            missing = s.load_adapters(state)
-        self.log.debug("adapters_loaded", round=msg.round, tensors=len(state), missing=missing)
+            missing = s.load_adapters(state, msg.reset_moments)
+        reset = len(msg.reset_moments)
+        self.log.debug("adapters_loaded", round=msg.round, tensors=len(state), missing=missing, reset=reset)
         return Ack(of_msg_id=ctx.msg_id)
 
 

@@ -24,6 +24,11 @@ TrainMode = Literal["sl", "sfl", "sft", "fedlora"]
 #: tables say (``sft_actors.plan.assign`` gives them the identity codec).
 CODED_MODES: frozenset[str] = frozenset({"sft"})
 ServerUpdate = Literal["per_batch", "per_round"]
+#: How the coordinator averages LoRA factors (``sft_actors.train.lora_average``): ``fedavg``
+#: averages A and B separately (McMahan et al. 2017); ``svd`` averages the products B·A and
+#: re-factorizes to rank r by truncated SVD (as FlexLoRA, Bai et al. 2024).
+LoraAveraging = Literal["fedavg", "svd"]
+LORA_AVERAGING: tuple[LoraAveraging, ...] = ("fedavg", "svd")
 Partition = Literal["iid", "dirichlet"]
 DataKind = Literal["text", "instruction"]
 #: ``[run.data]`` keys that are loader options of record datasets (jsonl:, csv:, parquet:, file:).
@@ -52,6 +57,10 @@ class TrainConfig:
     aggregate_every: int = 1
     max_inflight: int = 1
     server_update: ServerUpdate = "per_batch"
+    #: Device-side LoRA averaging: ``fedavg`` (A and B averaged separately; avg(B)·avg(A) misses
+    #: the cross terms of avg(B·A)) or ``svd`` (the exact sample-weighted avg(B·A), truncated to
+    #: rank r by SVD; the re-factorized adapters' AdamW moments are reset on the devices).
+    lora_averaging: LoraAveraging = "fedavg"
     eval_batches: int = 4
     #: Micro-batches each device forwards (no update) to fit its PCA basis when its activation
     #: codec has a ``project`` stage; the basis then travels to the server once per run.

@@ -17,6 +17,7 @@ import re
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import (
     DATA_FIELD_KEYS,
+    LORA_AVERAGING,
     RECORD_DATASETS,
     ActorSpec,
     DataConfig,
@@ -68,6 +69,10 @@ def _validate_train(r: Reporter, topo: Topology) -> None:
         r.fail("[run.train]", "round_timeout_s", f"must be positive, got {t.round_timeout_s}")
     if t.lr <= 0:
         r.fail("[run.train]", "lr", f"must be positive, got {t.lr}")
+    if t.lora_averaging not in LORA_AVERAGING:  # a topology built in code, not parsed
+        choices = ", ".join(map(repr, LORA_AVERAGING))
+        fix = f"{t.lora_averaging!r} is not one of {choices}; use one of them"
+        r.fail("[run.train]", "lora_averaging", fix)
     if t.round_deadline_s is not None and not 0 < t.round_deadline_s <= t.round_timeout_s:
         r.fail(
             "[run.train]",

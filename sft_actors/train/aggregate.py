@@ -7,6 +7,9 @@ with a positive weight keeps no entry in the result.
 
 Keys follow the model layer's convention ``blocks.{i}.<module path>`` with *i* the global block
 index; any other key (e.g. an embedding adapter) is averaged over every device that has it.
+
+This is FedAvg of every tensor, LoRA factors included; ``lora_average`` measures what that
+misses (avg(B)·avg(A) ≠ avg(B·A)) and offers the exact average of products, re-factorized.
 """
 
 from __future__ import annotations

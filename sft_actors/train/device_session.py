@@ -13,7 +13,7 @@ measured accumulates in a :class:`RoundMeter`. Two strategies, chosen by the pla
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from sft_actors.codec import Basis, BasisRegistry, Codec, fit_basis
 from sft_actors.data import ShardBatches
 from sft_actors.errors import ProtocolViolation
 from sft_actors.model import Part, load_lora_state_dict, lora_state_dict, make_device_part, make_full_part
+from sft_actors.model.lora import adapter_items
 from sft_actors.sharing import SHARED
 from sft_actors.train.data_setup import Batch, BatchIterator, DeviceData, build_device_data
 from sft_actors.train.device_trainer import DeviceTrainer
@@ -225,13 +226,24 @@ class DeviceSession:
         n, self._samples_since_aggregation = self._samples_since_aggregation, 0
         return lora_state_dict(self.part), n
 
-    def load_adapters(self, state: dict[str, torch.Tensor]) -> int:
+    def load_adapters(self, state: dict[str, torch.Tensor], reset_moments: Collection[str] = ()) -> int:
         """Load averaged LoRA tensors; returns how many of this part's tensors were not given.
 
-        Raises :class:`ProtocolViolation` for tensors of blocks this device does not hold."""
+        ``reset_moments`` names loaded tensors the coordinator re-factorized (``lora_averaging =
+        "svd"``): their AdamW moments described the old factors' basis and start afresh.
+        Raises :class:`ProtocolViolation` for tensors of blocks this device does not hold, or a
+        reset of a tensor that was not given."""
+        stray = sorted(set(reset_moments) - set(state))
+        if stray:
+            raise ProtocolViolation(f"moment reset for tensors not sent: {stray[:3]}")
         missing, unexpected = load_lora_state_dict(self.part, state, strict=False)
         if unexpected:
             raise ProtocolViolation(f"adapters for blocks this device does not hold: {unexpected[:3]}")
+        if reset_moments:
+            own = {}
+            for key, adapter in adapter_items(self.part.adapters):
+                own[f"{key}.lora_A"], own[f"{key}.lora_B"] = adapter.lora_A, adapter.lora_B
+            self.trainer.reset_moments(own[k] for k in reset_moments if k in own)
         return len(missing)
 
     # --- state (checkpoints, rejoin) -----------------------------------------------------------

@@ -15,7 +15,7 @@ it used, at most ``max_inflight - 1`` updates stale — is applied to the live p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,21 @@ class DeviceTrainer:
         """Drop every micro-batch in flight (a round that failed half-way); returns how many."""
         n = len(self._inflight)
         self._inflight.clear()
+        return n
+
+    @torch.no_grad()
+    def reset_moments(self, params: Iterable[torch.nn.Parameter]) -> int:
+        """Reset the optimizer state of ``params`` to a fresh AdamW's (moments and step count
+        zero), e.g. after the coordinator re-factorized those adapters in a new basis. Parameters
+        that have no state yet are left alone; returns how many were reset."""
+        n = 0
+        for p in params:
+            state = self.optimizer.state.get(p)
+            if state:
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        value.zero_()
+                n += 1
         return n
 
     # --- state (checkpoints, rejoin) ----------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sft_actors.train.files import atomic_write_bytes, safetensors_bytes, strict_json_bytes
+from sft_actors.train.lora_average import AveragingStats
 from sft_actors.wire.messages import RoundDone
 from sft_actors.wire.plans import EvalStats
 
@@ -40,6 +41,8 @@ class RoundRecord:
     devices_lost: dict[str, str] = field(default_factory=dict)
     #: Devices not in this round at all (lost or left before it began, not yet re-admitted).
     devices_absent: list[str] = field(default_factory=list)
+    #: The LoRA averaging after this round (None: no averaging): see :func:`averaging_record`.
+    averaging: dict[str, Any] | None = None
 
     @property
     def ratio_up(self) -> float:
@@ -48,6 +51,14 @@ class RoundRecord:
     @property
     def ratio_down(self) -> float:
         return self.raw_down / self.bytes_down if self.bytes_down else 1.0
+
+
+def averaging_record(stats: AveragingStats) -> dict[str, Any]:
+    """``rounds[i].averaging`` of ``summary.json``: ``method`` (fedavg | svd), ``projections``
+    (LoRA pairs held by 2+ devices), ``refactorized`` (of those, re-factorized by SVD),
+    ``svd_error`` / ``fedavg_error`` (‖ΔW − B'A'‖ / ‖ΔW‖ of the rank-r re-factorization and
+    ‖B̄Ā − ΔW‖ / ‖ΔW‖ of FedAvg, over all those projections; ``*_max``: the worst one) and ``ms``."""
+    return asdict(stats)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -123,6 +123,9 @@ class AdaptersDown(Message, Request[Ack]):
     KIND = MsgKind.ADAPTERS_DOWN
     round: int
     tensors: dict[str, WireTensor]  # averaged LoRA tensors for the blocks this device holds
+    # Keys among ``tensors`` whose optimizer moments the device resets (``lora_averaging =
+    # "svd"`` re-factorized them: a new basis, so the old AdamW moments no longer apply).
+    reset_moments: list[str] = field(default_factory=list)
 
 
 # --- health and telemetry ------------------------------------------------------------------
