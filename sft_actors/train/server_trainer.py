@@ -60,7 +60,9 @@ class ServerTrainer:
         out = self.part(x, cut)
         loss = self.part.loss(out, labels)  # type: ignore[operator]
         if not bool(torch.isfinite(loss)):  # nothing applied: the shared part stays as it was
-            raise NonFiniteLoss(f"the server's loss of this micro-batch is {float(loss)}; no update made")
+            raise NonFiniteLoss(
+                f"the server's loss of this micro-batch is {float(loss.detach())}; no update made"
+            )
         loss.backward()
         if not _all_finite([x.grad, *(p.grad for p in self.params.values())]):
             self._take_grads()  # drop them: huge finite inputs can still overflow the backward
