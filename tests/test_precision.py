@@ -370,7 +370,8 @@ async def test_an_actor_on_an_absent_gpu_fails_at_start(
     path = _topology(tmp_path, mode="sfl", dtype="float32")
     server = 'role = "server"\nport = 0\n'
     text = path.read_text().replace(server, server + 'device = "cuda:0"\n')
-    path.write_text(text.replace("request_timeout_s = 60.0", "request_timeout_s = 60.0\nconnect_timeout_s = 5.0"))
+    fast = "request_timeout_s = 60.0\nconnect_timeout_s = 5.0"
+    path.write_text(text.replace("request_timeout_s = 60.0", fast))
     result = await run_topology(load_topology(path), timeout_s=60)
     assert result.status == "failed"
     assert result.failures["server0"].startswith(

@@ -129,3 +129,22 @@ def test_launch_slurm_bench_smoke() -> None:
     for base in ("local", "processes"):
         assert r[f"slurm_minus_{base}_wall_s"] == round(slurm["wall_s"] - variants[base]["wall_s"], 3)
         assert r[f"slurm_over_{base}_wall_s"] == round(slurm["wall_s"] / variants[base]["wall_s"], 3)
+
+
+def test_gpu_server_bench_smoke() -> None:
+    """bench/gpu_server.py (SmolLM2's server part on a GPU) on the CPU with tiny arguments."""
+    r = run_bench("gpu_server.py", "--device", "cpu", "--quick")
+    assert (r["device"], r["model"], r["repeats"]) == ("cpu", "llama-tiny", 3)
+    rows = {row["dtype"]: row for row in r["rows"]}
+    assert set(rows) == {"bfloat16", "float32"}
+    for name, row in rows.items():
+        assert row["wire_dtype"] == row["grad_wire_dtype"] == name  # the run's dtype on the wire
+        assert row["adapter_dtypes"] == ["float32"]  # whatever the base dtype
+        assert row["micro_batches_per_s"] == pytest.approx(1e3 / row["step_ms_median"], rel=1e-2)
+        assert row["tokens_per_s"] == pytest.approx(
+            r["batch"] * r["seq"] * row["micro_batches_per_s"], rel=1e-2
+        )
+    assert rows["float32"]["activation_bytes"] == 2 * rows["bfloat16"]["activation_bytes"]
+    assert r["bf16_speedup"] == pytest.approx(
+        rows["float32"]["step_ms_median"] / rows["bfloat16"]["step_ms_median"], rel=1e-2
+    )
