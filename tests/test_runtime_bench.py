@@ -148,3 +148,13 @@ def test_gpu_server_bench_smoke() -> None:
     assert r["bf16_speedup"] == pytest.approx(
         rows["float32"]["step_ms_median"] / rows["bfloat16"]["step_ms_median"], rel=1e-2
     )
+
+
+def test_precision_bench_smoke() -> None:
+    """bench/precision.py: float32 adapters take every early update over a bfloat16 base."""
+    r = run_bench("precision.py", "--model", "llama-tiny", "--cut", "1", "--steps", "3", "--seq", "8")
+    rows = {(row["base"], row["adapter"]): row for row in r["rows"]}
+    assert set(rows) == {("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")}
+    for key in (("float32", "float32"), ("bfloat16", "float32")):
+        assert rows[key]["device_lora_A_changed"] == rows[key]["server_lora_A_changed"] == 1.0
+    assert rows[("bfloat16", "bfloat16")]["device_lora_A_changed"] < 0.9  # what float32 adapters fix
