@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in [d.strip() for d in a.dtypes.split(",") if d.strip()]:
         row = heldout(a.topology, a.run_dir, name)
         rows.append(row)
-        print(
-            f"{name:>9}: held-out loss {row['loss']:.4f}, perplexity {row['perplexity']:.3f} ({row['seconds']} s)"
-        )
+        ppl, secs = row["perplexity"], row["seconds"]
+        print(f"{name:>9}: held-out loss {row['loss']:.4f}, perplexity {ppl:.3f} ({secs} s)")
     base = rows[0]["perplexity"]
     for row in rows:
         row["vs_first_pct"] = round((row["perplexity"] / base - 1) * 100, 3)
