@@ -23,12 +23,42 @@ import copy
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sft_actors.errors import ConfigError
 from sft_actors.model.base import SplitLM
 from sft_actors.model.config import LoraConfig
 from sft_actors.model.lora import ADAPTER_DTYPE, LoraAdapter, adapter_items, build_block_adapters
+
+
+class Float32LMHead(nn.Module):
+    """A language model's output projection computed in float32: (B, T, C) of any float dtype →
+    (B, T, V) float32 logits, against the model's frozen (tied or own) head weight.
+
+    Used only on the CPU under a 16-bit base: x86 CPUs without native bfloat16 GEMM run the
+    head's backward (``(B·T, V) @ (V, C)``, a reduction over the whole vocabulary) in the slow
+    path (measured on SmolLM2, 64 tokens: 12.5 s in bfloat16, against 0.58 s for its forward),
+    which made a bfloat16 round ~20× slower than float32. The weight is cast per call (no
+    second copy is kept); GPUs keep the 16-bit head."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "weight_ref", weight)  # frozen and shared: not a parameter
+        self.weight_ref: torch.Tensor
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.float(), self.weight_ref.float())  # (B, T, V) float32
+
+
+def _cpu_lm_head(model: SplitLM) -> Float32LMHead | None:
+    """A :class:`Float32LMHead` for a 16-bit Llama-family model on the CPU, else None."""
+    if model.family != "llama" or base_device(model).type != "cpu" or base_dtype(model) == torch.float32:
+        return None
+    lm_head: nn.Module | None = getattr(model, "lm_head", None)
+    source: nn.Module = model.get_submodule("embed_tokens") if lm_head is None else lm_head  # tied: embedding
+    weight = source.get_parameter("weight")
+    return Float32LMHead(weight)
 
 
 class AbsentBlock(nn.Module):
@@ -88,6 +118,14 @@ class Part(nn.Module):
     def adapter_modules(self) -> dict[str, LoraAdapter]:
         return dict(adapter_items(self.adapters))
 
+    def _head(self) -> nn.Module | None:
+        """The head this part's outputs go through: the trainable one, else a float32 LM head
+        on a 16-bit CPU model (:class:`Float32LMHead`), else the model's own (None)."""
+        if self.trainable_head is not None:
+            return self.trainable_head
+        head: Float32LMHead | None = getattr(self, "_lm_head", None)
+        return head
+
 
 class DevicePart(Part):
     """Embedding and blocks ``[0, cut)``; ``forward(inputs) -> hidden`` (B, T, C) at the cut."""
@@ -118,6 +156,7 @@ class ServerPart(Part):
             raise ConfigError(f"server_start {server_start} is outside [0, {model.num_blocks}]")
         super().__init__(model, range(server_start, model.num_blocks), lora, seed=seed, head=head)
         self.server_start = server_start
+        object.__setattr__(self, "_lm_head", _cpu_lm_head(model))  # not a submodule: nothing to train
 
     def forward(self, hidden: torch.Tensor, cut: int) -> torch.Tensor:
         if not self.server_start <= cut <= self.model.num_blocks:
@@ -126,7 +165,7 @@ class ServerPart(Part):
                 f"[{self.server_start}, {self.model.num_blocks}); use a server_start ≤ {cut}"
             )
         hidden = self.model.run_blocks(hidden, cut, self.model.num_blocks, self.adapters)
-        return self.model.head(hidden, self.trainable_head)
+        return self.model.head(hidden, self._head())
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(outputs, labels)
@@ -137,10 +176,11 @@ class FullPart(Part):
 
     def __init__(self, model: SplitLM, lora: LoraConfig, *, seed: int, head: nn.Module | None = None) -> None:
         super().__init__(model, range(0, model.num_blocks), lora, seed=seed, head=head)
+        object.__setattr__(self, "_lm_head", _cpu_lm_head(model))  # not a submodule: nothing to train
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = self.model.run_blocks(self.model.embed(inputs), 0, self.model.num_blocks, self.adapters)
-        return self.model.head(hidden, self.trainable_head)
+        return self.model.head(hidden, self._head())
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(outputs, labels)
