@@ -377,3 +377,19 @@ async def test_an_actor_on_an_absent_gpu_fails_at_start(
     assert result.failures["server0"].startswith(
         "DeviceUnavailable: actor 'server0' is placed on device 'cuda:0', but this host has cpu only"
     )
+
+
+def test_a_16bit_llama_on_the_cpu_computes_its_head_in_float32() -> None:
+    """The slow 16-bit CPU head backward is avoided; float32 models keep their own head."""
+    from sft_actors.model.split import Float32LMHead
+
+    hidden = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        _, srv = split_model(load_model(resolve_spec("llama-tiny"), dtype=dtype), 1, lora=LoraConfig(rank=4))
+        head = srv._head()
+        assert (head is None) if dtype == torch.float32 else isinstance(head, Float32LMHead)
+        assert not any(n.startswith("_lm_head") for n, _ in srv.named_parameters())  # nothing new to train
+        outs[dtype] = srv(hidden.to(dtype), 1)
+    assert outs[torch.bfloat16].dtype == torch.float32  # (B, T, V) float32 logits
+    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], atol=0.1, rtol=0.05)
