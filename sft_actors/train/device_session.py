@@ -201,7 +201,7 @@ class DeviceSession:
         out = self.part(to_compute(inputs, device))
         loss = self.model.loss(out, to_compute(labels, device))
         if not bool(torch.isfinite(loss)):
-            raise NonFiniteLoss(f"the loss of a local step is {float(loss)}; no update made")
+            raise NonFiniteLoss(f"the loss of a local step is {float(loss.detach())}; no update made")
         torch.autograd.backward(loss)
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
