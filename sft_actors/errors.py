@@ -99,6 +99,13 @@ class ActorFailed(RuntimeFault):
     """An actor failed during start-up or while running."""
 
 
+# --- training ----------------------------------------------------------------------------
+class NonFiniteLoss(SftError):
+    """A training loss is NaN or inf: the run diverged (a too large learning rate, a dtype
+    whose range the run exceeds). Not a peer's bad message: it stops the run, ``failed``, with a
+    reason naming the round and the device ("non-finite training loss at round 2 on dev1: …")."""
+
+
 # --- configuration, models, data -------------------------------------------------------
 class ConfigError(SftError):
     """A configuration value is invalid."""

@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 from sft_actors.actors.core import ActorState
 from sft_actors.errors import ActorFailed, CheckpointError, ConfigError
 from sft_actors.train.checkpoint import latest_manifest
+from sft_actors.train.files import json_safe
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -110,7 +111,12 @@ class RunResult:
         }
 
     def line(self) -> dict[str, Any]:
-        """The one JSON line ``sft run`` and ``sft-node`` print (see :mod:`sft_actors.cli.run`)."""
+        """The one JSON line ``sft run`` and ``sft-node`` print (see :mod:`sft_actors.cli.run`);
+        strict JSON: a non-finite number (a diverged loss) is ``null``."""
+        line: dict[str, Any] = json_safe(self._line())
+        return line
+
+    def _line(self) -> dict[str, Any]:
         if self.ok:
             return {
                 "ok": True,

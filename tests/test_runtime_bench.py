@@ -141,3 +141,32 @@ def test_lora_averaging_bench_smoke() -> None:
     # rank-r approximation is at least as close as FedAvg's product.
     assert r["factored_vs_dense_rel"] < 1e-5 and r["fedavg_stats_equal"]
     assert 0 <= r["svd_error"] <= r["fedavg_error"]
+
+
+def test_gpu_server_bench_smoke() -> None:
+    """bench/gpu_server.py (SmolLM2's server part on a GPU) on the CPU with tiny arguments."""
+    r = run_bench("gpu_server.py", "--device", "cpu", "--quick")
+    assert (r["device"], r["model"], r["repeats"]) == ("cpu", "llama-tiny", 3)
+    rows = {row["dtype"]: row for row in r["rows"]}
+    assert set(rows) == {"bfloat16", "float32"}
+    for name, row in rows.items():
+        assert row["wire_dtype"] == row["grad_wire_dtype"] == name  # the run's dtype on the wire
+        assert row["adapter_dtypes"] == ["float32"]  # whatever the base dtype
+        assert row["micro_batches_per_s"] == pytest.approx(1e3 / row["step_ms_median"], rel=1e-2)
+        assert row["tokens_per_s"] == pytest.approx(
+            r["batch"] * r["seq"] * row["micro_batches_per_s"], rel=1e-2
+        )
+    assert rows["float32"]["activation_bytes"] == 2 * rows["bfloat16"]["activation_bytes"]
+    assert r["bf16_speedup"] == pytest.approx(
+        rows["float32"]["step_ms_median"] / rows["bfloat16"]["step_ms_median"], rel=1e-2
+    )
+
+
+def test_precision_bench_smoke() -> None:
+    """bench/precision.py: float32 adapters take every early update over a bfloat16 base."""
+    r = run_bench("precision.py", "--model", "llama-tiny", "--cut", "1", "--steps", "3", "--seq", "8")
+    rows = {(row["base"], row["adapter"]): row for row in r["rows"]}
+    assert set(rows) == {("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")}
+    for key in (("float32", "float32"), ("bfloat16", "float32")):
+        assert rows[key]["device_lora_A_changed"] == rows[key]["server_lora_A_changed"] == 1.0
+    assert rows[("bfloat16", "bfloat16")]["device_lora_A_changed"] < 0.9  # what float32 adapters fix

@@ -271,8 +271,14 @@ BROKEN: list[tuple[str, Any, str, str, str]] = [
     ),
     ("unknown-model", _edit('"llama-tiny"', '"llama-tiyn"'), "[run]", "model", "use smollm2-135m"),
     ("gguf-missing", _edit('"llama-tiny"', '"{tmp}/nope.gguf"'), "[run]", "model", "use smollm2-135m"),
-    ("bfloat16", _edit('"float32"', '"bfloat16"'), "[run]", "dtype", 'use dtype = "float32"'),
-    ("float16", _edit('"float32"', '"float16"'), "[run]", "dtype", 'use dtype = "float32"'),
+    ("float16", _edit('"float32"', '"float16"'), "[run]", "dtype", 'use dtype = "bfloat16"'),
+    (
+        "device-spec",
+        _edit('role = "server"', 'role = "server"\ndevice = "tpu"'),
+        "[[actors]] 'server'",
+        "device",
+        "cuda:N",
+    ),
     ("float64", _edit('"float32"', '"float64"'), "[run]", "dtype", "is not one of"),
     (
         "project-in-down",
@@ -712,7 +718,7 @@ def test_dataset_files_are_checked_only_where_devices_run(tmp_path: Path) -> Non
 
 @pytest.mark.asyncio
 async def test_bfloat16_runs_without_a_server(tmp_path: Path) -> None:
-    """What check_dtype lets through runs: bfloat16 in fedlora (measured; sft/sl/sfl fail)."""
+    """What check_dtype lets through runs: bfloat16 in fedlora (the split modes: test_precision)."""
     import math
 
     from sft_actors.runtime import run_topology

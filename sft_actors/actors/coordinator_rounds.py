@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sft_actors.actors.coordinator_eval import EvaluatingCoordinator
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.errors import ProtocolViolation, SftError
+from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError, SftError
 from sft_actors.train import modes
 from sft_actors.train.aggregate import Contribution
 from sft_actors.train.claims import check_round_done
@@ -119,6 +119,9 @@ class RoundsCoordinator(EvaluatingCoordinator):
                     lost[d] = f"ProtocolViolation: {exc}"
         for d, why in lost.items():
             self.log.warning("device_dropped", round=r, device=d, why=why)
+        for fut in calls.values():
+            if not fut.cancelled():
+                _raise_if_diverged(fut.exception())
         return done, lost
 
     async def _run_sequential(self, r: int, active: list[str]) -> tuple[list[RoundDone], dict[str, str]]:
@@ -136,6 +139,7 @@ class RoundsCoordinator(EvaluatingCoordinator):
                 done.append(reply)
                 self._relay_from = d
             except (SftError, TimeoutError) as exc:
+                _raise_if_diverged(exc)
                 self._check_servers()
                 lost[d] = f"{type(exc).__name__}: {exc}"
                 self.log.warning("device_dropped", round=r, device=d, why=lost[d])
@@ -231,3 +235,10 @@ class RoundsCoordinator(EvaluatingCoordinator):
 
     async def _state_of(self, device: str, r: int) -> StateReport:
         return await self.call(device, StateRequest(round=r), timeout_s=self.round_timeout_s)
+
+
+def _raise_if_diverged(exc: BaseException | None) -> None:
+    """A device's round failed on a NaN/inf training loss: the run diverged, and dropping the
+    device would only hide it. Raises :class:`NonFiniteLoss` (the run ends ``failed``)."""
+    if isinstance(exc, RemoteError) and exc.remote_type == NonFiniteLoss.__name__:
+        raise NonFiniteLoss(exc.remote_message)

@@ -23,7 +23,8 @@ from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.tasks import first_error
 from sft_actors.codec import Codec
-from sft_actors.errors import ProtocolViolation
+from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError
+from sft_actors.placement import resolve_device
 from sft_actors.topology import ActorSpec
 from sft_actors.train.device_session import EVAL_STEP_BASE, DeviceSession, EvalMeter, RoundMeter, elapsed_ms
 from sft_actors.train.state import TrainerState
@@ -53,6 +54,13 @@ class DeviceActor(Actor):
         super().__init__(spec, env)
         self._session: DeviceSession | None = None
         self._compute = asyncio.Lock()
+        #: Where this device computes (``[[actors]] device``), checked against the host at start.
+        self.compute_device = torch.device("cpu")
+
+    async def _start(self) -> None:
+        # Before any socket: a device this host lacks is a typed error naming actor and device.
+        self.compute_device = resolve_device(self.spec.device, actor=self.name)
+        await super()._start()
 
     @property
     def session(self) -> DeviceSession:
@@ -72,7 +80,7 @@ class DeviceActor(Actor):
             # session; RESTORE / ADAPTERS_DOWN bring its state in line with the run.
             self.log.info("plan_confirmed", cut=msg.cut, server=msg.server)
             return Ack(of_msg_id=ctx.msg_id)
-        session = await self.offload(DeviceSession, msg)
+        session = await self.offload(DeviceSession, msg, device=self.compute_device)
         basis = await self.offload(session.fit_basis)
         if basis is not None:  # the server needs it before the first projected activations
             key = msg.codec.up.project.basis if msg.codec.up.project is not None else ""
@@ -173,7 +181,12 @@ class DeviceActor(Actor):
         msg, t0 = request
         s = self.session
         try:
-            reply = await self.call(s.plan.server, msg, timeout_s=s.plan.train.round_timeout_s)
+            try:
+                reply = await self.call(s.plan.server, msg, timeout_s=s.plan.train.round_timeout_s)
+            except RemoteError as exc:  # the run diverged: say where, so the coordinator stops it
+                if exc.remote_type != NonFiniteLoss.__name__:
+                    raise
+                raise self._diverged(msg.round, exc.remote_message) from None
             grad = await self.offload(unpack_tensor, reply.grad, max_shape=msg.activations.desc.shape)
             raw = grad.numel() * grad.element_size()  # = the activations' raw size (same shape)
             meter.received(raw=raw, coded=reply.grad.desc.nbytes)
@@ -194,9 +207,15 @@ class DeviceActor(Actor):
         _, inputs, labels = s.next_batch()
         t0 = time.perf_counter()
         async with self._compute:
-            loss, n = await self.offload(s.local_step, inputs, labels)
+            try:
+                loss, n = await self.offload(s.local_step, inputs, labels)
+            except NonFiniteLoss as exc:
+                raise self._diverged(round_, str(exc)) from None
         meter.step_done(loss=loss, targets=n, step_ms=elapsed_ms(t0))
         await self._report_step(round_, loss)
+
+    def _diverged(self, round_: int, why: str) -> NonFiniteLoss:
+        return NonFiniteLoss(f"non-finite training loss at round {round_} on {self.name}: {why}")
 
     async def _report_step(
         self, round_: int, loss: float, *, wire_bytes: int = 0, raw_bytes: int = 0

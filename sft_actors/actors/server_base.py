@@ -23,6 +23,7 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.codec import Basis, BasisRegistry, Codec
 from sft_actors.errors import CodecError, ProtocolViolation
 from sft_actors.model import Part, SplitLM, head_state_dict, lora_state_dict
+from sft_actors.placement import resolve_device
 from sft_actors.topology import ActorSpec
 from sft_actors.train.inputs import activation_bound, check_activations, check_labels
 from sft_actors.train.loading import load_shared_model
@@ -81,6 +82,13 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         self.batches_served = 0
         #: The round whose training micro-batches are accepted (the next one to close).
         self.open_round = 1
+        #: Where this server computes (``[[actors]] device``), checked against the host at start.
+        self.compute_device = torch.device("cpu")
+
+    async def _start(self) -> None:
+        # Before any socket: a device this host lacks is a typed error naming actor and device.
+        self.compute_device = resolve_device(self.spec.device, actor=self.name)
+        await super()._start()
 
     @property
     def plan(self) -> ServerPlan:
@@ -108,7 +116,7 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
                 )
             self.log.warning("new_run", was=self._plan.run_id, now=msg.run_id)  # start over
             self.open_round, self.batches_served = 1, 0
-        model = await self.offload(load_shared_model, msg.model)
+        model = await self.offload(load_shared_model, msg.model, device=self.compute_device)
         self._model = model
         self._trainer = await self.offload(self._build, msg, model)
         self._devices = {d.name: d for d in msg.devices}

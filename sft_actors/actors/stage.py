@@ -17,6 +17,7 @@ from sft_actors.actors.handlers import MsgContext
 from sft_actors.actors.server_base import ServerBase
 from sft_actors.errors import ProtocolViolation
 from sft_actors.model import Part, SplitLM
+from sft_actors.placement import to_compute
 from sft_actors.train.accumulate import order_key
 from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.stages import StagePart
@@ -44,7 +45,8 @@ class StageServerActor(ServerBase[DeviceTrainer]):
         train = msg.phase == "train"
         # In flight and accumulated under the micro-batch's order key (eval: no backward).
         key = order_key(self._devices[msg.device].index, msg.step) if train else -1
-        x = hidden.detach().to(torch.float32).requires_grad_(train)
+        part = trainer.part  # the base dtype and device: bfloat16 activations stay bfloat16
+        x = to_compute(hidden.detach(), part.device, part.dtype).requires_grad_(train)
         async with self._compute:
             if train:
                 out = await self.offload(trainer.forward, key, x, msg.cut)

@@ -3,7 +3,8 @@
 ``check`` promises that the file will not fail on configuration: it loads it (every check of
 :func:`~sft_actors.topology.load_topology`, model and dataset included) and also resolves
 every host address and, with ``[run.security] mode = "curve"``, the key directory as seen from
-the cwd (every public key, and the secret keys that are here). A broken file is one ``error:``
+the cwd (every public key, and the secret keys that are here), and the CUDA device of every
+actor placed on this machine. A broken file is one ``error:``
 line on stderr and exit code 1; what the file sets but the run ignores is one ``warning:``
 line each on stderr.
 """
@@ -17,7 +18,7 @@ import typer
 
 from sft_actors.cli.keys import key_summary
 from sft_actors.errors import SftError
-from sft_actors.topology import Topology, check_hosts, load_topology, topology_warnings
+from sft_actors.topology import Topology, check_hosts, check_placement, load_topology, topology_warnings
 
 app = typer.Typer(help="Validate and inspect topology files.", no_args_is_help=True, add_completion=False)
 
@@ -30,6 +31,7 @@ def _load(path: Path, *, full: bool = False) -> tuple[Topology, str | None]:
         topo = load_topology(path, log_warnings=False)  # check prints them; hosts keeps stdout clean
         if full:
             check_hosts(topo)
+            check_placement(topo)  # CUDA devices of the actors placed on this machine
             if topo.run.security.mode == "curve":
                 keys = key_summary(topo)
     except SftError as exc:  # TopologyError, KeyFileError; anything else it lets through is one line too
@@ -64,7 +66,7 @@ def check(path: Annotated[Path, typer.Argument(help="topology TOML file")]) -> N
     for a in topo.actors:
         host = topo.host(a.host)
         endpoint = f"{host.address}:{a.port}" if a.port is not None else "-"
-        split = split_of.get(a.name, "-")
+        split = split_of.get(a.name, "-") + (f" on {a.device}" if a.device != "cpu" else "")
         ln = a.link
         link = (
             f"up {ln.uplink_mbps or '∞'} / down {ln.downlink_mbps or '∞'} Mb/s, rtt {ln.rtt_ms} ms"

@@ -9,6 +9,10 @@ Parts never copy frozen weights unless asked (``share_base=False``): they refere
 model and own only their adapters (and, for a ViT learning a new task, a trainable head), so
 hundreds of in-process device parts cost a few hundred kilobytes each.
 
+Precision: base weights may be float32, bfloat16 or float16; adapters and a trainable head are
+always float32 (as PEFT keeps them), built on CPU from their seed and moved to the base model's
+device, so a part computes in the base dtype and accumulates its updates in float32.
+
 At the cut the receiver makes the incoming tensor a leaf, ``x.detach().requires_grad_()``, and
 after ``loss.backward()`` sends ``x.grad`` back; :meth:`DevicePart.backward_from` applies it.
 """
@@ -19,12 +23,42 @@ import copy
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sft_actors.errors import ConfigError
 from sft_actors.model.base import SplitLM
 from sft_actors.model.config import LoraConfig
-from sft_actors.model.lora import LoraAdapter, adapter_items, build_block_adapters
+from sft_actors.model.lora import ADAPTER_DTYPE, LoraAdapter, adapter_items, build_block_adapters
+
+
+class Float32LMHead(nn.Module):
+    """A language model's output projection computed in float32: (B, T, C) of any float dtype →
+    (B, T, V) float32 logits, against the model's frozen (tied or own) head weight.
+
+    Used only on the CPU under a 16-bit base: x86 CPUs without native bfloat16 GEMM run the
+    head's backward (``(B·T, V) @ (V, C)``, a reduction over the whole vocabulary) in the slow
+    path (measured on SmolLM2, 64 tokens: 12.5 s in bfloat16, against 0.58 s for its forward),
+    which made a bfloat16 round ~20× slower than float32. The weight is cast per call (no
+    second copy is kept); GPUs keep the 16-bit head."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "weight_ref", weight)  # frozen and shared: not a parameter
+        self.weight_ref: torch.Tensor
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.float(), self.weight_ref.float())  # (B, T, V) float32
+
+
+def _cpu_lm_head(model: SplitLM) -> Float32LMHead | None:
+    """A :class:`Float32LMHead` for a 16-bit Llama-family model on the CPU, else None."""
+    if model.family != "llama" or base_device(model).type != "cpu" or base_dtype(model) == torch.float32:
+        return None
+    lm_head: nn.Module | None = getattr(model, "lm_head", None)
+    source: nn.Module = model.get_submodule("embed_tokens") if lm_head is None else lm_head  # tied: embedding
+    weight = source.get_parameter("weight")
+    return Float32LMHead(weight)
 
 
 class AbsentBlock(nn.Module):
@@ -54,16 +88,25 @@ class Part(nn.Module):
         self.block_range = blocks
         self.lora = lora
         self.seed = seed
-        dtype = _dtype_of(model)
         shapes = model.lora_shapes(lora)
         self.adapters = nn.ModuleDict(
-            {str(i): build_block_adapters(shapes, lora, block=i, seed=seed, dtype=dtype) for i in blocks}
-        )
+            {str(i): build_block_adapters(shapes, lora, block=i, seed=seed) for i in blocks}
+        ).to(base_device(model))  # float32 whatever the base dtype (PEFT); seeded on CPU, then moved
         self.trainable_head = head
 
     @property
     def family(self) -> str:
         return self.model.family
+
+    @property
+    def device(self) -> torch.device:
+        """Where this part computes: its base model's device (the adapters are there too)."""
+        return base_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base weights' dtype: what this part's activations (and cut gradients) are."""
+        return base_dtype(self.model)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly the adapters' A and B (and the trainable head, when there is one)."""
@@ -74,6 +117,14 @@ class Part(nn.Module):
 
     def adapter_modules(self) -> dict[str, LoraAdapter]:
         return dict(adapter_items(self.adapters))
+
+    def _head(self) -> nn.Module | None:
+        """The head this part's outputs go through: the trainable one, else a float32 LM head
+        on a 16-bit CPU model (:class:`Float32LMHead`), else the model's own (None)."""
+        if self.trainable_head is not None:
+            return self.trainable_head
+        head: Float32LMHead | None = getattr(self, "_lm_head", None)
+        return head
 
 
 class DevicePart(Part):
@@ -90,8 +141,9 @@ class DevicePart(Part):
 
     @staticmethod
     def backward_from(hidden: torch.Tensor, grad: torch.Tensor) -> None:
-        """Backpropagate the gradient the server returned for ``hidden`` into this part's adapters."""
-        torch.autograd.backward(hidden, grad.to(hidden.dtype))
+        """Backpropagate the gradient the server returned for ``hidden`` (B, T, C) into this
+        part's adapters; ``grad`` is cast to ``hidden``'s dtype and device."""
+        torch.autograd.backward(hidden, grad.to(device=hidden.device, dtype=hidden.dtype))
 
 
 class ServerPart(Part):
@@ -104,6 +156,7 @@ class ServerPart(Part):
             raise ConfigError(f"server_start {server_start} is outside [0, {model.num_blocks}]")
         super().__init__(model, range(server_start, model.num_blocks), lora, seed=seed, head=head)
         self.server_start = server_start
+        object.__setattr__(self, "_lm_head", _cpu_lm_head(model))  # not a submodule: nothing to train
 
     def forward(self, hidden: torch.Tensor, cut: int) -> torch.Tensor:
         if not self.server_start <= cut <= self.model.num_blocks:
@@ -112,7 +165,7 @@ class ServerPart(Part):
                 f"[{self.server_start}, {self.model.num_blocks}); use a server_start ≤ {cut}"
             )
         hidden = self.model.run_blocks(hidden, cut, self.model.num_blocks, self.adapters)
-        return self.model.head(hidden, self.trainable_head)
+        return self.model.head(hidden, self._head())
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(outputs, labels)
@@ -123,17 +176,43 @@ class FullPart(Part):
 
     def __init__(self, model: SplitLM, lora: LoraConfig, *, seed: int, head: nn.Module | None = None) -> None:
         super().__init__(model, range(0, model.num_blocks), lora, seed=seed, head=head)
+        object.__setattr__(self, "_lm_head", _cpu_lm_head(model))  # not a submodule: nothing to train
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         hidden = self.model.run_blocks(self.model.embed(inputs), 0, self.model.num_blocks, self.adapters)
-        return self.model.head(hidden, self.trainable_head)
+        return self.model.head(hidden, self._head())
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.model.loss(outputs, labels)
 
 
-def _dtype_of(model: SplitLM) -> torch.dtype:
+def base_dtype(model: SplitLM) -> torch.dtype:
+    """The dtype of ``model``'s (frozen) base weights: what activations at its cuts are."""
     return next(model.parameters()).dtype
+
+
+def base_device(model: SplitLM) -> torch.device:
+    """Where ``model``'s base weights live (adapters and inputs go there too)."""
+    return next(model.parameters()).device
+
+
+class CastLinear(nn.Linear):
+    """A float32 trainable head: its input (B, C) of any float dtype is cast to the weight's
+    dtype first (PEFT's rule for ``modules_to_save`` kept in float32); outputs float32 logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+def _float32_head(head: nn.Linear, device: torch.device) -> CastLinear:
+    """A trainable float32 copy of ``head`` (same ``weight``/``bias`` keys) on ``device``.
+
+    Copied, not re-initialised: building a fresh ``nn.Linear`` would draw from torch's global
+    generator and shift every later random draw of the run."""
+    out = copy.deepcopy(head)
+    out.__class__ = CastLinear  # adds behaviour only (the input cast), no state
+    assert isinstance(out, CastLinear)
+    return out.to(device=device, dtype=ADAPTER_DTYPE).requires_grad_(True)
 
 
 def _private_copy(model: SplitLM, keep: range, *, keep_embedding: bool, keep_head: bool) -> SplitLM:
@@ -164,14 +243,12 @@ def _make_head(
     from sft_actors.model.vit import ViT  # local: vit imports nothing from here, but keep split generic
 
     assert isinstance(model, ViT)
+    device = base_device(model)
     if num_classes is not None and num_classes != model.config.num_classes:
-        return model.new_head(num_classes, torch.Generator().manual_seed(seed))
+        return _float32_head(model.new_head(num_classes, torch.Generator().manual_seed(seed)), device)
     if train_head is False:
         return None
-    head = copy.deepcopy(model.head_fc)
-    for p in head.parameters():
-        p.requires_grad_(True)
-    return head
+    return _float32_head(model.head_fc, device)
 
 
 def split_model(

@@ -1,6 +1,6 @@
 """Topology files: where each actor runs and what the run trains (TOML → frozen dataclasses)."""
 
-from sft_actors.topology.checks import ModelConfigHint, check_hosts, topology_warnings
+from sft_actors.topology.checks import ModelConfigHint, check_hosts, check_placement, topology_warnings
 from sft_actors.topology.loader import load_topology, parse_topology
 from sft_actors.topology.schema import (
     ADDRESSED_ROLES,
@@ -36,6 +36,7 @@ __all__ = [
     "Topology",
     "TrainConfig",
     "check_hosts",
+    "check_placement",
     "load_topology",
     "parse_topology",
     "topology_warnings",

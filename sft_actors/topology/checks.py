@@ -17,7 +17,7 @@ from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound, Mode
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import AUTO_ADDRESS, CODED_MODES, ROLES, Topology
-from sft_actors.topology.validate import exposed_hosts
+from sft_actors.topology.validate import exposed_hosts, is_loopback
 
 #: ``model_config(spec) -> config | None``: the architecture a ``[run] model`` names (None: unknown,
 #: skip the checks that need it). The default reads the config only (no weights, ~0.1 s).
@@ -71,25 +71,19 @@ def check_environment(
 
 
 def check_dtype(r: Reporter, topo: Topology) -> None:
-    """Refuse a base dtype the training loop cannot run end to end (measured on CPU, the only
-    device the runtime uses, with ``llama-tiny``): the server trains its blocks on float32
-    activations and fails on bfloat16 or float16 weights at the first micro-batch; a float16
-    run without a server (fedlora) completes but its loss is NaN (no loss scaling)."""
-    run = topo.run
-    if run.dtype == "float16":
+    """Refuse float16 *training*: base weights in float16 overflow activations (max 65504) and
+    underflow cut gradients, and this runtime has no loss scaling (``torch.amp.GradScaler``)
+    to keep them in range across the cut. bfloat16 (float32's range) trains in every mode with
+    float32 adapters and optimizer state; float16 models still load for evaluation/export."""
+    if topo.run.dtype == "float16":
         r.fail(
             "[run]",
             "dtype",
-            "float16 training overflows to NaN (there is no loss scaling); use dtype = "
-            '"float32" (or "bfloat16" with mode = "fedlora")',
-        )
-    if run.dtype == "bfloat16" and run.train.mode != "fedlora":
-        r.fail(
-            "[run]",
-            "dtype",
-            f"bfloat16 does not run in mode {run.train.mode!r}: the server computes in float32 and "
-            'refuses bfloat16 weights at the first micro-batch; use dtype = "float32" '
-            '(bfloat16 runs only with mode = "fedlora")',
+            "float16 training is not supported: without loss scaling (which this runtime does not "
+            "implement) float16 activations overflow (max 65504) and cut gradients underflow to "
+            'zero; use dtype = "bfloat16" (the same memory and wire bytes, float32\'s range) or '
+            '"float32"; float16 weights still load for inference '
+            "(sft_actors.model.load_model(spec, dtype=torch.float16))",
         )
 
 
@@ -282,6 +276,33 @@ def check_hosts(topo: Topology, hosts: Collection[str] | None = None) -> None:
                 f"{h.address!r} does not resolve on this machine ({reason}); "
                 "use an IP address or a name DNS or /etc/hosts knows",
             )
+
+
+def local_hosts(topo: Topology) -> set[str]:
+    """Names of the topology's hosts that are this machine: a one-host topology's host, a
+    loopback address, or this machine's host name."""
+    if len(topo.hosts) == 1:
+        return {topo.hosts[0].name}
+    me = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return {h.name for h in topo.hosts if is_loopback(h.address) or h.address.lower() in me}
+
+
+def check_placement(topo: Topology, hosts: Collection[str] | None = None) -> None:
+    """Every actor placed on a CUDA device (``[[actors]] device``) on ``hosts`` (default:
+    :func:`local_hosts`) finds that device here. Raises :class:`TopologyError` naming the
+    actor, the device asked and what this machine has — what the actor would raise at start
+    (:func:`~sft_actors.placement.resolve_device`). Imports torch only when a CUDA device is
+    asked for."""
+    from sft_actors.placement import DeviceUnavailable, resolve_device
+
+    r = Reporter(topo.source)
+    here = local_hosts(topo) if hosts is None else set(hosts)
+    for a in topo.actors:
+        if a.host in here and a.device != "cpu":
+            try:
+                resolve_device(a.device, actor=a.name)
+            except DeviceUnavailable as exc:
+                r.fail(f"[[actors]] {a.name!r}", "device", str(exc))
 
 
 def topology_warnings(topo: Topology) -> tuple[str, ...]:

@@ -248,6 +248,9 @@ class ActorSpec:
     host: str = LOCALHOST
     #: TCP port of an addressed actor; 0 binds an ephemeral port (one-process runs only).
     port: int | None = None
+    #: Where a device or server computes: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (checked against
+    #: the host when the actor starts, and by ``sft topology check`` for this machine's actors).
+    device: str = "cpu"
     # --- devices ---
     cut: int | None = None
     shard: int | None = None

@@ -14,6 +14,8 @@ import difflib
 import ipaddress
 import re
 
+from sft_actors.errors import ConfigError
+from sft_actors.placement import parse_device_spec
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import (
     DATA_FIELD_KEYS,
@@ -188,6 +190,7 @@ def _validate_actors(r: Reporter, topo: Topology) -> None:
             r.fail(where, "port", f"a {a.role} listens; give it a port (0 = ephemeral, one process only)")
         if a.port is not None and not 0 <= a.port <= 65535:
             r.fail(where, "port", f"{a.port} is not a TCP port; use 1..65535 (or 0)")
+        _validate_device(r, where, a)
     seen: dict[tuple[str, int], str] = {}
     for a in topo.actors:
         if a.port:
@@ -200,6 +203,16 @@ def _validate_actors(r: Reporter, topo: Topology) -> None:
                     f"{seen[(address, a.port)]!r}; pick another port",
                 )
             seen[(address, a.port)] = a.name
+
+
+def _validate_device(r: Reporter, where: str, a: ActorSpec) -> None:
+    """``device`` is ``cpu``, ``cuda`` or ``cuda:N``; the coordinator computes nothing (cpu)."""
+    try:
+        kind, _ = parse_device_spec(a.device)
+    except ConfigError as exc:
+        r.fail(where, "device", f"{exc}; use one of those")
+    if a.role == "coordinator" and kind != "cpu":
+        r.fail(where, "device", "the coordinator trains nothing; remove device (it stays on the cpu)")
 
 
 def _is_name(name: str) -> bool:

@@ -21,9 +21,10 @@ import torch
 
 from sft_actors.codec import Basis, BasisRegistry, Codec, fit_basis
 from sft_actors.data import ShardBatches
-from sft_actors.errors import ProtocolViolation
+from sft_actors.errors import NonFiniteLoss, ProtocolViolation
 from sft_actors.model import Part, load_lora_state_dict, lora_state_dict, make_device_part, make_full_part
 from sft_actors.model.lora import adapter_items
+from sft_actors.placement import to_compute
 from sft_actors.sharing import SHARED
 from sft_actors.train.data_setup import Batch, BatchIterator, DeviceData, build_device_data
 from sft_actors.train.device_trainer import DeviceTrainer
@@ -123,9 +124,12 @@ class DeviceSession:
     synchronous and CPU-bound; the actor runs them in its offload pool, one at a time.
     """
 
-    def __init__(self, plan: DevicePlan, *, cache: Cache = SHARED.get) -> None:
+    def __init__(
+        self, plan: DevicePlan, *, cache: Cache = SHARED.get, device: torch.device | str = "cpu"
+    ) -> None:
+        """``device``: where this device computes (its base weights and adapters live there)."""
         self.plan = plan
-        self.model = load_shared_model(plan.model, cache)
+        self.model = load_shared_model(plan.model, cache, device)
         self.whole_model = whole_model_on_device(plan.mode)
         lora, seed = plan.model.lora, plan.model.seed
         self.part: Part = (
@@ -191,9 +195,14 @@ class DeviceSession:
         self.trainer.abandon(step)
 
     def local_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """Federated LoRA: forward, loss, backward and update on the whole model; (loss, targets)."""
-        out = self.part(inputs)
-        loss = self.model.loss(out, labels)
+        """Federated LoRA: forward, loss, backward and update on the whole model; (loss, targets).
+
+        Raises :class:`NonFiniteLoss` (nothing applied) when the loss is NaN or inf."""
+        device = self.part.device
+        out = self.part(to_compute(inputs, device))
+        loss = self.model.loss(out, to_compute(labels, device))
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLoss(f"the loss of a local step is {float(loss.detach())}; no update made")
         torch.autograd.backward(loss)
         self.trainer.optimizer.step()
         self.trainer.optimizer.zero_grad(set_to_none=True)
@@ -217,7 +226,9 @@ class DeviceSession:
     @torch.no_grad()
     def local_eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
         """(mean loss, targets, correct) of one held-out batch on the whole model (fedlora)."""
-        out = self.part(inputs)
+        device = self.part.device
+        out = self.part(to_compute(inputs, device))
+        labels = to_compute(labels, device)
         return float(self.model.loss(out, labels)), *count_targets(out, labels)
 
     # --- adapters ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from sft_actors.errors import ConfigError, ProtocolViolation
 from sft_actors.model import Part
+from sft_actors.placement import to_compute
 from sft_actors.train.accumulate import OrderedGradients, device_of
 from sft_actors.train.state import TrainerState, counter, load_trainer_tensors, trainer_tensors
 
@@ -77,13 +78,14 @@ class DeviceTrainer:
         if step in self._inflight:
             raise StepOrderError(f"micro-batch {step} is already in flight")
         snapshot = {n: p.detach().clone().requires_grad_(True) for n, p in self.params.items()}
+        inputs = tuple(to_compute(x, self.part.device) if isinstance(x, torch.Tensor) else x for x in inputs)
         hidden: torch.Tensor = functional_call(self.part, snapshot, inputs)
         self._inflight[step] = _InFlight(hidden=hidden, snapshot=snapshot)
         return hidden.detach()
 
     @torch.no_grad()
     def forward_eval(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.part(inputs)  # type: ignore[no-any-return]
+        return self.part(to_compute(inputs, self.part.device))  # type: ignore[no-any-return]
 
     def backward(self, step: int, grad: torch.Tensor) -> None:
         """Finish micro-batch ``step`` with the server's gradient and step the optimizer."""
@@ -96,7 +98,7 @@ class DeviceTrainer:
             )
         if not bool(torch.isfinite(grad).all()):  # never let a bad gradient reach the optimizer
             raise ProtocolViolation(f"the gradient for micro-batch {step} contains NaN or inf; dropped")
-        torch.autograd.backward(entry.hidden, grad.to(entry.hidden.dtype))
+        torch.autograd.backward(entry.hidden, to_compute(grad, entry.hidden.device, entry.hidden.dtype))
         grads = [t.grad for t in entry.snapshot.values()]
         if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
             raise ProtocolViolation(f"micro-batch {step} gives non-finite gradients; no update made")

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_actors.errors import ConfigError, ProtocolViolation
+from sft_actors.errors import ConfigError, NonFiniteLoss, ProtocolViolation
 from sft_actors.model import Part
+from sft_actors.placement import to_compute
 from sft_actors.topology.schema import ServerUpdate
 from sft_actors.train.accumulate import OrderedGradients, device_of
 from sft_actors.train.state import TrainerState, counter, load_trainer_tensors, trainer_tensors
@@ -47,12 +48,21 @@ class ServerTrainer:
         """Forward from ``cut`` (hidden: (B, T, C) or (B, N, C)), loss, backward; ``per_batch``
         steps the optimizer now, ``per_round`` keeps the gradient under ``key`` (see
         :func:`~sft_actors.train.accumulate.order_key`; default: arrival order) until
-        :meth:`end_round`."""
-        x = hidden.detach().to(torch.float32).requires_grad_(True)  # the cut: a fresh leaf
+        :meth:`end_round`. Raises :class:`NonFiniteLoss` for a NaN/inf loss and
+        :class:`ProtocolViolation` for non-finite gradients (nothing applied either way).
+
+        ``hidden`` arrives on the CPU in any float dtype; it enters the part on its device in the
+        base dtype (bfloat16 runs compute in bfloat16), the loss is float32, and the returned
+        gradient (B, T, C) is in the base dtype on the part's device."""
+        part = self.part
+        x = to_compute(hidden.detach(), part.device, part.dtype).requires_grad_(True)  # the cut: a leaf
+        labels = to_compute(labels, part.device)
         out = self.part(x, cut)
         loss = self.part.loss(out, labels)  # type: ignore[operator]
         if not bool(torch.isfinite(loss)):  # nothing applied: the shared part stays as it was
-            raise ProtocolViolation(f"the loss of this micro-batch is {float(loss)}; no update made")
+            raise NonFiniteLoss(
+                f"the server's loss of this micro-batch is {float(loss.detach())}; no update made"
+            )
         loss.backward()
         if not _all_finite([x.grad, *(p.grad for p in self.params.values())]):
             self._take_grads()  # drop them: huge finite inputs can still overflow the backward
@@ -70,7 +80,9 @@ class ServerTrainer:
 
     @torch.no_grad()
     def eval_step(self, hidden: torch.Tensor, labels: torch.Tensor, cut: int) -> ServerResult:
-        out = self.part(hidden.to(torch.float32), cut)
+        part = self.part
+        out = part(to_compute(hidden, part.device, part.dtype), cut)
+        labels = to_compute(labels, part.device)
         loss = self.part.loss(out, labels)  # type: ignore[operator]
         n, correct = count_targets(out, labels)
         return ServerResult(grad=None, loss=float(loss), n_targets=n, correct=correct)

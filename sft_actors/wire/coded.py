@@ -12,11 +12,17 @@ import torch
 
 from sft_actors.codec import BasisRegistry, Codec, CodecReport
 from sft_actors.errors import MalformedFrame, ProtocolViolation
+from sft_actors.placement import to_host
 from sft_actors.wire.tensors import WireTensor
 
 
 def pack_tensor(t: torch.Tensor, codec: Codec | None, *, seed: int) -> tuple[WireTensor, CodecReport | None]:
-    """``t`` as a wire tensor: raw bytes (``codec`` None — bit-exact) or encoded by ``codec``."""
+    """``t`` as a wire tensor: raw bytes (``codec`` None — bit-exact) or encoded by ``codec``.
+
+    ``t`` may live on a CUDA device: it is copied into a pinned host buffer first. A bfloat16 or
+    float16 tensor travels as such: raw as its 16-bit words, coded from a float32 copy with the
+    descriptor's (and the decoded tensor's) dtype the original one."""
+    t = to_host(t.detach())
     if codec is None:
         return WireTensor.from_torch(t.detach().contiguous()), None
     enc = codec.encode(t.detach(), seed)

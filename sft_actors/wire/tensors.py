@@ -21,6 +21,7 @@ import torch
 
 from sft_actors.dtypes import DTYPE_NAMES, TORCH_DTYPES
 from sft_actors.errors import CodecError, MalformedFrame
+from sft_actors.placement import to_host
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -115,14 +116,15 @@ class WireTensor:
         """Raw bytes of ``tensor`` (any supported dtype, bf16 included).
 
         Zero-copy for a contiguous CPU tensor: the buffer aliases the tensor's storage. A
-        non-contiguous tensor is made contiguous (one copy), a non-CPU tensor moved to CPU.
+        non-contiguous tensor is made contiguous (one copy), a CUDA tensor copied into a pinned
+        host buffer (:func:`~sft_actors.placement.to_host`).
         """
         name = _NAMES_BY_TORCH.get(tensor.dtype)
         if name is None:
             raise CodecError(
                 f"dtype {tensor.dtype} cannot travel on the wire; convert it to one of {', '.join(ITEMSIZES)}"
             )
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        flat = to_host(tensor.detach()).contiguous().reshape(-1)
         # numpy has no bfloat16 and torch cannot view a 0-d tensor as bytes, so view the flat
         # tensor as uint8 first; numpy() then shares its memory and keeps the tensor alive.
         raw = flat.view(torch.uint8).numpy()
