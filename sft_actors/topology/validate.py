@@ -17,15 +17,8 @@ import re
 from sft_actors.errors import ConfigError
 from sft_actors.placement import parse_device_spec
 from sft_actors.topology.report import Reporter
-from sft_actors.topology.schema import (
-    DATA_FIELD_KEYS,
-    LORA_AVERAGING,
-    RECORD_DATASETS,
-    ActorSpec,
-    DataConfig,
-    HostSpec,
-    Topology,
-)
+from sft_actors.topology.schema import LORA_AVERAGING, ActorSpec, HostSpec, Topology
+from sft_actors.topology.validate_data import validate_data_keys
 
 _NAME_CHARS = "-_."
 #: What a path that reaches a shell or another host may hold (``[[hosts]] workdir``,
@@ -90,44 +83,13 @@ def _validate_train(r: Reporter, topo: Topology) -> None:
             r.fail("[run.checkpoint]", key, f"must be at least 1, got {getattr(ck, key)}")
 
 
-def _validate_data_keys(r: Reporter, d: DataConfig) -> None:
-    """Record keys are set once (as ``[run.data]`` keys, not also in ``options``) and only for
-    datasets that have records; ``chat_template`` only for instruction data."""
-    for key in DATA_FIELD_KEYS:
-        if key in d.options and getattr(d, key) is not None:
-            r.fail("[run.data]", "options", f"{key!r} is set twice, here and as [run.data] {key}; keep one")
-    for key in ("kind", "chat_template"):
-        if key in d.options:
-            r.fail("[run.data]", "options", f"{key!r} is a [run.data] key; write {key} = ... there instead")
-    records = d.dataset.startswith(RECORD_DATASETS)
-    for key in DATA_FIELD_KEYS:
-        if getattr(d, key) is not None and not records:
-            r.fail(
-                "[run.data]",
-                key,
-                f"dataset {d.dataset!r} has no records to name fields of; remove it or use a "
-                "jsonl:, csv:, parquet: or file: dataset",
-            )
-        if getattr(d, key) == "":
-            r.fail("[run.data]", key, "is empty; name a JSON key or a column")
-    if d.kind != "text" and not records:
-        r.fail(
-            "[run.data]",
-            "kind",
-            f"{d.kind!r} needs records (jsonl:, csv:, parquet: or file:), not {d.dataset!r}; "
-            'use kind = "text"',
-        )
-    if d.chat_template != "auto" and d.kind != "instruction":
-        r.fail("[run.data]", "chat_template", 'applies to kind = "instruction" only; remove it')
-
-
 def _validate_data_and_runtime(r: Reporter, topo: Topology) -> None:
     d = topo.run.data
     if d.alpha <= 0:
         r.fail("[run.data]", "alpha", f"the Dirichlet concentration must be positive, got {d.alpha}")
     if not 0 < d.heldout_fraction < 1:
         r.fail("[run.data]", "heldout_fraction", f"must be in (0, 1), got {d.heldout_fraction}")
-    _validate_data_keys(r, d)
+    validate_data_keys(r, d)
     rt = topo.run.runtime
     for key in (
         "heartbeat_interval_s",
