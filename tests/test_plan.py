@@ -368,3 +368,20 @@ def test_refit_commands_write_the_data_files(tmp_path: Path) -> None:
     )
     refit.main(["accuracy", str(points), "--out", str(acc_out)])
     assert load_accuracy_curve(acc_out).loss("topk", 3.0) == pytest.approx(0.08)
+
+
+def test_planner_costs_follow_an_explicit_head_dim() -> None:
+    """Qwen3-style blocks (head_dim ≠ dim / heads): the planner's bytes and LoRA sizes per block
+    are the model layer's own counts (linear weights + two norms), not dim-square guesses."""
+    from sft_actors.model import LlamaConfig, LoraConfig
+    from sft_actors.model.memory import lora_param_count
+
+    config = LlamaConfig(
+        vocab_size=128, dim=64, num_blocks=2, num_heads=4, num_kv_heads=2, ffn_dim=96, explicit_head_dim=32
+    )
+    assert config.q_dim == 128 != config.dim
+    costs = ModelCosts.from_config("qwen3-like", config, weight_bytes=4, lora_rank=8)
+    linear = 2 * 64 * 128 + 2 * 64 * 64 + 3 * 64 * 96
+    assert costs.bytes_per_block == (linear + 2 * 64) * 4
+    assert costs.lora_params_per_block == lora_param_count(config, LoraConfig(rank=8))
+    assert costs.attn_flops_per_block_per_token_per_pos == 2.0 * 128

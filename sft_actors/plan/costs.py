@@ -125,17 +125,23 @@ class ModelCosts:
         kv_heads: int,
         mlp_hidden: int,
         vocab: int,
+        head_dim: int | None = None,
         tied_embeddings: bool = True,
         weight_bytes: int = 4,
         lora_rank: int = 8,
         lora_mlp: bool = False,
         default_seq: int = 256,
     ) -> ModelCosts:
-        """A Llama-family decoder (RMSNorm, GQA attention, SwiGLU MLP) from its config."""
-        if hidden % heads:
-            raise ModelSpecError(f"model {name!r}: hidden {hidden} is not divisible by heads {heads}")
-        kv_dim = hidden // heads * kv_heads
-        attn = [(hidden, hidden), (hidden, kv_dim), (hidden, kv_dim), (hidden, hidden)]
+        """A Llama-family decoder (RMSNorm, GQA attention, SwiGLU MLP) from its config.
+
+        ``head_dim`` defaults to ``hidden / heads``; Qwen3 and some Mistral checkpoints set it
+        apart, which changes the q/k/v/o shapes (q and o are ``heads · head_dim`` wide)."""
+        if head_dim is None:
+            if hidden % heads:
+                raise ModelSpecError(f"model {name!r}: hidden {hidden} is not divisible by heads {heads}")
+            head_dim = hidden // heads
+        q_dim, kv_dim = head_dim * heads, head_dim * kv_heads
+        attn = [(hidden, q_dim), (hidden, kv_dim), (hidden, kv_dim), (q_dim, hidden)]
         mlp = [(hidden, mlp_hidden), (hidden, mlp_hidden), (mlp_hidden, hidden)]
         linear = sum(i * o for i, o in attn + mlp)
         lora_targets = attn + (mlp if lora_mlp else [])
@@ -152,12 +158,12 @@ class ModelCosts:
             head_bytes=float(head_params * weight_bytes),
             flops_per_block_per_token=2.0 * linear,
             # QKᵀ and AV cost 2·d FLOPs per (token, position) each; causal masking halves it.
-            attn_flops_per_block_per_token_per_pos=2.0 * hidden,
+            attn_flops_per_block_per_token_per_pos=2.0 * q_dim,
             embed_flops_per_token=0.0,  # a table lookup
             head_flops_per_token=2.0 * hidden * vocab,
             lora_params_per_block=lora_rank * sum(i + o for i, o in lora_targets),
             # Norm inputs/outputs, q/k/v (+ rotated copies), attention output, gate/up/act.
-            saved_floats_per_token_per_block=6.0 * hidden + 3.0 * kv_dim + 3.0 * mlp_hidden,
+            saved_floats_per_token_per_block=5.0 * hidden + q_dim + 3.0 * kv_dim + 3.0 * mlp_hidden,
             saved_floats_per_token_per_block_per_pos=float(heads),  # softmax probabilities
             default_seq=default_seq,
         )
@@ -243,6 +249,7 @@ class ModelCosts:
                     "kv_heads": config.num_kv_heads,
                     "mlp_hidden": config.ffn_dim,
                     "vocab": config.vocab_size,
+                    "head_dim": config.head_dim,
                     "tied_embeddings": getattr(config, "tie_embeddings", True),
                     **overrides,
                 },
