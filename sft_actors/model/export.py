@@ -274,7 +274,12 @@ def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
         "rope_scaling": None if scaling["rope_type"] == "default" else scaling,
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
-        "max_position_embeddings": config.max_seq_len,
+        # dynamic NTK: max_seq_len is max_position_embeddings × factor (hf_config.context_length)
+        "max_position_embeddings": (
+            config.rope_scaling.original_max_position_embeddings
+            if config.rope_scaling is not None and config.rope_scaling.kind == "dynamic"
+            else config.max_seq_len
+        ),
         "hidden_act": "silu",
         "attention_dropout": 0.0,
         **family,

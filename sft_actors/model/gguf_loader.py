@@ -44,7 +44,7 @@ log = get_logger(component="model.gguf")
 
 # 2: meta.json special carries the chat template; 3: Llama-family config fields
 # (arch, biases, q/k norm, RoPE scaling, window).
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # bumped: {arch}.attention.sliding_window is no longer applied
 _BLOCK_TENSORS = {
     "attn_norm": "attn_norm",
     "attn_q_norm": "q_norm",
@@ -174,6 +174,41 @@ def _rope_scaling(reader: Any, arch: str, head_dim: int, context: int) -> RopeSc
     )
 
 
+def _ignore_sliding_window(reader: Any, arch: str) -> None:
+    """``{arch}.attention.sliding_window`` is not read by llama.cpp for llama, qwen2 or qwen3.
+
+    A GGUF means what llama.cpp computes. Its ``load_arch_hparams`` for these architectures
+    (ggml-org/llama.cpp ``src/models/llama.cpp``, ``qwen2.cpp``, ``qwen3.cpp``; formerly the
+    ``case LLM_ARCH_LLAMA:`` branch of ``llama_model::load_hparams`` in ``src/llama-model.cpp``)
+    reads only ``LLM_KV_ATTENTION_LAYERNORM_RMS_EPS`` and never ``LLM_KV_ATTENTION_SLIDING_WINDOW``,
+    so ``hparams.swa_type`` stays ``LLAMA_SWA_TYPE_NONE`` and every block attends causally over the
+    whole context (architectures that do use a window — gemma2, cohere2, … — read the key there).
+    So the key is not applied; a warning names it, since the model it came from may have used one.
+    """
+    key = f"{arch}.attention.sliding_window"
+    value = _field(reader, key, 0)
+    if value:
+        log.warning(
+            "gguf_key_ignored_like_llama_cpp",
+            key=key,
+            value=int(value),
+            detail=f"llama.cpp does not apply a sliding window for architecture {arch!r}; neither do we "
+            "(full causal attention, as llama.cpp computes this file)",
+        )
+
+
+def gguf_tensor_name(ours: str) -> str:
+    """Our state-dict name → the GGUF tensor name it is read from (for error messages)."""
+    top = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    if ours in top or ours == "lm_head.weight":
+        return top.get(ours, "output.weight")
+    inverse = {v: k for k, v in _BLOCK_TENSORS.items()}
+    parts = ours.split(".")
+    if len(parts) == 4 and parts[0] == "blocks" and parts[2] in inverse:
+        return f"blk.{parts[1]}.{inverse[parts[2]]}.{parts[3]}"
+    return ours
+
+
 def _read_config(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHS:
@@ -201,7 +236,7 @@ def _read_config(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
             f"GGUF tensor blk.0.attn_q_norm.weight: q/k norms are supported for qwen3 only, not {arch!r}"
         )
     context = int(_field(reader, f"{arch}.context_length", 2048))
-    window = _field(reader, f"{arch}.attention.sliding_window", 0)
+    _ignore_sliding_window(reader, arch)
     config = LlamaConfig(
         vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens))),
         dim=dim,
@@ -220,7 +255,6 @@ def _read_config(reader: Any) -> tuple[LlamaConfig, dict[str, Any]]:
         mlp_bias="blk.0.ffn_up.bias" in names,
         qk_norm=qk_norm,
         rope_scaling=_rope_scaling(reader, arch, head_dim, context),
-        sliding_window=int(window) if window else None,
     )
     special = {
         "bos_id": int(_field(reader, "tokenizer.ggml.bos_token_id", -1)),

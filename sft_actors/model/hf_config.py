@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_actors.errors import ModelSpecError
-from sft_actors.model.config import ARCHS, Arch, LlamaConfig
+from sft_actors.model.config import ARCHS, Arch, LlamaConfig, RopeScaling
 from sft_actors.model.rope import rope_scaling_from_hf
 
 SUPPORTED_MODEL_TYPES: tuple[Arch, ...] = ARCHS
@@ -107,13 +107,40 @@ def _fail(where: str, field: str, message: str) -> ModelSpecError:
     return ModelSpecError(f"{where}: field {field!r} {message}")
 
 
+def _int(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> Any:
+    """``cfg[key]`` as transformers' strict config accepts it: a JSON integer (not a bool)."""
+    if cfg.get(key) is None:
+        return default
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, key, f"must be a JSON integer, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> Any:
+    """``cfg[key]`` as a float: a JSON number (not a bool, not a string)."""
+    if cfg.get(key) is None:
+        return None if default is None else float(default)
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(where, key, f"must be a JSON number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _bool(cfg: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
+    """``cfg[key]`` as transformers' strict config accepts it: a JSON ``true``/``false``."""
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _fail(where, key, f"must be true or false, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def _require(cfg: dict[str, Any], key: str, where: str) -> int:
     if key not in cfg or cfg[key] is None:
         raise _fail(where, key, "is missing; add that field (a Llama-family config.json must set it)")
-    try:
-        return int(cfg[key])
-    except (TypeError, ValueError) as exc:
-        raise _fail(where, key, f"must be an integer, got {cfg[key]!r}") from exc
+    return int(_int(cfg, key, where))
 
 
 def _check_fields(cfg: dict[str, Any], model_type: str, where: str) -> None:
@@ -140,7 +167,8 @@ def _rope(cfg: dict[str, Any], max_pos: int, where: str) -> tuple[float, Any]:
         chosen = {}
     if not isinstance(chosen, dict):
         raise _fail(where, field, f"must be an object, got {chosen!r}")
-    theta = float(chosen.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = _float(chosen, "rope_theta", where) if "rope_theta" in chosen else None
+    theta = _float(cfg, "rope_theta", where, 10000.0) if theta is None else theta
     params = dict(chosen)
     if cfg.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
@@ -149,9 +177,9 @@ def _rope(cfg: dict[str, Any], max_pos: int, where: str) -> tuple[float, Any]:
 
 def _biases(cfg: dict[str, Any], model_type: str, where: str) -> tuple[bool, bool, bool]:
     """(q/k/v bias, o bias, MLP bias) as each transformers class wires them."""
-    bias = bool(cfg.get("attention_bias", False))
+    bias = _bool(cfg, "attention_bias", where)
     if model_type == "llama":
-        return bias, bias, bool(cfg.get("mlp_bias", False))
+        return bias, bias, _bool(cfg, "mlp_bias", where)
     if model_type == "qwen3":
         return bias, bias, False
     if model_type == "qwen2":
@@ -171,20 +199,30 @@ def _sliding(
     """(sliding_window, blocks exempt from it) as transformers applies them."""
     if model_type == "llama":
         return None, ()
-    window = cfg.get("sliding_window", _DEFAULTS[model_type].get("sliding_window"))
+    window = _int(cfg, "sliding_window", where, _DEFAULTS[model_type].get("sliding_window"))
     if model_type == "mistral":
         if cfg.get("layer_types"):
             raise _fail(
                 where, "layer_types", "is not read by transformers' Mistral (one window for every block)"
             )
         return (None if window is None else int(window)), ()
-    if not cfg.get("use_sliding_window", False):
+    types = cfg.get("layer_types")
+    if not _bool(cfg, "use_sliding_window", where):
+        if isinstance(types, list) and "sliding_attention" in types:
+            # transformers' Qwen2/3 set sliding_window = None without use_sliding_window, and then
+            # cannot build the sliding mask its layer_types ask for (ValueError at the forward).
+            raise _fail(
+                where,
+                "layer_types",
+                "marks blocks 'sliding_attention' while use_sliding_window is false: transformers "
+                "cannot run that (no window); set use_sliding_window: true or make every block "
+                "'full_attention'",
+            )
         return None, ()  # transformers' Qwen2/3 drop sliding_window unless use_sliding_window
     if window is None:
         raise _fail(where, "sliding_window", "is null while use_sliding_window is true")
-    types = cfg.get("layer_types")
     if types is None:
-        first = int(cfg.get("max_window_layers", 28))
+        first = int(_int(cfg, "max_window_layers", where, 28))
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_blocks)]
     if len(types) != num_blocks or set(types) - {"full_attention", "sliding_attention"}:
         raise _fail(
@@ -193,6 +231,15 @@ def _sliding(
             f"= {types!r}: need {num_blocks} entries of 'full_attention' / 'sliding_attention'",
         )
     return int(window), tuple(i for i, t in enumerate(types) if t == "full_attention")
+
+
+def context_length(max_position_embeddings: int, scaling: RopeScaling | None) -> int:
+    """The longest sequence the model is meant to run: ``max_position_embeddings``, or with
+    dynamic NTK RoPE ``max_position_embeddings × factor`` (dynamic scaling exists to run past
+    ``max_position_embeddings``: transformers grows the base there, and only there)."""
+    if scaling is not None and scaling.kind == "dynamic":
+        return int(max_position_embeddings * scaling.factor)
+    return max_position_embeddings
 
 
 def hf_llama_config(directory: Path, cfg: dict[str, Any]) -> LlamaConfig:
@@ -209,16 +256,16 @@ def hf_llama_config(directory: Path, cfg: dict[str, Any]) -> LlamaConfig:
     defaults = _DEFAULTS[model_type]
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         raise _fail(where, "hidden_act", f"= {cfg['hidden_act']!r} is not supported (silu only)")
-    if float(cfg.get("attention_dropout") or 0.0) != 0.0:
+    if (_float(cfg, "attention_dropout", where) or 0.0) != 0.0:
         raise _fail(where, "attention_dropout", f"= {cfg['attention_dropout']} is not supported (0 only)")
     if model_type == "mistral" and cfg.get("attention_bias"):
         raise _fail(where, "attention_bias", "is not read by transformers' Mistral (no biases); remove it")
     heads = _require(cfg, "num_attention_heads", where)
     dim = _require(cfg, "hidden_size", where)
     num_blocks = _require(cfg, "num_hidden_layers", where)
-    head_dim = cfg.get("head_dim", defaults.get("head_dim"))
-    kv_heads = cfg.get("num_key_value_heads", defaults["num_key_value_heads"])
-    max_pos = int(cfg.get("max_position_embeddings") or defaults["max_position_embeddings"])
+    head_dim = _int(cfg, "head_dim", where, defaults.get("head_dim"))
+    kv_heads = _int(cfg, "num_key_value_heads", where, defaults["num_key_value_heads"])
+    max_pos = int(_int(cfg, "max_position_embeddings", where) or defaults["max_position_embeddings"])
     theta, scaling = _rope(cfg, max_pos, where)
     qkv_bias, o_bias, mlp_bias = _biases(cfg, model_type, where)
     window, full_blocks = _sliding(cfg, model_type, num_blocks, where)
@@ -231,9 +278,9 @@ def hf_llama_config(directory: Path, cfg: dict[str, Any]) -> LlamaConfig:
             num_kv_heads=int(kv_heads or heads),
             ffn_dim=_require(cfg, "intermediate_size", where),
             rope_theta=theta,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_seq_len=max_pos,
+            norm_eps=float(_float(cfg, "rms_norm_eps", where, 1e-6)),
+            tie_embeddings=_bool(cfg, "tie_word_embeddings", where),
+            max_seq_len=context_length(max_pos, scaling),
             arch=model_type,
             explicit_head_dim=None if head_dim is None or int(head_dim) * heads == dim else int(head_dim),
             qkv_bias=qkv_bias,

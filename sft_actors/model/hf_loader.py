@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from sft_actors.errors import ModelSpecError
-from sft_actors.model import hf_config
+from sft_actors.model import hf_checkpoint, hf_config
 from sft_actors.model.config import LlamaConfig, ViTConfig
 from sft_actors.model.tokenizer import BpeTokenizer
 
@@ -37,6 +37,14 @@ _LLAMA_BLOCK = {
 HF_LLAMA_NAMES = {ours: theirs for theirs, ours in _LLAMA_BLOCK.items()}
 
 
+def hf_tensor_name(ours: str) -> str:
+    """Our state-dict name → the Hugging Face tensor name (for error messages)."""
+    parts = ours.split(".")
+    if len(parts) == 4 and parts[0] == "blocks" and parts[2] in HF_LLAMA_NAMES:
+        return f"model.layers.{parts[1]}.{HF_LLAMA_NAMES[parts[2]]}.{parts[3]}"
+    return ours if ours == "lm_head.weight" else f"model.{ours}"
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -47,30 +55,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-SHARD_INDEX = "model.safetensors.index.json"
-
-
-def _shards(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The files to read and, for a sharded checkpoint, its index's ``weight_map``."""
-    index_path = directory / SHARD_INDEX
-    if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelSpecError(f"{index_path} has no 'weight_map' object naming the shards")
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelSpecError(
-                f"{index_path} names shard(s) {missing} that are not in {directory}; copy them there"
-            )
-        return files, weight_map
-    single = directory / "model.safetensors"
-    files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ModelSpecError(f"no *.safetensors file in {directory}; put the checkpoint's weights there")
-    return files, None
-
-
 def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder, in its stored dtype (the caller casts).
 
@@ -78,7 +62,7 @@ def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     names, and each tensor must sit in the shard the index says; otherwise ``model.safetensors``,
     else every ``*.safetensors`` file.
     """
-    files, weight_map = _shards(directory)
+    files, weight_map = hf_checkpoint.checkpoint_files(directory)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         part = load_file(str(f))
@@ -88,14 +72,30 @@ def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
                 raise ModelSpecError(f"{f} holds tensors its index does not place there: {stray[:5]}")
         state.update(part)
     if weight_map is not None and (absent := sorted(set(weight_map) - set(state))):
-        raise ModelSpecError(f"{directory / SHARD_INDEX} lists tensors no shard holds: {absent[:5]}")
+        index = directory / hf_checkpoint.SHARD_INDEX
+        raise ModelSpecError(f"{index} lists tensors no shard holds: {absent[:5]}")
     return state
 
 
 # --- Llama family ----------------------------------------------------------------------------
-def hf_llama_config(directory: Path) -> LlamaConfig:
-    """The directory's config.json as a :class:`LlamaConfig` (see :mod:`hf_config`)."""
-    return hf_config.hf_llama_config(directory, read_json(directory / "config.json"))
+def hf_llama_config(directory: Path, *, check_weights: bool = True) -> LlamaConfig:
+    """The directory's config.json as a :class:`LlamaConfig` (see :mod:`hf_config`), with the
+    checkpoint's tensors checked against it from the safetensors headers (:mod:`hf_checkpoint`)
+    and the head untied where transformers would untie it."""
+    config = hf_config.hf_llama_config(directory, read_json(directory / "config.json"))
+    if check_weights:
+        hf_checkpoint.check_hf_checkpoint(directory, config)
+        config = hf_checkpoint.resolve_tying(directory, config)
+    return config
+
+
+def load_hf_llama(directory: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """(config, state dict in our names) of a checked Hugging Face Llama-family directory."""
+    config = hf_config.hf_llama_config(directory, read_json(directory / "config.json"))
+    hf_checkpoint.check_hf_checkpoint(directory, config)
+    state = load_safetensors_dir(directory)
+    config = hf_checkpoint.resolve_tying(directory, config, state)
+    return config, hf_llama_state_dict(state, config)
 
 
 def hf_llama_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -107,9 +107,8 @@ def hf_llama_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> 
             out["embed_tokens.weight"] = tensor
         elif name == "model.norm.weight":
             out["norm.weight"] = tensor
-        elif name == "lm_head.weight":
-            if not config.tie_embeddings:
-                out["lm_head.weight"] = tensor
+        elif name == "lm_head.weight":  # tied: hf_checkpoint.resolve_tying removed an equal one
+            out["lm_head.weight"] = tensor
         elif (m := block.fullmatch(name)) and m.group(2) in _LLAMA_BLOCK:
             out[f"blocks.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}.{m.group(3)}"] = tensor
         elif not name.endswith("rotary_emb.inv_freq"):

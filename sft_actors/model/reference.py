@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sft_actors.errors import ConfigError
+from sft_actors.errors import ConfigError, ModelSpecError
 from sft_actors.model.base import SplitLM
 from sft_actors.model.config import LlamaConfig, LoraConfig
 from sft_actors.model.export import peft_key
@@ -71,8 +71,16 @@ def verify_against_transformers(
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     auto = transformers.AutoModelForCausalLM
-    ref = auto.from_pretrained(str(directory), **{dtype_kw: torch.float32}).eval()
     ids, labels = sample_batch(model, batch, seq, seed=seed)
+    try:  # a config transformers refuses (or cannot run) is one error line, not a traceback
+        ref = auto.from_pretrained(str(directory), **{dtype_kw: torch.float32}).eval()
+        with torch.no_grad():
+            plain = ref(input_ids=ids).logits
+    except Exception as exc:  # any failure inside transformers is the reference's
+        detail = " ".join(str(exc).split()) or repr(exc)
+        raise ModelSpecError(
+            f"transformers could not load {directory} as a reference: {type(exc).__name__}: {detail}"
+        ) from exc
     ours = model.float()
 
     whole = make_full_part(ours, lora, seed=seed)
@@ -82,7 +90,6 @@ def verify_against_transformers(
     torch.autograd.backward(loss)
 
     with torch.no_grad():
-        plain = ref(input_ids=ids).logits
         logit_diff = float((ours(ids) - plain).abs().max())
 
     names = {**_HF_MODULES, **_HF_MLP}

@@ -160,6 +160,7 @@ def rope_scaling_from_hf(
             f"{where}: RoPE field(s) {extra} are not read by rope_type {kind!r} "
             f"(it reads {sorted(_ROPE_KEYS[kind])}); remove them or fix the type"
         )
+    _check_types(params, where)
     partial = params.get("partial_rotary_factor")
     if partial is not None and float(partial) != 1.0:
         raise ModelSpecError(
@@ -170,9 +171,9 @@ def rope_scaling_from_hf(
     original = params.get("original_max_position_embeddings") or max_position_embeddings
     factor = params.get("factor")
     if factor is None:
-        if kind != "yarn":
-            raise ModelSpecError(f"{where}: rope_type {kind!r} needs a 'factor'")
-        factor = max_position_embeddings / original  # transformers' yarn fallback
+        # transformers 5 requires it for every scaled type (its yarn reads rope_parameters["factor"]
+        # and raises KeyError without it): refuse rather than invent one.
+        raise ModelSpecError(f"{where}: rope_type {kind!r} needs a 'factor' (a number)")
     if kind == "dynamic":  # transformers' dynamic RoPE measures against max_position_embeddings
         original = max_position_embeddings
     try:
@@ -191,6 +192,28 @@ def rope_scaling_from_hf(
         )
     except ModelSpecError as exc:
         raise ModelSpecError(f"{where}: {exc}") from exc
+
+
+_INT_KEYS = {"original_max_position_embeddings"}
+_BOOL_KEYS = {"truncate"}
+
+
+def _check_types(params: dict[str, Any], where: str) -> None:
+    """Integers are JSON integers, flags JSON booleans, everything else a JSON number (never a
+    string or a bool): transformers' strict configs refuse the rest, and so do we."""
+    for key, value in params.items():
+        if value is None or key in ("rope_type", "type"):
+            continue
+        if key in _BOOL_KEYS:
+            ok = isinstance(value, bool)
+        elif key in _INT_KEYS:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            want = "true/false" if key in _BOOL_KEYS else "an integer" if key in _INT_KEYS else "a number"
+            got = f"{value!r} ({type(value).__name__})"
+            raise ModelSpecError(f"{where}: field {key!r} must be {want}, got {got}")
 
 
 def _opt_float(value: Any) -> float | None:

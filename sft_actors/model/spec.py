@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -225,14 +226,29 @@ def load_model(
         ckpt = gguf_loader.load_gguf(spec.path, use_cache=use_cache)
         config = with_overrides(ckpt.config, spec.overrides)
         assert isinstance(config, LlamaConfig)
-        model = _assign(Llama, config, ckpt.state_dict, dtype, tokenizer=ckpt.tokenizer)
+        model = _assign(
+            Llama,
+            config,
+            ckpt.state_dict,
+            dtype,
+            where=f"{spec.path}: GGUF",
+            name_of=gguf_loader.gguf_tensor_name,
+            tokenizer=ckpt.tokenizer,
+        )
     elif spec.source == "hf_llama":
         assert spec.path is not None
-        config = hf_loader.hf_llama_config(spec.path)
-        config = with_overrides(config, spec.overrides)
+        hf_cfg, state = hf_loader.load_hf_llama(spec.path)
+        config = with_overrides(hf_cfg, spec.overrides)
         assert isinstance(config, LlamaConfig)
-        state = hf_loader.hf_llama_state_dict(hf_loader.load_safetensors_dir(spec.path), config)
-        model = _assign(Llama, config, state, dtype, tokenizer=hf_loader.hf_tokenizer(spec.path))
+        model = _assign(
+            Llama,
+            config,
+            state,
+            dtype,
+            where=f"{spec.path}: checkpoint",
+            name_of=hf_loader.hf_tensor_name,
+            tokenizer=hf_loader.hf_tokenizer(spec.path),
+        )
     else:
         vit_config, vit_state = _vit_checkpoint(spec)
         head = vit_state.get("head.weight")
@@ -252,6 +268,9 @@ def _assign(
     config: ModelConfig,
     state: dict[str, torch.Tensor],
     dtype: torch.dtype,
+    *,
+    where: str = "checkpoint",
+    name_of: Callable[[str], str] = str,
     **kwargs: Any,
 ) -> SplitLM:
     """Build on the meta device and adopt ``state``'s tensors: no second copy of the weights."""
@@ -262,13 +281,15 @@ def _assign(
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelSpecError(
-            f"checkpoint does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{where} does not fit the config: missing {[name_of(k) for k in missing[:5]]}, "
+            f"unexpected {[name_of(k) for k in unexpected[:5]]}"
         )
     for key, tensor in state.items():
         want = shapes[key]
         if tensor.shape != want:
             raise ModelSpecError(
-                f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, config implies {tuple(want)}"
+                f"{where} tensor {name_of(key)!r} has shape {tuple(tensor.shape)}, "
+                f"config implies {tuple(want)}"
             )
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return model
