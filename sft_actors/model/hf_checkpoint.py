@@ -132,7 +132,8 @@ def check_hf_checkpoint(directory: Path, config: LlamaConfig) -> None:
     """Refuse a checkpoint that does not fit ``config`` (see the module doc), reading headers only."""
     stored = stored_shapes(directory)
     want = expected_shapes(config)
-    where = directory / SHARD_INDEX if (directory / SHARD_INDEX).is_file() else directory
+    files, weight_map = checkpoint_files(directory)
+    where = directory / SHARD_INDEX if weight_map is not None else files[0] if len(files) == 1 else directory
     if config.tie_embeddings and "lm_head.weight" in stored:
         want["lm_head.weight"] = want["model.embed_tokens.weight"]  # allowed; tied or not at load
         if "model.embed_tokens.weight" not in stored:
