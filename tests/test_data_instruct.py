@@ -319,18 +319,14 @@ def test_check_time_refuses_misplaced_or_unknown_data_keys(tmp_path: Path) -> No
 
 
 def test_check_time_refuses_a_llama_folder_without_tokenizer(tmp_path: Path) -> None:
+    from sft_actors.model import Llama, export_hf_llama
+    from sft_actors.model.config import LlamaConfig
+
     model = tmp_path / "llama"
-    model.mkdir()
-    config = {
-        "model_type": "llama",
-        "vocab_size": 300,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-    }
-    (model / "config.json").write_text(json.dumps(config))
-    (model / "model.safetensors").write_bytes(b"")  # the check only looks for the file
+    # load_config checks the weights' headers against config.json: a real (tiny) checkpoint
+    config = LlamaConfig(vocab_size=300, dim=64, num_blocks=2, num_heads=4, num_kv_heads=4, ffn_dim=128)
+    export_hf_llama(Llama(config), model)
+    assert not (model / "tokenizer.json").exists()
     msg = refused(topology({"dataset": "stdlib-docs"}, model=str(model)), "[run]", "key 'model'")
     assert f"put tokenizer.json in {model}" in msg
 

@@ -82,7 +82,7 @@ def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
     single = directory / "model.safetensors"
     files = [single] if single.is_file() else sorted(directory.glob("*.safetensors"))
     if not files:
-        raise ModelSpecError(f"no *.safetensors file in {directory}; put the checkpoint's weights there")
+        raise ModelSpecError(f"no *.safetensors file in {directory}; put the weights there")
     return files, None
 
 
