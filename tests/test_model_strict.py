@@ -217,3 +217,30 @@ def test_gguf_shape_error_names_file_and_gguf_tensor(tmp_path: Path, monkeypatch
     with pytest.raises(ModelSpecError) as info:
         load_model(str(tmp_path / "m.gguf"))
     assert str(tmp_path / "m.gguf") in str(info.value) and "'blk.0.ffn_gate.weight'" in str(info.value)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_expected_shapes_match_the_model(tied: bool) -> None:
+    """The header check's arithmetic agrees with the module tree, for every optional tensor."""
+    from sft_actors.model.config import LlamaConfig
+    from sft_actors.model.hf_checkpoint import expected_shapes
+    from sft_actors.model.hf_loader import hf_tensor_name
+
+    config = LlamaConfig(
+        vocab_size=40,
+        dim=24,
+        num_blocks=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_dim=20,
+        explicit_head_dim=10,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        qk_norm=True,
+        tie_embeddings=tied,
+    )
+    with torch.device("meta"):
+        model = Llama(config)
+    built = {hf_tensor_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected_shapes(config) == built

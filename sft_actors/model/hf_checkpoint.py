@@ -106,25 +106,42 @@ def stored_shapes(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return out
 
 
+def block_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """``{our block tensor name: shape}`` of one :class:`~sft_actors.model.llama.LlamaBlock`
+    (arithmetic on the config: building even a meta-device model costs seconds on first use)."""
+    out: dict[str, tuple[int, ...]] = {"attn_norm.weight": (c.dim,), "mlp_norm.weight": (c.dim,)}
+    linears = {
+        "q": (c.q_dim, c.dim, c.qkv_bias),
+        "k": (c.kv_dim, c.dim, c.qkv_bias),
+        "v": (c.kv_dim, c.dim, c.qkv_bias),
+        "o": (c.dim, c.q_dim, c.o_bias),
+        "gate": (c.ffn_dim, c.dim, c.mlp_bias),
+        "up": (c.ffn_dim, c.dim, c.mlp_bias),
+        "down": (c.dim, c.ffn_dim, c.mlp_bias),
+    }
+    for name, (fan_out, fan_in, bias) in linears.items():
+        out[f"{name}.weight"] = (fan_out, fan_in)
+        if bias:
+            out[f"{name}.bias"] = (fan_out,)
+    if c.qk_norm:
+        out["q_norm.weight"] = out["k_norm.weight"] = (c.head_dim,)
+    return out
+
+
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """``{HF tensor name: shape}`` the config implies (``lm_head.weight`` only when untied)."""
     from sft_actors.model.hf_loader import HF_LLAMA_NAMES
-    from sft_actors.model.llama import Llama
 
-    with torch.device("meta"):
-        model = Llama(dataclasses.replace(config, tie_embeddings=False))
-    out: dict[str, tuple[int, ...]] = {}
-    for ours, tensor in model.state_dict().items():
-        if ours.startswith("blocks."):
-            _, idx, module, kind = ours.split(".")
-            name = f"model.layers.{idx}.{HF_LLAMA_NAMES[module]}.{kind}"
-        elif ours == "lm_head.weight":
-            if config.tie_embeddings:
-                continue
-            name = ours
-        else:
-            name = f"model.{ours}"
-        out[name] = tuple(tensor.shape)
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, config.dim),
+        "model.norm.weight": (config.dim,),
+    }
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = (config.vocab_size, config.dim)
+    for i in range(config.num_blocks):
+        for ours, shape in block_shapes(config).items():
+            module, kind = ours.split(".")
+            out[f"model.layers.{i}.{HF_LLAMA_NAMES[module]}.{kind}"] = shape
     return out
 
 
