@@ -9,7 +9,9 @@ undoes it. qwen2/qwen3 are written unpermuted (llama.cpp rotates them NeoX-style
 RoPE scaling: ``{arch}.rope.scaling.type`` ``linear`` (+ ``factor``) and ``yarn`` (+ ``factor``,
 ``original_context_length``, ``yarn_beta_fast``/``yarn_beta_slow``), and a ``rope_freqs`` tensor
 (Llama 3's per-frequency divisors, as ``ggml_rope_ext`` divides). Every other ``{arch}.*`` key is
-refused unless it is known not to change the math.
+refused unless it is known not to change the math, except ``{arch}.attention.sliding_window``,
+which llama.cpp does not read for these architectures: not applied, with a warning
+(:func:`_ignore_sliding_window`).
 
 Parsing the metadata (≈50k vocabulary strings) and dequantising take seconds, so the result is
 cached under ``$XDG_CACHE_HOME/sft_actors/gguf/<sha256[:16]>-<size>/`` (default

@@ -4,7 +4,9 @@ Supported ``model_type``: ``llama`` (Llama 1-3.x), ``mistral``, ``qwen2`` (Qwen2
 Each field is read the way transformers 5 reads it — including its per-class defaults for
 absent fields (Mistral's ``sliding_window`` 4096, Qwen3's ``head_dim`` 128, Qwen2's hard-wired
 q/k/v biases) — and every field is either honoured, known not to change the math, or refused
-with a :class:`ModelSpecError` naming the file, the field and what is supported. A field this
+with a :class:`ModelSpecError` naming the file, the field and what is supported. Values are typed
+as strictly as transformers' strict configs: integers are JSON integers (not floats, not bools,
+not strings), floats JSON numbers, flags JSON booleans. A field this
 module does not know is refused unless its value is empty (``null``/``false``/``0``): it may
 belong to a variant (softcapping, quantisation, multipliers …) whose math we would silently get
 wrong.
@@ -12,6 +14,9 @@ wrong.
 RoPE: transformers ≥ 5 writes ``rope_parameters``; older configs write ``rope_theta`` +
 ``rope_scaling``. With both, transformers 5 uses ``rope_scaling`` when it is non-empty (and then
 takes ``rope_theta`` from the top level, not from ``rope_parameters``) — mirrored here.
+
+Context: ``max_position_embeddings``, or with dynamic NTK RoPE ``max_position_embeddings ×
+factor`` (:func:`context_length`).
 
 Sliding window: honoured with a mask (``LlamaBlock``), per block as transformers decides it —
 Mistral on every block when ``sliding_window`` is set; Qwen2/3 only with ``use_sliding_window``,
