@@ -244,3 +244,18 @@ def test_expected_shapes_match_the_model(tied: bool) -> None:
         model = Llama(config)
     built = {hf_tensor_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
     assert expected_shapes(config) == built
+
+
+def test_topology_check_refuses_a_checkpoint_missing_a_tensor(tmp_path: Path) -> None:
+    """``sft topology check`` (not minutes into the run) names the file and the HF tensor."""
+    from tests.test_topology import CHECK_BASE, _check
+
+    hf = tmp_path / "hf"
+    _save(hf, transformers.LlamaConfig, num_hidden_layers=4)
+    _edit_weights(hf, model__layers__2__mlp__up_proj__weight=None)
+    path = tmp_path / "t.toml"
+    path.write_text(CHECK_BASE.replace('"llama-tiny"', f'"{hf}"'))
+    out = _check(path)
+    assert out.exit_code == 1 and len(out.stderr.splitlines()) == 1, out.output
+    assert "key 'model'" in out.stderr and "'model.layers.2.mlp.up_proj.weight'" in out.stderr
+    assert str(hf / "model.safetensors") in out.stderr
