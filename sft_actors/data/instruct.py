@@ -125,6 +125,12 @@ def encode_conversation(
     return ids, labels
 
 
+def keeps_response(labels: Sequence[int], seq_len: int) -> bool:
+    """Whether a conversation's ``labels`` keep a response token within ``seq_len`` (position 0
+    is never predicted, since the model shifts labels by one: it alone is no target)."""
+    return any(label != IGNORE_INDEX for label in labels[1:seq_len])
+
+
 def encode_conversations(
     conversations: Iterable[Conversation],
     tokenizer: ChatTokenizer,
@@ -146,8 +152,7 @@ def encode_conversations(
         if len(ids) > seq_len:
             truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]
-        # position 0 is never predicted (the model shifts labels by one): it alone is no target
-        if not any(label != IGNORE_INDEX for label in labels[1:]):
+        if not keeps_response(labels, seq_len):
             dropped += 1
             continue
         row_ids = np.full(seq_len, tokenizer.pad_id, dtype=np.int64)
