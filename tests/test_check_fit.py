@@ -71,3 +71,45 @@ def test_topology_check_exits_2_on_a_config_error_and_prints_the_drop_warning(tm
     out = CliRunner().invoke(app, ["topology", "check", str(toml)])
     assert out.exit_code == 0, out.output
     assert "warning: " in out.stderr and "1 of 2 conversations" in out.stderr
+
+
+def test_a_null_parquet_cell_is_called_null(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from sft_actors.data.registry import check_dataset
+    from sft_actors.errors import DatasetCorrupt
+
+    path = tmp_path / "null.parquet"
+    pq.write_table(pa.table({"body": ["a", "b", "c", None]}), path)
+    with pytest.raises(DatasetCorrupt) as info:
+        check_dataset(f"parquet:{path}", text_key="body")
+    msg = str(info.value)
+    assert "null.parquet:4: field 'body' is null" in msg and "no 'body' field" not in msg, msg
+
+
+@pytest.mark.parametrize("name", ["d.parquet", "d.jsonl"])  # by suffix, and by the magic bytes PAR1
+def test_a_parquet_file_read_as_jsonl_names_parquet(tmp_path: Path, name: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from sft_actors.data.registry import check_dataset
+    from sft_actors.errors import DatasetCorrupt
+
+    path = tmp_path / name
+    pq.write_table(pa.table({"text": ["x"] * 3}), path)
+    with pytest.raises(DatasetCorrupt) as info:
+        check_dataset(f"jsonl:{path}")
+    msg = str(info.value)
+    assert "invalid UTF-8" in msg and "parquet:<path>" in msg and "file:<path>" in msg, msg
+    assert "iconv" not in msg
+
+
+def test_duplicate_jsonl_keys_are_refused_at_check_time(tmp_path: Path) -> None:
+    path = tmp_path / "i.jsonl"
+    path.write_text(
+        '{"prompt": "p", "response": "r"}\n'
+        '{"messages": [{"role": "user", "content": "u", "content": "v"}, '
+        '{"role": "assistant", "content": "a"}]}\n'
+    )
+    with pytest.raises(TopologyError) as info:
+        parse_topology(topology(path, 64), source="t.toml")
+    assert "i.jsonl:2: key 'content' appears twice in one object" in str(info.value), info.value
