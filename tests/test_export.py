@@ -311,6 +311,11 @@ def test_generate_refuses_to_run_past_the_context_naming_the_maximum(fed: Path) 
     assert "--max-new-tokens 508 or less" in _fail(*args, "509")
 
 
+def test_generate_chat_needs_an_instruction_run(fed: Path) -> None:
+    msg = _fail("generate", str(fed), "--device", "dev0", "--prompt", "hi", "--chat")
+    assert "--chat" in msg and "kind = 'text'" in msg, msg
+
+
 def test_generate_encodes_the_prompt_as_training_encoded_text() -> None:
     """No BOS: documents are packed as their tokens, each followed by EOS (no BOS)."""
     from sft_actors.data.text import Document, TextCorpus

@@ -80,3 +80,43 @@ def test_a_written_base_without_a_template_is_complete_too(tmp_path: Path) -> No
     _assert_complete(out, pad=0, template=None)
     with_template = _write_base(_model(), tmp_path / "templated")
     _assert_complete(with_template, pad=0, template=CHATML)
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["plain", "chatml"])
+def test_a_chat_prompt_is_encoded_as_training_encoded_the_prompt_part(template: str | None) -> None:
+    from sft_actors.data.instruct import Conversation, encode_conversation, renderer_for
+    from sft_actors.train.export_job import chat_prompt_ids
+
+    tok = _tokenizer(template)
+    conv = Conversation(messages=(("user", "hello"), ("assistant", "world")), source="t:1", group="g")
+    ids, labels = encode_conversation(conv, tok, renderer_for(tok, template), eos_id=2)
+    prompt = chat_prompt_ids(tok, "hello", "auto")
+    assert ids[: len(prompt)] == prompt  # the same ids, no BOS added
+    assert set(labels[: len(prompt)]) == {-100} and labels[len(prompt)] != -100
+
+
+def test_run_json_records_the_data_kind_and_template(tmp_path: Path) -> None:
+    from sft_actors.topology.loader import parse_topology
+    from sft_actors.train.run_info import RunInfo, run_info
+
+    data = tmp_path / "i.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\n' * 3)
+    topo = parse_topology(
+        {
+            "run": {
+                "name": "t",
+                "model": "llama-tiny",
+                "data": {"dataset": f"jsonl:{data}", "kind": "instruction", "chat_template": "none"},
+            },
+            "actors": [
+                {"name": "coordinator", "role": "coordinator", "port": 5000},
+                {"name": "server", "role": "server", "port": 5001},
+                {"name": "dev0", "role": "device", "cut": 1},
+            ],
+        },
+        source="t.toml",
+    )
+    info = RunInfo.from_json(run_info(topo).to_json())
+    assert (info.data_kind, info.chat_template) == ("instruction", "none")
+    old = {k: v for k, v in run_info(topo).to_json().items() if k != "data"}  # before --chat
+    assert RunInfo.from_json(old).data_kind == "text"

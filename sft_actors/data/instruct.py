@@ -125,6 +125,18 @@ def encode_conversation(
     return ids, labels
 
 
+def generation_prompt_ids(
+    messages: Sequence[Message], tokenizer: ChatTokenizer, renderer: ChatRenderer, source: str = "prompt"
+) -> list[int]:
+    """Token ids of ``messages`` and the prompt for the assistant's turn, tokenized segment by
+    segment as :func:`encode_conversation` tokenizes the part of a conversation before a
+    response (what the model saw before it learned to answer)."""
+    segments = renderer.segments((*messages, ("assistant", "")), source)
+    responses = [i for i, (_, is_response) in enumerate(segments) if is_response]
+    before = segments[: responses[-1]] if responses else segments
+    return [t for text, _ in before for t in tokenizer.encode(text)]
+
+
 def keeps_response(labels: Sequence[int], seq_len: int) -> bool:
     """Whether a conversation's ``labels`` keep a response token within ``seq_len`` (position 0
     is never predicted, since the model shifts labels by one: it alone is no target)."""

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from sft_actors.dtypes import torch_dtype
+from sft_actors.errors import ConfigError, DatasetCorrupt
 from sft_actors.model import LoraConfig, SplitLM, Tokenizer, export_hf_llama, load_model, resolve_spec
 from sft_actors.train.run_adapters import DeviceModel, ExportError, RunAdapters, device_model, load_run
 from sft_actors.train.run_export import (
@@ -239,9 +240,12 @@ def generate_text(
     seed: int = 0,
     round_: int | str | None = None,
     topology: str | Path | None = None,
+    chat: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """``device``'s model (merged in memory) continuing ``prompt``: the text and a JSON-able
-    description. Raises :class:`ExportError` for a ViT or a model without a tokenizer."""
+    description. With ``chat`` (runs on ``kind = "instruction"`` data) the prompt is one user
+    turn rendered with the run's chat template and the prompt for the assistant's answer.
+    Raises :class:`ExportError` for a ViT, a model without a tokenizer, or ``chat`` on a text run."""
     loaded = load_device(run_dir, device, round_=round_, topology=topology)
     model = loaded.model
     tok = model.tokenizer
@@ -252,7 +256,13 @@ def generate_text(
             f"the run's model {loaded.run.info.model} has no tokenizer (an HF folder needs its "
             "tokenizer.json); generation needs one to encode --prompt"
         )
-    ids = prompt_ids(tok, prompt)
+    info = loaded.run.info
+    if chat and info.data_kind != "instruction":
+        raise ExportError(
+            f"--chat renders the prompt as the run's instruction data were rendered, but run "
+            f"{info.run!r} trained on kind = {info.data_kind!r} data; drop --chat"
+        )
+    ids = chat_prompt_ids(tok, prompt, info.chat_template) if chat else prompt_ids(tok, prompt)
     merged = merged_model(model, loaded.dm, loaded.run.info.lora)
     new = generate(merged, ids, max_new_tokens, temperature=temperature, seed=seed, eos_id=tok.eos_id)
     text = tok.decode([i for i in new if i != tok.eos_id])
@@ -269,3 +279,16 @@ def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
     BOS (:meth:`~sft_actors.data.text.TextCorpus.pack` joins documents with EOS only), so a
     generation prompt starts as a training document did."""
     return tok.encode(prompt)
+
+
+def chat_prompt_ids(tok: Tokenizer, prompt: str, chat_template: str) -> list[int]:
+    """``prompt`` as a user turn with the prompt for the assistant's answer, rendered with the
+    run's ``chat_template`` setting (the plain format for "none" or a model without one) and
+    tokenized as the run's instruction data were."""
+    from sft_actors.data.instruct import generation_prompt_ids, renderer_for, resolve_chat_template
+
+    try:
+        renderer = renderer_for(tok, resolve_chat_template(chat_template, tok))
+        return generation_prompt_ids((("user", prompt),), tok, renderer, "--prompt")
+    except (ConfigError, DatasetCorrupt) as exc:
+        raise ExportError(f"--chat: {exc}") from exc
