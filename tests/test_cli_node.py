@@ -30,7 +30,7 @@ def test_topology_check_reports_the_fix(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text((ROOT / "topologies/tiny.toml").read_text().replace("cut = 2", "cutt = 2"))
     out = runner.invoke(app, ["topology", "check", str(bad)])
-    assert out.exit_code == 1
+    assert out.exit_code == 2
     assert "did you mean 'cut'?" in out.output and str(bad) in out.output
 
 

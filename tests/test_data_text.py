@@ -245,7 +245,8 @@ def test_invalid_utf8_names_file_line_and_byte_offset(tmp_path: Path) -> None:
         ('["text"]', r"d\.jsonl:2: expected a JSON object, found list"),
         ('{"body": "x"}', r"d\.jsonl:2: no 'text' field \(fields: 'body'\)"),
         ('{"text": 5}', r"d\.jsonl:2: field 'text' is a int, not a string"),
-        ('{"text": null}', r"d\.jsonl:2: no 'text' field"),
+        ('{"text": null}', r"d\.jsonl:2: field 'text' is null \(an empty cell or JSON null\)"),
+        ('{"text": "a", "text": "b"}', r"d\.jsonl:2: key 'text' appears twice in one object"),
     ],
 )
 def test_bad_jsonl_lines_are_refused_at_check_time(tmp_path: Path, line: str, error: str) -> None:
@@ -313,7 +314,7 @@ def test_parquet_text_instruction_and_errors(tmp_path: Path) -> None:
     inst = load_dataset(f"file:{path}", kind="instruction", heldout_fraction=0.0)
     assert isinstance(inst, InstructionCorpus) and len(inst) == 3
     pq.write_table(pa.table({"text": ["ok", None, "x"]}), path)
-    with pytest.raises(DatasetCorrupt, match=r"d\.parquet:2: no 'text' field"):
+    with pytest.raises(DatasetCorrupt, match=r"d\.parquet:2: field 'text' is null"):
         check_dataset(f"parquet:{path}")
     pq.write_table(pa.table({"text": [1, 2]}), path)
     with pytest.raises(DatasetCorrupt, match=r"d\.parquet:1: field 'text' is a int, not a string"):

@@ -193,7 +193,13 @@ def test_peft_export_loads_in_peft_and_matches_the_runtime(
 
 def test_merged_export_loads_in_transformers_and_matches_the_runtime(staged: Path, tmp_path: Path) -> None:
     line = _export(staged, tmp_path / "merged", "--device", "dev0", "--format", "merged")
-    assert set(line["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert set(line["files"]) == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert line["max_abs_logit_diff_vs_runtime"] <= TOL and line["self_check"] == "transformers"
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
@@ -296,6 +302,32 @@ def test_generate_is_deterministic_for_a_seed(fed: Path) -> None:
     sampled = [runner.invoke(app, [*args, "--temperature", "1.0", "--seed", "5"]) for _ in range(2)]
     assert sampled[0].exit_code == 0 and sampled[0].stdout == sampled[1].stdout
     assert greedy.stdout == runner.invoke(app, args).stdout and greedy.stdout.strip()
+
+
+def test_generate_refuses_to_run_past_the_context_naming_the_maximum(fed: Path) -> None:
+    args = ["generate", str(fed), "--device", "dev0", "--prompt", "def ", "--max-new-tokens"]
+    msg = _fail(*args, "5000")
+    assert "context of 512 tokens" in msg and "--max-new-tokens 508 or less" in msg, msg
+    assert "--max-new-tokens 508 or less" in _fail(*args, "509")
+
+
+def test_generate_chat_needs_an_instruction_run(fed: Path) -> None:
+    msg = _fail("generate", str(fed), "--device", "dev0", "--prompt", "hi", "--chat")
+    assert "--chat" in msg and "kind = 'text'" in msg, msg
+
+
+def test_generate_encodes_the_prompt_as_training_encoded_text() -> None:
+    """No BOS: documents are packed as their tokens, each followed by EOS (no BOS)."""
+    from sft_actors.data.text import Document, TextCorpus
+    from sft_actors.train.export_job import prompt_ids
+
+    tok = _byte_bpe()
+    tok.bos_id, tok.eos_id = 1, 2  # a tokenizer with a BOS, which training never adds
+    doc = Document(text="def f(x):", source="a.py", group="a")
+    corpus = TextCorpus(name="t", split="train", documents=(doc,), class_names=("a",))
+    row = corpus.pack(tok.encode, eos_id=2, seq_len=16, pad_id=0).input_ids[0].tolist()
+    ids = prompt_ids(tok, "def f(x):")
+    assert row[: len(ids) + 1] == [*ids, 2] and ids[0] != 1
 
 
 def test_generate_needs_a_tokenizer(staged: Path, tmp_path: Path, hf_base: Path) -> None:

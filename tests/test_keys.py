@@ -205,7 +205,7 @@ def test_check_prints_the_keys_line(topo_file: Path, keyed: tuple[Topology, Path
 
 def test_check_fails_without_the_key_directory(topo_file: Path) -> None:
     out = sft("topology", "check", str(topo_file))
-    assert out.exit_code == 1 and out.stdout == "", out.output
+    assert out.exit_code == 2 and out.stdout == "", out.output
     assert out.stderr.splitlines() == [out.stderr.strip()]
     assert "key directory keys/k does not exist" in out.stderr and "sft keys generate" in out.stderr
 
@@ -214,7 +214,7 @@ def test_check_fails_on_a_secret_readable_by_others(topo_file: Path, keyed: tupl
     _, d = keyed
     key_paths(d, "dev0")[1].chmod(0o640)
     out = sft("topology", "check", str(topo_file))
-    assert out.exit_code == 1 and out.stdout == "" and "chmod 600" in out.stderr, out.output
+    assert out.exit_code == 2 and out.stdout == "" and "chmod 600" in out.stderr, out.output
 
 
 # --- mode "none" stays on loopback --------------------------------------------------------
@@ -262,12 +262,12 @@ def test_curve_off_loopback_is_accepted_silently() -> None:
 def test_an_injected_workdir_is_refused_by_check(topo_file: Path) -> None:
     topo_file.write_text(TEXT.replace('workdir = "~/sft_actors"', 'workdir = "/x || echo INJECTED #"'))
     out = sft("topology", "check", str(topo_file))
-    assert out.exit_code == 1 and out.stdout == "", out.output
+    assert out.exit_code == 2 and out.stdout == "", out.output
     (line,) = out.stderr.splitlines()
     assert line.startswith(f"error: {topo_file}: [[hosts]] 'edge', key 'workdir': '/x || echo INJECTED #' ")
     assert "write a plain path" in line
     out = sft("topology", "hosts", str(topo_file), "--format", "tsv")  # what the launcher reads
-    assert out.exit_code == 1 and "INJECTED" not in out.stdout
+    assert out.exit_code == 2 and "INJECTED" not in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -592,7 +592,7 @@ def test_check_refuses_a_broken_topology_in_one_line(
     path = models / f"{case}.toml"
     path.write_text(edit(CHECK_BASE).replace("{tmp}", str(models)))
     out = _check(path)
-    assert out.exit_code == 1, out.output
+    assert out.exit_code == 2, out.output
     assert out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1, lines
@@ -621,7 +621,7 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path, content: bytes | None) -
     else:
         path.write_bytes(content)
     out = _check(path)
-    assert out.exit_code == 1 and out.stdout == ""
+    assert out.exit_code == 2 and out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), lines
     assert ("not a UTF-8 text file" if content else "Is a directory") in lines[0]
@@ -630,7 +630,7 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path, content: bytes | None) -
         if name == "syntax.toml":
             (tmp_path / name).write_text("[run\nname = 'x'\n")
         out = _check(tmp_path / name)
-        assert out.exit_code == 1 and len(out.stderr.splitlines()) == 1 and fix in out.stderr, out.stderr
+        assert out.exit_code == 2 and len(out.stderr.splitlines()) == 1 and fix in out.stderr, out.stderr
 
 
 def test_check_in_a_subprocess_prints_one_line(tmp_path: Path) -> None:
@@ -647,7 +647,7 @@ def test_check_in_a_subprocess_prints_one_line(tmp_path: Path) -> None:
         timeout=60,
         cwd=ROOT,
     )
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and "not a UTF-8 text file" in proc.stderr
 
 

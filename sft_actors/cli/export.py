@@ -119,6 +119,13 @@ def generate_command(
     seed: Annotated[int, typer.Option(help="seeds sampling (same seed, same text)")] = 0,
     round_: RoundOpt = None,
     topology: TopologyOpt = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help='render --prompt as a user turn with the run\'s chat template (kind = "instruction")',
+        ),
+    ] = False,
 ) -> None:
     """Continue --prompt with one device's fine-tuned model (base + its adapters, merged in
     memory); prints the continuation on stdout."""
@@ -133,6 +140,7 @@ def generate_command(
             seed=seed,
             round_=_round(round_),
             topology=topology,
+            chat=chat,
         )
     except SftError as exc:
         raise _fail("generate", exc) from exc

@@ -4,9 +4,9 @@
 :func:`~sft_actors.topology.load_topology`, model and dataset included) and also resolves
 every host address and, with ``[run.security] mode = "curve"``, the key directory as seen from
 the cwd (every public key, and the secret keys that are here), and the CUDA device of every
-actor placed on this machine. A broken file is one ``error:``
-line on stderr and exit code 1; what the file sets but the run ignores is one ``warning:``
-line each on stderr.
+actor placed on this machine. A broken file is one ``error:`` line on stderr and exit code 2
+(a configuration error, as for ``sft run``); what the file sets but the run ignores, and
+instruction conversations dropped at ``seq_len``, are one ``warning:`` line each on stderr.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ app = typer.Typer(help="Validate and inspect topology files.", no_args_is_help=T
 
 
 def _load(path: Path, *, full: bool = False) -> tuple[Topology, str | None]:
-    """The loaded topology and, with ``full`` in curve mode, its key summary line; or exit 1
+    """The loaded topology and, with ``full`` in curve mode, its key summary line; or exit 2
     after one ``error:`` line on stderr. ``full`` also resolves every host address."""
     keys = None
     try:
@@ -36,7 +36,7 @@ def _load(path: Path, *, full: bool = False) -> tuple[Topology, str | None]:
                 keys = key_summary(topo)
     except SftError as exc:  # TopologyError, KeyFileError; anything else it lets through is one line too
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(2) from exc
     return topo, keys
 
 

@@ -125,6 +125,24 @@ def encode_conversation(
     return ids, labels
 
 
+def generation_prompt_ids(
+    messages: Sequence[Message], tokenizer: ChatTokenizer, renderer: ChatRenderer, source: str = "prompt"
+) -> list[int]:
+    """Token ids of ``messages`` and the prompt for the assistant's turn, tokenized segment by
+    segment as :func:`encode_conversation` tokenizes the part of a conversation before a
+    response (what the model saw before it learned to answer)."""
+    segments = renderer.segments((*messages, ("assistant", "")), source)
+    responses = [i for i, (_, is_response) in enumerate(segments) if is_response]
+    before = segments[: responses[-1]] if responses else segments
+    return [t for text, _ in before for t in tokenizer.encode(text)]
+
+
+def keeps_response(labels: Sequence[int], seq_len: int) -> bool:
+    """Whether a conversation's ``labels`` keep a response token within ``seq_len`` (position 0
+    is never predicted, since the model shifts labels by one: it alone is no target)."""
+    return any(label != IGNORE_INDEX for label in labels[1:seq_len])
+
+
 def encode_conversations(
     conversations: Iterable[Conversation],
     tokenizer: ChatTokenizer,
@@ -146,8 +164,7 @@ def encode_conversations(
         if len(ids) > seq_len:
             truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]
-        # position 0 is never predicted (the model shifts labels by one): it alone is no target
-        if not any(label != IGNORE_INDEX for label in labels[1:]):
+        if not keeps_response(labels, seq_len):
             dropped += 1
             continue
         row_ids = np.full(seq_len, tokenizer.pad_id, dtype=np.int64)

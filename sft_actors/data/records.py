@@ -17,7 +17,9 @@ Each record is a :class:`Record`: a ``dict`` of fields, the file and the line (t
 CSV, counting the header as line 1 — the first line of a row whose quoted cells span several;
 the row number from 1 for parquet). A field the configured
 key names must exist and be a string, or :func:`require_str` raises ``DatasetCorrupt`` naming
-file:line and the fields found.
+file:line and the fields found (or that the value is null). A JSON object that gives a key
+twice is refused (``json`` would keep the last one silently); a parquet file read as text gets
+a hint to name it ``parquet:``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,23 @@ SUFFIX_FORMATS = {".txt": "text", ".jsonl": "jsonl", ".csv": "csv", ".parquet": 
 _BOM = b"\xef\xbb\xbf"
 _BLANK = " \t\r"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_PARQUET_MAGIC = b"PAR1"
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (``json`` keeps the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +82,15 @@ def decode_utf8(data: bytes, file: Path) -> str:
         offset = start + exc.start
         line = data.count(b"\n", 0, offset) + 1
         bad = data[offset : offset + 4].hex(" ")
+        if data.startswith(_PARQUET_MAGIC) or file.suffix.lower() == ".parquet":
+            fix = (
+                "it is a parquet file, not text: name it parquet:<path> (or file:<path>, which "
+                "reads each file by its suffix)"
+            )
+        else:
+            fix = "the file is not UTF-8 text: convert it (iconv -f <encoding> -t UTF-8) or fix those bytes"
         raise DatasetCorrupt(
-            f"{file}:{line}: invalid UTF-8 at byte {offset} ({bad}: {exc.reason}); "
-            "the file is not UTF-8 text: convert it (iconv -f <encoding> -t UTF-8) or fix those bytes"
+            f"{file}:{line}: invalid UTF-8 at byte {offset} ({bad}: {exc.reason}); {fix}"
         ) from exc
 
 
@@ -106,7 +131,12 @@ def jsonl_records(file: Path) -> Iterator[Record]:
     """One record per non-blank line; each line must be a JSON object."""
     for number, line in text_lines(file):
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise DatasetCorrupt(
+                f"{file}:{number}: key {exc.key!r} appears twice in one object (JSON readers keep only "
+                "one of them, silently); remove the duplicate"
+            ) from exc
         except json.JSONDecodeError as exc:
             raise DatasetCorrupt(
                 f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
@@ -202,7 +232,12 @@ def require_str(record: Record, key: str, what: str) -> str:
     value = record.fields.get(key)
     if isinstance(value, str):
         return value
-    if key not in record.fields or value is None:
+    if key in record.fields and value is None:
+        raise DatasetCorrupt(
+            f"{record.where}: field {key!r} is null (an empty cell or JSON null), not a string; "
+            f"fill it or drop the record, or set {what} to another field"
+        )
+    if key not in record.fields:
         found = ", ".join(repr(k) for k in record.fields) or "none"
         raise DatasetCorrupt(
             f"{record.where}: no {key!r} field (fields: {found}); set {what} to the field that holds it"

@@ -226,10 +226,18 @@ def _hf_family_fields(config: LlamaConfig) -> dict[str, Any]:
     return fields
 
 
-def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
+def export_hf_llama(model: SplitLM, directory: str | Path, *, base: str | Path | None = None) -> Path:
     """A Llama-family model (e.g. merged) as a Hugging Face folder: config.json (the model type of
     ``config.arch``, with its RoPE scaling, biases, head_dim, window), model.safetensors and
-    tokenizer.json, which ``AutoModelForCausalLM.from_pretrained`` loads back to the same logits.
+    generation_config.json, which ``AutoModelForCausalLM.from_pretrained`` loads back to the same
+    logits; with a BPE tokenizer also tokenizer.json and tokenizer_config.json (special tokens,
+    chat template, ``model_max_length``), which ``AutoTokenizer.from_pretrained`` loads.
+
+    ``base`` is the Hugging Face folder the model came from, if any: its ``pad_token_id``,
+    ``tokenizer_config.json`` and ``generation_config.json`` are kept (what this function would
+    write fills only what they lack). Without one, ``pad_token_id`` is the tokenizer's pad id
+    only where that id is a special token (a byte tokenizer, or a pad id that defaulted to 0 on an
+    ordinary token, has none).
 
     Raises :class:`ConfigError` for what transformers cannot express (e.g. a GGUF ``rope_freqs``).
     """
@@ -256,6 +264,9 @@ def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
             name = f"model.layers.{idx}.{HF_LLAMA_NAMES[ours]}.{kind}"
         tensors[name] = value.detach().contiguous()
     tok = model.tokenizer
+    base_dir = Path(base) if base is not None else None
+    pad = _base_pad(tok, base_dir)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     hf_config = {
         "architectures": [_HF_ARCHITECTURES[config.arch]],
@@ -283,13 +294,48 @@ def export_hf_llama(model: SplitLM, directory: str | Path) -> Path:
         "hidden_act": "silu",
         "attention_dropout": 0.0,
         **family,
-        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        # transformers >= 4.56 reads (and 5 writes) dtype; older ones read torch_dtype: both
+        "dtype": dtype,
+        "torch_dtype": dtype,
         "bos_token_id": tok.bos_id if tok else None,
         "eos_token_id": tok.eos_id if tok else None,
-        "pad_token_id": tok.pad_id if tok else None,
+        "pad_token_id": pad,
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
+    generation |= {"pad_token_id": pad} if pad is not None else {}
+    _write_json(out / "generation_config.json", generation, base_dir, "generation_config.json")
     if isinstance(tok, BpeTokenizer):
         (out / "tokenizer.json").write_text(tok.to_json())
+        names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": pad}
+        tok_config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{k: tok.hf.id_to_token(v) if v is not None else None for k, v in names.items()},
+            "model_max_length": config.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+        }
+        tok_config |= {"chat_template": tok.chat_template} if tok.chat_template else {}
+        _write_json(out / "tokenizer_config.json", tok_config, base_dir, "tokenizer_config.json")
     return out
+
+
+def _base_pad(tok: object, base_dir: Path | None) -> int | None:
+    """The exported ``pad_token_id``: the base folder's, else the tokenizer's pad id if it is a
+    special token (a tokenizer without one pads with 0 without 0 being a pad token)."""
+    if base_dir is not None and (base_dir / "config.json").is_file():
+        pad = json.loads((base_dir / "config.json").read_text()).get("pad_token_id")
+        return pad if isinstance(pad, int) else None
+    if not isinstance(tok, BpeTokenizer):
+        return None
+    special = {i for i, t in tok.hf.get_added_tokens_decoder().items() if t.special}
+    return tok.pad_id if tok.pad_id in special else None
+
+
+def _write_json(path: Path, ours: dict[str, Any], base_dir: Path | None, name: str) -> None:
+    """``ours`` as JSON in ``path``, under what the base folder's file of ``name`` says."""
+    theirs = base_dir / name if base_dir is not None else None
+    data = dict(ours)
+    if theirs is not None and theirs.is_file():
+        data |= {k: v for k, v in json.loads(theirs.read_text()).items() if v is not None or k not in data}
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 
 from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound, ModelSpecError
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
+from sft_actors.topology.data_checks import check_instructions
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import AUTO_ADDRESS, CODED_MODES, ROLES, Topology
 from sft_actors.topology.validate import exposed_hosts, is_loopback
@@ -56,8 +57,9 @@ def default_model_config(r: Reporter) -> ModelConfigHint:
 
 def check_environment(
     r: Reporter, topo: Topology, config: ModelConfig | None, roles: Collection[str] = ROLES
-) -> None:
-    """Everything the run needs beyond the file, for the actors of ``roles`` run here.
+) -> list[str]:
+    """Everything the run needs beyond the file, for the actors of ``roles`` run here; returns
+    what the data checks warn of (:attr:`Topology.data_warnings`).
 
     ``config`` is the model's architecture (None: unknown, its checks are skipped). The
     dataset's files are needed only where devices run, the codec's packages where devices or
@@ -67,7 +69,7 @@ def check_environment(
     check_model(r, topo, config)
     if {"device", "server"} & set(roles):
         check_codec_packages(r, topo)
-    check_data(r, topo, config, present="device" in roles)
+    return check_data(r, topo, config, present="device" in roles)
 
 
 def check_dtype(r: Reporter, topo: Topology) -> None:
@@ -127,11 +129,12 @@ def check_codec_packages(r: Reporter, topo: Topology) -> None:
                     r.fail(where, f"codec.{role}", str(exc))
 
 
-def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, present: bool = True) -> None:
+def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, present: bool = True) -> list[str]:
     """The dataset is one the data layer knows, of the model's kind (text for a Llama, images
     for a ViT), with a tokenizer for text, its options exist and, with ``present``, its files are
     where the run reads them and load: a user's text files are read and every record checked
-    here (invalid UTF-8, JSON or CSV, a missing field: file:line), not minutes into a run."""
+    here (invalid UTF-8, JSON or CSV, a missing field: file:line), not minutes into a run.
+    Returns warnings (instruction conversations dropped at ``seq_len``)."""
     from sft_actors.data.registry import check_dataset, dataset_kind  # torch: only when a file is read
 
     d = topo.run.data
@@ -158,7 +161,7 @@ def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, prese
         except ConfigError as exc:
             r.fail("[run.data]", "chat_template", f'{exc}; or use "auto" or "none"')
     if not present:
-        return
+        return []
     if kind == "text" and isinstance(config, LlamaConfig):  # devices tokenize; others need none
         check_tokenizer(r, topo.run.model, config)
     path_key = "dataset" if ":" in d.dataset else "root"
@@ -174,59 +177,7 @@ def check_data(r: Reporter, topo: Topology, config: ModelConfig | None, *, prese
         r.fail("[run.data]", path_key, f"{exc}")
     except ConfigError as exc:
         r.fail("[run.data]", "options", f"{exc}; fix or remove that option")
-    check_rendering(r, topo, loaded)
-
-
-def check_rendering(r: Reporter, topo: Topology, loaded: object) -> None:
-    """Every conversation of instruction data renders with the chat template the run will use
-    (a template's ``raise_exception`` on, say, a conversation that does not start with a user
-    turn, or a template that rewrites earlier turns). ``"auto"`` needs the model's template
-    without loading the model: a Hugging Face folder's, or a GGUF's once the model cache holds
-    it (the first run fills the cache; until then the run itself reports such a conversation)."""
-    from sft_actors.data.chat_template import ChatRenderer, load_template_file
-    from sft_actors.data.instruct import InstructionCorpus
-
-    d = topo.run.data
-    if not isinstance(loaded, InstructionCorpus) or d.chat_template == "none":
-        return
-    template = (
-        load_template_file(d.chat_template) if d.chat_template != "auto" else _model_template(topo.run.model)
-    )
-    if template is None:
-        return
-    key = "chat_template" if d.chat_template != "auto" else "dataset"
-    try:
-        renderer = ChatRenderer(template)
-        for conv in loaded.documents:
-            renderer.segments(conv.messages, conv.source)
-    except DatasetCorrupt as exc:
-        r.fail("[run.data]", key, f"{exc}; fix the record or use another chat_template")
-    except ConfigError as exc:
-        r.fail("[run.data]", "chat_template", str(exc))
-
-
-def _model_template(model: str) -> str | None:
-    """The model's chat template if it can be read without loading the model, else None."""
-    import json
-
-    from sft_actors.model import gguf_loader, hf_loader
-    from sft_actors.model.spec import resolve_spec
-
-    try:
-        spec = resolve_spec(model)
-        if spec.source == "hf_llama" and spec.path is not None:
-            tok = hf_loader.hf_tokenizer(spec.path)
-            return tok.chat_template if tok is not None else None
-        if spec.source == "gguf" and spec.path is not None:
-            meta = gguf_loader.cache_root() / "gguf" / gguf_loader.file_key(spec.path) / "meta.json"
-            if meta.is_file():
-                cached = json.loads(meta.read_text())
-                if cached.get("format") == gguf_loader.CACHE_FORMAT:
-                    template = cached["special"].get("chat_template")
-                    return template if isinstance(template, str) else None
-    except (ModelSpecError, ConfigError, OSError, ValueError, KeyError):  # the model check reports these
-        return None
-    return None
+    return check_instructions(r, topo, loaded)
 
 
 def check_tokenizer(r: Reporter, model: str, config: LlamaConfig) -> None:
@@ -330,6 +281,7 @@ def topology_warnings(topo: Topology) -> tuple[str, ...]:
         names = ", ".join(repr(s.name) for s in topo.servers)
         out.append(r.message("[[actors]]", "role", f"mode 'fedlora' uses no server; {names} will sit idle"))
     out.extend(_security_warnings(r, topo))
+    out.extend(topo.data_warnings)
     return tuple(out)
 
 

@@ -100,8 +100,8 @@ def parse_topology(
     validate_tables(b, topo)
     config = (model_config or default_model_config(b))(run.model)
     validate_split(b, topo, None if config is None else config.num_blocks)
-    check_environment(b, topo, config, roles)
-    return dataclasses.replace(topo, actors=resolve_defaults(topo))
+    data_warnings = check_environment(b, topo, config, roles)
+    return dataclasses.replace(topo, actors=resolve_defaults(topo), data_warnings=tuple(data_warnings))
 
 
 def _check_finite(b: Reporter, value: Any, where: str, key: str | None = None) -> None:

@@ -273,6 +273,8 @@ class Topology:
     run: RunConfig
     hosts: tuple[HostSpec, ...]
     actors: tuple[ActorSpec, ...]
+    #: what the environment checks warn of (instruction data dropped at seq_len), set at load
+    data_warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def actor(self, name: str) -> ActorSpec:
         for a in self.actors:

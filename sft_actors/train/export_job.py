@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 
 from sft_actors.dtypes import torch_dtype
-from sft_actors.model import LoraConfig, SplitLM, export_hf_llama, load_model, resolve_spec
+from sft_actors.errors import ConfigError, DatasetCorrupt
+from sft_actors.model import LoraConfig, SplitLM, Tokenizer, export_hf_llama, load_model, resolve_spec
 from sft_actors.train.run_adapters import DeviceModel, ExportError, RunAdapters, device_model, load_run
 from sft_actors.train.run_export import (
     check_inputs,
@@ -48,6 +49,7 @@ class Loaded:
     model: SplitLM
     dm: DeviceModel
     hf_base: bool  # the run's model is a folder or file (HF Llama, timm/HF ViT weights)
+    base_dir: Path | None = None  # the run's model as a Hugging Face Llama folder
 
 
 def load_device(
@@ -59,7 +61,13 @@ def load_device(
     spec = resolve_spec(run.info.model_spec)
     model = load_model(spec, dtype=torch_dtype(run.info.dtype))
     dm = device_model(run, device, model.num_blocks)
-    return Loaded(run=run, model=model, dm=dm, hf_base=spec.source in ("hf_llama", "vit_weights"))
+    return Loaded(
+        run=run,
+        model=model,
+        dm=dm,
+        hf_base=spec.source in ("hf_llama", "vit_weights"),
+        base_dir=spec.path if spec.source == "hf_llama" else None,
+    )
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -110,7 +118,7 @@ def export_run(
     note = None
     try:
         if fmt == "merged":
-            write_merged(model, dm, info.lora, tmp)
+            write_merged(model, dm, info.lora, tmp, base=loaded.base_dir)
             base = None
         else:
             if loaded.hf_base:
@@ -232,9 +240,12 @@ def generate_text(
     seed: int = 0,
     round_: int | str | None = None,
     topology: str | Path | None = None,
+    chat: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """``device``'s model (merged in memory) continuing ``prompt``: the text and a JSON-able
-    description. Raises :class:`ExportError` for a ViT or a model without a tokenizer."""
+    description. With ``chat`` (runs on ``kind = "instruction"`` data) the prompt is one user
+    turn rendered with the run's chat template and the prompt for the assistant's answer.
+    Raises :class:`ExportError` for a ViT, a model without a tokenizer, or ``chat`` on a text run."""
     loaded = load_device(run_dir, device, round_=round_, topology=topology)
     model = loaded.model
     tok = model.tokenizer
@@ -245,7 +256,13 @@ def generate_text(
             f"the run's model {loaded.run.info.model} has no tokenizer (an HF folder needs its "
             "tokenizer.json); generation needs one to encode --prompt"
         )
-    ids = tok.encode(prompt, add_bos=tok.bos_id is not None)
+    info = loaded.run.info
+    if chat and info.data_kind != "instruction":
+        raise ExportError(
+            f"--chat renders the prompt as the run's instruction data were rendered, but run "
+            f"{info.run!r} trained on kind = {info.data_kind!r} data; drop --chat"
+        )
+    ids = chat_prompt_ids(tok, prompt, info.chat_template) if chat else prompt_ids(tok, prompt)
     merged = merged_model(model, loaded.dm, loaded.run.info.lora)
     new = generate(merged, ids, max_new_tokens, temperature=temperature, seed=seed, eos_id=tok.eos_id)
     text = tok.decode([i for i in new if i != tok.eos_id])
@@ -255,3 +272,23 @@ def generate_text(
         "new_tokens": len(new),
         **describe(loaded.dm, loaded.run),
     }
+
+
+def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
+    """``prompt``'s token ids as the run's training saw text: each document tokenized without a
+    BOS (:meth:`~sft_actors.data.text.TextCorpus.pack` joins documents with EOS only), so a
+    generation prompt starts as a training document did."""
+    return tok.encode(prompt)
+
+
+def chat_prompt_ids(tok: Tokenizer, prompt: str, chat_template: str) -> list[int]:
+    """``prompt`` as a user turn with the prompt for the assistant's answer, rendered with the
+    run's ``chat_template`` setting (the plain format for "none" or a model without one) and
+    tokenized as the run's instruction data were."""
+    from sft_actors.data.instruct import generation_prompt_ids, renderer_for, resolve_chat_template
+
+    try:
+        renderer = renderer_for(tok, resolve_chat_template(chat_template, tok))
+        return generation_prompt_ids((("user", prompt),), tok, renderer, "--prompt")
+    except (ConfigError, DatasetCorrupt) as exc:
+        raise ExportError(f"--chat: {exc}") from exc

@@ -104,12 +104,15 @@ def merged_model(model: SplitLM, dm: DeviceModel, lora: LoraConfig) -> SplitLM:
     return merged
 
 
-def write_merged(model: SplitLM, dm: DeviceModel, lora: LoraConfig, out: Path) -> list[str]:
-    """The merged model in ``out``: a Hugging Face Llama folder, or a ViT in timm's layout
-    (``model.safetensors`` + ``config.json``). Returns the files written."""
+def write_merged(
+    model: SplitLM, dm: DeviceModel, lora: LoraConfig, out: Path, *, base: Path | None = None
+) -> list[str]:
+    """The merged model in ``out``: a Hugging Face Llama folder (``base``: the Hugging Face
+    folder the run's model came from, whose tokenizer and generation settings are kept), or a
+    ViT in timm's layout (``model.safetensors`` + ``config.json``). Returns the files written."""
     merged = merged_model(model, dm, lora)
     if not isinstance(merged, ViT):
-        export_hf_llama(merged, out)
+        export_hf_llama(merged, out, base=base)
         return sorted(p.name for p in out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     state = {vit_timm_name(k): v.detach().contiguous() for k, v in merged.state_dict().items()}
@@ -201,13 +204,21 @@ def generate(
 ) -> list[int]:
     """``max_new_tokens`` continuation ids of ``ids`` (stops after ``eos_id``): greedy for
     ``temperature`` 0, else sampled from ``softmax(logits / temperature)`` with a generator
-    seeded by ``seed`` (same seed, same tokens). The context is cut to the model's
-    ``max_seq_len``. Raises :class:`ExportError` for empty ``ids`` or a negative temperature."""
+    seeded by ``seed`` (same seed, same tokens). Raises :class:`ExportError` for empty ``ids``,
+    a negative temperature, or a prompt plus ``max_new_tokens`` beyond the model's context
+    (``max_seq_len``: positions past it were never trained, and RoPE scaling ends there)."""
     if not ids:
         raise ExportError("the prompt encodes to no tokens; give a non-empty --prompt")
     if temperature < 0:
         raise ExportError(f"--temperature must be ≥ 0, got {temperature}")
     limit = int(getattr(model.config, "max_seq_len", 2048))
+    if len(ids) + max_new_tokens > limit:
+        room = limit - len(ids)
+        fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten --prompt"
+        raise ExportError(
+            f"the prompt is {len(ids)} tokens and --max-new-tokens {max_new_tokens} would run past the "
+            f"model's context of {limit} tokens; {fix}"
+        )
     gen = torch.Generator().manual_seed(seed)
     out = list(ids)
     for _ in range(max_new_tokens):

@@ -63,6 +63,8 @@ class RunInfo:
     entry_server: dict[str, str | None]  # device -> the server stage its activations enter
     servers: dict[str, ServerRange] = field(default_factory=dict)
     topology: str = ""
+    data_kind: str = "text"  # [run.data] kind: "text" or "instruction" (older run.json: text)
+    chat_template: str = "auto"  # [run.data] chat_template: "auto", "none" or an absolute path
 
     @property
     def whole_model_on_device(self) -> bool:
@@ -93,6 +95,7 @@ class RunInfo:
             },
             "whole_model_on_device": self.whole_model_on_device,
             "topology": self.topology,
+            "data": {"kind": self.data_kind, "chat_template": self.chat_template},
         }
 
     @classmethod
@@ -120,6 +123,8 @@ class RunInfo:
                     for s, v in data["servers"].items()
                 },
                 topology=str(data.get("topology", "")),
+                data_kind=str(data.get("data", {}).get("kind", "text")),
+                chat_template=str(data.get("data", {}).get("chat_template", "auto")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"{source} is not a run description this build reads: {exc!r}") from exc
@@ -160,6 +165,9 @@ def run_info(topology: Topology) -> RunInfo:
         for k, (start, spec) in enumerate(stages)
     }
     path = Path(run.model).expanduser()
+    template = run.data.chat_template
+    if template not in ("auto", "none") and Path(template).expanduser().exists():
+        template = str(Path(template).expanduser().resolve())
     return RunInfo(
         run=run.name,
         model=run.model,
@@ -172,6 +180,8 @@ def run_info(topology: Topology) -> RunInfo:
         entry_server={d.name: None if whole else server_for(topology, d.cut or 0) for d in topology.devices},
         servers=servers,
         topology=topology.source,
+        data_kind=run.data.kind,
+        chat_template=template,
     )
 
 
