@@ -256,6 +256,6 @@ def test_topology_check_refuses_a_checkpoint_missing_a_tensor(tmp_path: Path) ->
     path = tmp_path / "t.toml"
     path.write_text(CHECK_BASE.replace('"llama-tiny"', f'"{hf}"'))
     out = _check(path)
-    assert out.exit_code == 1 and len(out.stderr.splitlines()) == 1, out.output
+    assert out.exit_code == 2 and len(out.stderr.splitlines()) == 1, out.output
     assert "key 'model'" in out.stderr and "'model.layers.2.mlp.up_proj.weight'" in out.stderr
     assert str(hf / "model.safetensors") in out.stderr
