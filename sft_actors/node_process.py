@@ -37,7 +37,7 @@ from sft_actors.actors.roles import parse_role_overrides
 from sft_actors.errors import ConfigError, SftError
 from sft_actors.rendezvous import auto_hosts, resolve
 from sft_actors.runtime import RunResult, RunStatus, check_resume_dir, failure_line, run_node, select_actors
-from sft_actors.topology import Topology, check_hosts, load_topology
+from sft_actors.topology import Topology, check_hosts, check_placement, load_topology
 
 EXIT_OK: Final[int] = 0
 EXIT_FAILED: Final[int] = 1
@@ -132,6 +132,8 @@ def run_node_process(opts: NodeOptions, *, prog: str = "sft-node") -> int:
             check_resume_dir(opts.resume_dir, topology_schema_hash(topo))
         if opts.transport == "tcp":
             check_hosts(topo, hosts=_hosts_used(topo, opts))
+        # The devices of the actors this node starts, before it starts any of them.
+        check_placement(topo, actors=[a.name for a in select_actors(topo, opts.role, opts.name, opts.host)])
         result = asyncio.run(
             run_node(
                 topo,

@@ -22,7 +22,9 @@ if TYPE_CHECKING:  # torch only where tensors move: the topology layer parses sp
 
 #: The default placement (and the only one CI has).
 CPU: Final[str] = "cpu"
-_SPEC = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+#: The largest CUDA index a spec may name (no host has more; bounds what reaches torch).
+MAX_CUDA_INDEX: Final[int] = 1023
+_SPEC = re.compile(r"(cpu|cuda)(?::([0-9]{1,4}))?")
 
 
 class DeviceUnavailable(ConfigError):
@@ -34,9 +36,9 @@ class DeviceUnavailable(ConfigError):
 def parse_device_spec(spec: str) -> tuple[str, int | None]:
     """``"cpu"`` → ``("cpu", None)``; ``"cuda"`` → ``("cuda", 0)``; ``"cuda:N"`` → ``("cuda", N)``
     (torch-free). Raises :class:`ConfigError` for anything else (``"cpu:1"``, ``"gpu"``, …)."""
-    m = _SPEC.match(spec)
-    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
-        raise ConfigError(f'device {spec!r} is not "cpu", "cuda" or "cuda:N"')
+    m = _SPEC.fullmatch(spec)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None) or int(m.group(2) or 0) > MAX_CUDA_INDEX:
+        raise ConfigError(f'device {spec!r} is not "cpu", "cuda" or "cuda:N" (N from 0 to {MAX_CUDA_INDEX})')
     if m.group(1) == "cpu":
         return "cpu", None
     return "cuda", int(m.group(2) or 0)

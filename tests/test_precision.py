@@ -285,7 +285,21 @@ def test_device_specs_parse(spec: str, want: tuple[str, int | None]) -> None:
     assert parse_device_spec(spec) == want
 
 
-@pytest.mark.parametrize("spec", ["gpu", "cpu:0", "cuda:", "cuda:-1", "CUDA", " cuda"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "gpu",
+        "cpu:0",
+        "cuda:",
+        "cuda:-1",
+        "CUDA",
+        " cuda",
+        "cuda\n",
+        "cuda:1024",
+        "cuda:99999999999999999999",
+        "cuda:\u0661",
+    ],
+)
 def test_bad_device_specs_are_refused(spec: str) -> None:
     with pytest.raises(ConfigError, match="is not"):
         parse_device_spec(spec)
@@ -377,6 +391,44 @@ async def test_an_actor_on_an_absent_gpu_fails_at_start(
     assert result.failures["server0"].startswith(
         "DeviceUnavailable: actor 'server0' is placed on device 'cuda:0', but this host has cpu only"
     )
+
+
+def _absent_gpu_topology(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run whose dev0 sits on cuda:1 on a host with one GPU; its output dir stays empty."""
+    _fake_cuda(monkeypatch, 1)
+    path = _topology(tmp_path, mode="sfl", dtype="float32")
+    path.write_text(path.read_text().replace('name = "dev0"\n', 'name = "dev0"\ndevice = "cuda:1"\n'))
+    return path
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["inproc", "processes"])
+def test_sft_run_refuses_an_absent_gpu_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: bool
+) -> None:
+    from typer.testing import CliRunner
+
+    from sft_actors.cli.main import app
+
+    path = _absent_gpu_topology(tmp_path, monkeypatch)
+    out = CliRunner().invoke(app, ["run", str(path)] + (["--processes"] if processes else []))
+    assert out.exit_code == 2, out.output
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["ok"] is False and line["failures"] == {}
+    assert "'dev0' is placed on device 'cuda:1', but this host has cuda:0 (1 GPU)" in line["error"]
+    assert list((tmp_path / "runs").iterdir()) == []  # nothing started: no run directory
+
+
+def test_sft_node_refuses_an_absent_gpu_for_its_own_actors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sft_actors.node_process import EXIT_CONFIG, NodeOptions, run_node_process
+
+    path = _absent_gpu_topology(tmp_path, monkeypatch)
+    code = run_node_process(NodeOptions(role="device", topology=path, name="dev0", transport="ipc"))
+    assert code == EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'dev0' is placed on device 'cuda:1'" in err[0], err
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 def test_a_16bit_llama_on_the_cpu_computes_its_head_in_float32() -> None:

@@ -72,7 +72,10 @@ def test_unknown_keys_suggest_a_close_match() -> None:
     refused(d, "[[actors]] #3 ('dev0')", "'cutt'", "did you mean 'cut'?")
     d = doc()
     d["run"]["train"]["round"] = 3
-    refused(d, "[run].train", "'round'", "did you mean 'rounds'?")
+    refused(d, "[run.train], key 'round'", "did you mean 'rounds'?")
+    d = doc()
+    d["run"]["lora"] = {"rnak": 4}
+    refused(d, "[run.lora], key 'rnak'", "did you mean 'rank'?")
     refused(doc(extra={}), "top level", "'extra'")
 
 
@@ -86,6 +89,30 @@ def test_bad_values_name_the_fix() -> None:
     d = doc()
     d["run"]["runtime"] = {"heartbeat_interval_s": 2.0, "heartbeat_timeout_s": 3.0}
     refused(d, "[run.runtime]", "heartbeat_timeout_s", "at least 2 × heartbeat_interval_s")
+
+
+def test_choices_suggest_case_insensitively_and_float16_is_not_offered_for_training() -> None:
+    for value, want in [("float64", "'bfloat16'"), ("BFloat16", "'bfloat16'"), ("FLOAT32", "'float32'")]:
+        msg = refused(doc(run={**BASE["run"], "dtype": value}), "[run], key 'dtype'", f"did you mean {want}?")
+        assert "is not one of 'float32', 'bfloat16' (" in msg and "(float16 loads for inference only)" in msg
+        assert "'float16'" not in msg, msg
+    d = doc()
+    d["run"]["train"]["lora_averaging"] = "SVD"
+    refused(d, "[run.train], key 'lora_averaging'", "did you mean 'svd'?")
+    d = doc(run={**BASE["run"], "dtype": "float16"})  # accepted by the schema, refused for training
+    refused(d, "float16 training is not supported")
+
+
+@pytest.mark.parametrize("spec", ["cuda:99999999999999999999", "cuda:1024", "cuda:"])
+def test_a_bad_device_string_is_one_line(tmp_path: Path, spec: str) -> None:
+    d = doc()
+    d["actors"][2]["device"] = spec
+    refused(d, "[[actors]] 'dev0'", "'device'", f"{spec!r} is not")
+    path = tmp_path / "t.toml"
+    path.write_text(_edit("cut = 1", f'cut = 1\ndevice = "{spec}"')(CHECK_BASE))
+    out = _check(path)
+    assert out.exit_code == 2 and out.exception is not None and isinstance(out.exception, SystemExit)
+    assert out.stderr.splitlines() == [out.stderr.strip()] and f"{spec!r} is not" in out.stderr
 
 
 def test_duplicates_are_refused() -> None:
@@ -368,15 +395,15 @@ BROKEN: list[tuple[str, Any, str, str, str]] = [
         "root",
         "pass root=<folder>",
     ),
-    ("lora-target-typo", _edit('["q", "v"]', '["qq"]'), "[run].lora", "targets", "did you mean 'q'"),
+    ("lora-target-typo", _edit('["q", "v"]', '["qq"]'), "[run.lora]", "targets", "did you mean 'q'"),
     ("lora-target-vit-only", _edit('["q", "v"]', '["qkv"]'), "[run.lora]", "targets", "use some of"),
     ("lora-alpha-nan", _edit("alpha = 8.0", "alpha = nan"), "[run.lora]", "alpha", "finite number"),
-    ("lora-alpha-negative", _edit("alpha = 8.0", "alpha = -1.0"), "[run].lora", "alpha", "fix the value"),
-    ("lora-rank-zero", _edit("rank = 4", "rank = 0"), "[run].lora", "rank", "fix the value"),
+    ("lora-alpha-negative", _edit("alpha = 8.0", "alpha = -1.0"), "[run.lora]", "alpha", "fix the value"),
+    ("lora-rank-zero", _edit("rank = 4", "rank = 0"), "[run.lora]", "rank", "fix the value"),
     (
         "lora-dropout-one",
         _edit("rank = 4", "rank = 4\ndropout = 1.0"),
-        "[run].lora",
+        "[run.lora]",
         "dropout",
         "fix the value",
     ),
@@ -391,15 +418,15 @@ BROKEN: list[tuple[str, Any, str, str, str]] = [
     ("lr-nan", _edit("lr = 0.001", "lr = nan"), "[run.train]", "lr", "finite number"),
     ("lr-inf", _edit("lr = 0.001", "lr = inf"), "[run.train]", "lr", "finite number"),
     ("lr-zero", _edit("lr = 0.001", "lr = 0.0"), "[run.train]", "lr", "must be positive"),
-    ("rounds-float", _edit("rounds = 1", "rounds = 1.5"), "[run].train", "rounds", "expected an integer"),
+    ("rounds-float", _edit("rounds = 1", "rounds = 1.5"), "[run.train]", "rounds", "expected an integer"),
     (
         "batch-size-string",
         _edit("batch_size = 2", 'batch_size = "2"'),
-        "[run].train",
+        "[run.train]",
         "batch_size",
         "expected an integer",
     ),
-    ("mode-typo", _edit('mode = "sft"', 'mode = "sfl "'), "[run].train", "mode", "did you mean 'sfl'"),
+    ("mode-typo", _edit('mode = "sft"', 'mode = "sfl "'), "[run.train]", "mode", "did you mean 'sfl'"),
     (
         "eval-batches-negative",
         _edit("eval_batches = 1", "eval_batches = -1"),
@@ -421,7 +448,7 @@ BROKEN: list[tuple[str, Any, str, str, str]] = [
         "max_inflight",
         "raise [run.runtime] link_window",
     ),
-    ("bad-partition", _edit('"iid"', '"dirichlett"'), "[run].data", "partition", "did you mean 'dirichlet'"),
+    ("bad-partition", _edit('"iid"', '"dirichlett"'), "[run.data]", "partition", "did you mean 'dirichlet'"),
     ("data-alpha-nan", _edit("alpha = 0.5", "alpha = nan"), "[run.data]", "alpha", "finite number"),
     ("data-alpha-zero", _edit("alpha = 0.5", "alpha = 0.0"), "[run.data]", "alpha", "must be positive"),
     (
@@ -682,6 +709,17 @@ def test_modes_without_a_codec_warn_that_they_ignore_it(tmp_path: Path, mode: st
     sft = tmp_path / "sft.toml"
     sft.write_text(CHECK_BASE)
     assert _check(sft).stderr == ""
+
+
+def test_sl_warns_that_it_ignores_lora_averaging(tmp_path: Path) -> None:
+    from sft_actors.topology import topology_warnings
+
+    path = tmp_path / "sl.toml"
+    path.write_text(_edit('mode = "sft"', 'mode = "sl"\nlora_averaging = "svd"')(CHECK_BASE))
+    warnings = topology_warnings(load_topology(path, log_warnings=False))
+    assert any("[run.train], key 'lora_averaging': mode 'sl'" in w for w in warnings), warnings
+    path.write_text(_edit('mode = "sft"', 'mode = "sfl"\nlora_averaging = "svd"')(CHECK_BASE))
+    assert not any("lora_averaging" in w for w in topology_warnings(load_topology(path, log_warnings=False)))
 
 
 def test_load_logs_the_warnings(tmp_path: Path) -> None:

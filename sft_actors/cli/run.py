@@ -91,10 +91,11 @@ def _run(
     from sft_actors.node_process import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED
     from sft_actors.processes import run_processes  # zmq, torch: loaded only when a run starts
     from sft_actors.runtime import check_resume_dir, failure_line, run_topology
-    from sft_actors.topology import load_topology
+    from sft_actors.topology import check_placement, load_topology
 
     try:
         topo = load_topology(path)
+        check_placement(topo, actors=[a.name for a in topo.actors])  # every actor starts here
         if resume is not None:
             check_resume_dir(resume, topology_schema_hash(topo))
         roles = parse_role_overrides(refs)

@@ -238,18 +238,22 @@ def local_hosts(topo: Topology) -> set[str]:
     return {h.name for h in topo.hosts if is_loopback(h.address) or h.address.lower() in me}
 
 
-def check_placement(topo: Topology, hosts: Collection[str] | None = None) -> None:
+def check_placement(
+    topo: Topology, hosts: Collection[str] | None = None, *, actors: Collection[str] | None = None
+) -> None:
     """Every actor placed on a CUDA device (``[[actors]] device``) on ``hosts`` (default:
     :func:`local_hosts`) finds that device here. Raises :class:`TopologyError` naming the
     actor, the device asked and what this machine has — what the actor would raise at start
     (:func:`~sft_actors.placement.resolve_device`). Imports torch only when a CUDA device is
-    asked for."""
+    asked for. With ``actors`` (names), exactly those actors are checked, wherever placed:
+    the ones ``sft run`` or ``sft-node`` is about to start here."""
     from sft_actors.placement import DeviceUnavailable, resolve_device
 
     r = Reporter(topo.source)
     here = local_hosts(topo) if hosts is None else set(hosts)
     for a in topo.actors:
-        if a.host in here and a.device != "cpu":
+        mine = a.name in actors if actors is not None else a.host in here
+        if mine and a.device != "cpu":
             try:
                 resolve_device(a.device, actor=a.name)
             except DeviceUnavailable as exc:
@@ -277,6 +281,9 @@ def topology_warnings(topo: Topology) -> tuple[str, ...]:
         out.append(
             r.message("[run.train]", "max_inflight", f"mode {mode!r} {why}, and ignores it; remove it")
         )
+    if mode == "sl" and topo.run.train.lora_averaging != "fedavg":
+        why = "hands one adapter set from device to device and averages nothing, so it ignores it"
+        out.append(r.message("[run.train]", "lora_averaging", f"mode 'sl' {why}; remove it"))
     if mode == "fedlora" and topo.servers:
         names = ", ".join(repr(s.name) for s in topo.servers)
         out.append(r.message("[[actors]]", "role", f"mode 'fedlora' uses no server; {names} will sit idle"))

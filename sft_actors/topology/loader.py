@@ -206,10 +206,7 @@ class _Builder(Reporter):
             return self.coerce(value, inner[0], where, key)
         if origin is typing.Literal:
             if value not in args:
-                close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                choices = ", ".join(map(repr, args))
-                self.fail(where, key, f"{value!r} is not one of {choices}{hint}; use one of them")
+                self.fail(where, key, _not_one_of(value, args, key))
             return value
         if origin is tuple:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -222,9 +219,9 @@ class _Builder(Reporter):
         if tp is CodecPolicy:
             return self.codec_policy(value, where, key)
         if origin is dict or tp is dict:
-            return dict(self.table(value, f"{where}.{key}"))
+            return dict(self.table(value, _subtable(where, key)))
         if dataclasses.is_dataclass(tp):
-            return self.build(tp, self.table(value, f"{where}.{key}"), f"{where}.{key}")
+            return self.build(tp, self.table(value, _subtable(where, key)), _subtable(where, key))
         if tp is bool:
             if not isinstance(value, bool):
                 self.fail(where, key, f"expected true or false, got {value!r}; write true or false")
@@ -238,6 +235,21 @@ class _Builder(Reporter):
                 self.fail(where, key, f"expected a string, got {value!r}; write it in quotes")
             return value
         raise AssertionError(f"schema type {tp!r} not handled")  # pragma: no cover - schema bug
+
+
+#: Literal values a key accepts but a run refuses (a later check says why): not offered as choices.
+_NOT_FOR_TRAINING: dict[str, tuple[str, str]] = {"dtype": ("float16", "float16 loads for inference only")}
+
+
+def _not_one_of(value: Any, args: tuple[Any, ...], key: str) -> str:
+    """Why ``value`` is not one of the Literal ``args``, with a case-insensitive close match."""
+    hidden, note = _NOT_FOR_TRAINING.get(key, (None, ""))
+    offered = [str(a) for a in args if a != hidden]
+    lower = {o.lower(): o for o in offered}
+    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1)
+    hint = f" (did you mean {lower[close[0]]!r}?)" if close else ""
+    choices = ", ".join(map(repr, offered))
+    return f"{value!r} is not one of {choices}{hint}; use one of them" + (f" ({note})" if note else "")
 
 
 def _run_config(b: _Builder, table: Mapping[str, Any]) -> RunConfig:
