@@ -3,8 +3,9 @@
 ``run_topology`` and ``run_node`` share :func:`run_actors`: one zmq Context (required for
 ``inproc://``), one bounded offload thread pool and one TaskGroup per process. The run ends
 when the coordinator finishes (its SHUTDOWN stops everyone), when every local actor has
-stopped, on a signal or at the timeout. A device or server that fails does not stop the
-others: the coordinator decides (by its quorum) whether the run goes on without it.
+stopped, on a signal, at the timeout, or when a local actor fails at start. A device or
+server that fails once it served does not stop the others: the coordinator decides (by its
+quorum) whether the run goes on without it.
 SIGINT/SIGTERM/SIGHUP begin the staged shutdown (the run is then ``interrupted``); a second
 signal cancels at once. One OS process per actor is :mod:`sft_actors.processes`; the process
 entry point is :mod:`sft_actors.node_process`.
@@ -250,8 +251,8 @@ async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | N
     """Serve all actors; stop the rest when the coordinator ends (or at the timeout; a signal
     stops them through :class:`_SignalHandler`).
 
-    A device or server that fails is left to the coordinator (it decides, by its quorum,
-    whether the run goes on). Returns the timeout's message, if it passed.
+    A device or server that fails once it served is left to the coordinator (its quorum
+    decides); one that fails at start ends the run now. Returns the timeout's or that message.
     """
     error: str | None = None
     async with asyncio.TaskGroup() as tg:
@@ -275,6 +276,10 @@ async def _supervise(actors: list[Actor], *, timeout_s: float | None) -> str | N
                 actor = tasks[task]
                 if actor.spec.role == "coordinator":
                     _stop_all(actors, f"{actor.name} {actor.state.value}")
+                elif actor.state is ActorState.FAILED and not actor.ready_reached and error is None:
+                    error = f"{actor.name} failed at start: {type(actor.error).__name__}: {actor.error}"
+                    _stop_all(actors, error)  # it never served: end the run now, for that reason
+                    deadline = time.monotonic() + _stop_budget_s(actors)
                 elif actor.state is ActorState.FAILED:
                     log.warning("actor_lost", actor=actor.name, role=actor.spec.role)
     return error
@@ -357,8 +362,7 @@ class _SignalHandler:
 
 
 def _dump_tasks() -> None:
-    """SIGUSR1: every asyncio task's stack to stderr (``kill -USR1 PID`` on a node that seems
-    stuck shows what each actor is waiting for)."""
+    """SIGUSR1: every asyncio task's stack to stderr (``kill -USR1 PID`` on a node that hangs)."""
     tasks = asyncio.all_tasks()
     print(f"--- {len(tasks)} asyncio tasks (SIGUSR1) ---", file=sys.stderr)
     for task in tasks:

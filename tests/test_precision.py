@@ -384,10 +384,15 @@ async def test_an_actor_on_an_absent_gpu_fails_at_start(
     path = _topology(tmp_path, mode="sfl", dtype="float32")
     server = 'role = "server"\nport = 0\n'
     text = path.read_text().replace(server, server + 'device = "cuda:0"\n')
-    fast = "request_timeout_s = 60.0\nconnect_timeout_s = 5.0"
-    path.write_text(text.replace("request_timeout_s = 60.0", fast))
-    result = await run_topology(load_topology(path), timeout_s=60)
+    slow = "request_timeout_s = 60.0\nconnect_timeout_s = 60.0"
+    path.write_text(text.replace("request_timeout_s = 60.0", slow))
+    result = await run_topology(load_topology(path), timeout_s=120)
     assert result.status == "failed"
+    # The start failure ends the run at once, as its reason (not a PeerTimeout after 60 s).
+    assert result.elapsed_s < 30, result.elapsed_s
+    assert result.reason.startswith("server0 failed at start: DeviceUnavailable: actor 'server0'"), (
+        result.reason
+    )
     assert result.failures["server0"].startswith(
         "DeviceUnavailable: actor 'server0' is placed on device 'cuda:0', but this host has cpu only"
     )

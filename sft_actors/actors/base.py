@@ -77,7 +77,7 @@ class Actor(LiveActor):
         await self._started.wait()
         if self.state is ActorState.FAILED:
             raise ActorFailed(f"{self.name} failed to start: {type(self.error).__name__}: {self.error}")
-        if self.state is ActorState.STOPPED and not self._ready_reached:
+        if self.state is ActorState.STOPPED and not self.ready_reached:
             raise ActorFailed(f"{self.name} stopped before it was ready")
 
     async def call(self, peer: str, msg: Request[R], *, timeout_s: float | None = None) -> R:
@@ -212,7 +212,7 @@ class Actor(LiveActor):
                     raise _StoppedBeforeReady(self._stop_reason)
                 starting.result()  # re-raise a start-up failure here
                 self.state = ActorState.READY
-                self._ready_reached = True
+                self.ready_reached = True
                 self._started.set()
                 self.log.debug("actor_ready", peers=self.peers)
                 self._spawn(self._heartbeat_loop())

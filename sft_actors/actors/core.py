@@ -93,7 +93,7 @@ class ActorCore:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._finishing_run = False
-        self._ready_reached = False
+        self.ready_reached = False  # became READY once: a later failure is no start failure
         self._closing = False
         self._pacers = Pacers(env.topology, spec.name, env.clock)
         #: This process's session of the actor: peers tell a restart from a re-dial by it.
