@@ -84,6 +84,11 @@ class UnknownPeer(RuntimeFault):
     """A message was addressed to, or came from, a peer that is not known."""
 
 
+class RoundFailed(RuntimeFault):
+    """No device finished a round (each was lost, late or refused): there is nothing to average
+    or report, so the run stops ``failed`` with each device's cause rather than count it."""
+
+
 class RemoteError(RuntimeFault):
     """The peer answered with an ERROR frame; ``remote_type`` names its exception class."""
 

@@ -13,8 +13,9 @@ import zmq.asyncio
 
 from sft_actors.actors.base import Actor, ActorState
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.tasks import first_error, task_group
 from sft_actors.actors.testing import EchoServer, actor_env, serving, small_topology
-from sft_actors.errors import ActorFailed, PeerTimeout, RemoteError, SchemaMismatch
+from sft_actors.errors import ActorFailed, PeerTimeout, ProtocolViolation, RemoteError, SchemaMismatch
 from sft_actors.transport.sockets import SocketOptions, connect_dealer
 from sft_actors.wire.envelope import decode, encode
 from sft_actors.wire.messages import (
@@ -309,3 +310,43 @@ async def test_shutdown_only_from_the_coordinator(zmq_ctx: zmq.asyncio.Context) 
             await asyncio.wait_for(asyncio.gather(*(a._stop.wait() for a in (server, dev))), 5)
         assert {a.state for a in (coord, server, dev)} == {ActorState.STOPPED}
         assert coord.result == {"done": True}
+
+
+class FailingRoundDevice(Actor):
+    """A round handler whose child task fails after the TaskGroup's body ended (as a device's
+    last micro-batch refused by the server): the error must reach the caller as ERROR."""
+
+    async def on_round_start(self, msg: RoundStart, ctx: MsgContext) -> RoundDone:
+        async def refused_later() -> None:
+            await asyncio.sleep(0.05)
+            raise ProtocolViolation(f"micro-batch of round {msg.round} refused")
+
+        try:
+            async with task_group() as tg:
+                tg.create_task(refused_later())
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        raise AssertionError("the child failed")
+
+
+@pytest.mark.asyncio
+async def test_a_round_handler_whose_task_group_fails_answers_error(zmq_ctx: zmq.asyncio.Context) -> None:
+    """Python 3.11's TaskGroup leaves its cancel request on the handler's task when a child
+    fails after the body ended; the handler then looked cancelled and never answered (the
+    coordinator hung until round_timeout_s). Each failing round answers ERROR, and the device
+    keeps serving."""
+    topo = small_topology(devices=1)
+    with actor_env(topo, zmq_ctx) as env:
+        server, coord, dev = (
+            EchoServer(topo.actor("server"), env),
+            Coordinator(topo.actor("coordinator"), env),
+            FailingRoundDevice(topo.actor("dev0"), env),
+        )
+        async with serving(coord, server, dev):
+            await dev.ready()
+            await coord.wait_for_peers(["dev0"])
+            for r in (1, 2, 3):
+                with pytest.raises(RemoteError) as info:
+                    await coord.call("dev0", RoundStart(round=r), timeout_s=10)
+                assert info.value.remote_type == "ProtocolViolation"
+                assert f"round {r} refused" in info.value.remote_message

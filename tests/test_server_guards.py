@@ -50,7 +50,7 @@ BAD: dict[str, tuple[Callable[[], Activations], str]] = {
     "integers": (lambda: activations(activations=_t(torch.ones(2, T, DIM, dtype=torch.int64))), "floating"),
     "width": (lambda: activations(activations=_t(torch.zeros(2, T, 32))), rf"\(B, T, {DIM}\)"),
     "cut": (lambda: activations(cut=3), "the plan says 1"),
-    "huge": (lambda: activations(activations=_t(torch.full((2, T, DIM), 3e38))), "non-finite gradients"),
+    "huge": (lambda: activations(activations=_t(torch.full((2, T, DIM), 3e38))), "too large"),
     "labels_int32": (lambda: activations(labels=_t(torch.zeros(2, T, dtype=torch.int32))), "int64"),
     "labels_range": (lambda: activations(labels=_t(torch.full((2, T), 999))), r"labels outside \[0, 256\)"),
     "labels_shape": (lambda: activations(labels=_t(torch.zeros(3, T, dtype=torch.int64))), "labels must be"),

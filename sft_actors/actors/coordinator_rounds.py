@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from sft_actors.actors.coordinator_eval import EvaluatingCoordinator
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError, SftError
+from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError, RoundFailed, SftError
 from sft_actors.train import modes
 from sft_actors.train.aggregate import Contribution
-from sft_actors.train.claims import check_round_done
+from sft_actors.train.claims import check_adapters_finite, check_round_done
 from sft_actors.train.lora_average import average_lora
 from sft_actors.train.summary import averaging_record, round_record
 from sft_actors.wire import (
@@ -51,6 +51,9 @@ class RoundsCoordinator(EvaluatingCoordinator):
                 self._bar.close()
             self._bar = None
         self._check_servers()
+        if not done:  # nothing to close, average or report: never a completed round
+            causes = "; ".join(f"{d}: {why}" for d, why in lost.items()) or "no active device"
+            raise RoundFailed(f"round {r}: no device finished it ({causes})")
         self.members.dropped(lost)
         steps = self.train.steps_per_round * len(done)  # training micro-batches this round
         close = RoundClose(
@@ -176,9 +179,11 @@ class RoundsCoordinator(EvaluatingCoordinator):
     async def _relay(self, src: str, dst: str, r: int) -> None:
         """Vanilla split learning: the next device starts from the previous device's adapters."""
         up = await self._collect(src, r)
+        adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
+        check_adapters_finite(adapters, device=src, round_=r)
         held = self._held_by(dst, up.tensors)
         await self.call(dst, AdaptersDown(round=r, tensors=held), timeout_s=self.round_timeout_s)
-        self.store.device_adapters = {k: unpack_tensor(v) for k, v in up.tensors.items()}
+        self.store.device_adapters = adapters
 
     async def _aggregate(self, r: int, devices: list[str]) -> list[str]:
         """FedAvg per block over the devices that finished round ``r`` (sample-weighted); a
@@ -187,12 +192,14 @@ class RoundsCoordinator(EvaluatingCoordinator):
         ups = await self._each_device(devices, r, "averaging", lambda d: self._collect(d, r))
         contributions = [
             Contribution(
-                device=u.device,
+                device=d,
                 n_samples=u.n_samples,
                 tensors={k: unpack_tensor(v) for k, v in u.tensors.items()},
             )
-            for u in ups.values()
+            for d, u in ups.items()
         ]
+        for c in contributions:  # a diverged device fails the run before the average (an SVD)
+            check_adapters_finite(c.tensors, device=c.device, round_=r)
         if not contributions:
             return []
         result = await self.offload(average_lora, contributions, self.train.lora_averaging)
@@ -240,5 +247,7 @@ class RoundsCoordinator(EvaluatingCoordinator):
 def _raise_if_diverged(exc: BaseException | None) -> None:
     """A device's round failed on a NaN/inf training loss: the run diverged, and dropping the
     device would only hide it. Raises :class:`NonFiniteLoss` (the run ends ``failed``)."""
+    if isinstance(exc, NonFiniteLoss):  # raised here (non-finite adapters relayed in ``sl``)
+        raise exc
     if isinstance(exc, RemoteError) and exc.remote_type == NonFiniteLoss.__name__:
         raise NonFiniteLoss(exc.remote_message)

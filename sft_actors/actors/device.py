@@ -21,7 +21,7 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.actors.tasks import first_error
+from sft_actors.actors.tasks import first_error, task_group
 from sft_actors.codec import Codec
 from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError
 from sft_actors.placement import resolve_device
@@ -133,7 +133,7 @@ class DeviceActor(Actor):
     async def _split_round(self, round_: int, meter: RoundMeter) -> None:
         window = asyncio.Semaphore(self.session.plan.train.max_inflight)
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with task_group() as tg:
                 for _ in range(self.session.plan.train.steps_per_round):
                     await window.acquire()
                     request = await self._forward(round_, meter)
@@ -191,7 +191,10 @@ class DeviceActor(Actor):
             raw = grad.numel() * grad.element_size()  # = the activations' raw size (same shape)
             meter.received(raw=raw, coded=reply.grad.desc.nbytes)
             async with self._compute:
-                await self.offload(s.backward, msg.step, grad)
+                try:
+                    await self.offload(s.backward, msg.step, grad)
+                except NonFiniteLoss as exc:  # a finite gradient, non-finite adapter gradients
+                    raise self._diverged(msg.round, str(exc)) from None
             meter.step_done(loss=reply.loss, targets=reply.n_tokens, step_ms=elapsed_ms(t0))
             wire = msg.activations.desc.nbytes + reply.grad.desc.nbytes
             await self._report_step(msg.round, reply.loss, wire_bytes=wire, raw_bytes=2 * raw)

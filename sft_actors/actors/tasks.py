@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -15,6 +16,26 @@ def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
     return first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
 
 
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """``asyncio.TaskGroup`` whose failure never reads as its caller's cancellation.
+
+    A child's error makes the group cancel its parent task; Python 3.11 takes that request
+    back only when the body was still running (``uncancel``). A child that fails after the
+    body ended (the group waiting in ``__aexit__``) leaves ``current_task().cancelling()`` at 1,
+    so an actor's handler that re-raises the group's error looked cancelled, sent no ERROR and
+    its caller waited for ``round_timeout_s``. This takes back the group's own request."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    try:
+        async with asyncio.TaskGroup() as tg:
+            yield tg
+    except BaseExceptionGroup:
+        if task is not None and task.cancelling() > before:
+            task.uncancel()
+        raise
+
+
 async def gather_owned(*coros: Coroutine[Any, Any, T]) -> list[T]:
     """Await concurrently and return results in order, each task owned by a TaskGroup.
 
@@ -24,7 +45,7 @@ async def gather_owned(*coros: Coroutine[Any, Any, T]) -> list[T]:
     """
     tasks: list[asyncio.Task[T]] = []
     try:
-        async with asyncio.TaskGroup() as tg:
+        async with task_group() as tg:
             tasks = [tg.create_task(c) for c in coros]
     except BaseExceptionGroup as group:
         raise first_error(group) from None

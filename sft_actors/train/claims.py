@@ -11,8 +11,11 @@ from claiming more than its plan lets it do. Each check raises
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
-from sft_actors.errors import ProtocolViolation
+import torch
+
+from sft_actors.errors import NonFiniteLoss, ProtocolViolation
 from sft_actors.topology.schema import TrainConfig
 from sft_actors.wire.messages import AdaptersUp, RoundDone
 from sft_actors.wire.plans import EvalStats
@@ -37,6 +40,16 @@ def check_adapters_up(msg: AdaptersUp, *, device: str, round_: int, train: Train
     since the last averaging (``aggregate_every`` rounds)."""
     _who(msg.device, device, msg.round, round_)
     _samples(msg.n_samples, round_samples(train) * train.aggregate_every, device, "since the last averaging")
+
+
+def check_adapters_finite(tensors: Mapping[str, torch.Tensor], *, device: str, round_: int) -> None:
+    """Every adapter tensor ``device`` sent for round ``round_`` is finite. NaN or inf there is
+    the run diverging on that device (its own training made them), not a claim to refuse:
+    raises :class:`NonFiniteLoss`, which fails the run, before any average or SVD sees them."""
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteLoss(f"non-finite adapters from {device} at round {round_}: {bad[0]}{more}")
 
 
 def check_eval(stats: EvalStats, *, device: str, train: TrainConfig, tokens_per_sample: int) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from sft_actors.errors import ConfigError, ProtocolViolation
+from sft_actors.errors import ConfigError, NonFiniteLoss, ProtocolViolation
 from sft_actors.model import Part
 from sft_actors.placement import to_compute
 from sft_actors.train.accumulate import OrderedGradients, device_of
@@ -101,7 +101,7 @@ class DeviceTrainer:
         torch.autograd.backward(entry.hidden, to_compute(grad, entry.hidden.device, entry.hidden.dtype))
         grads = [t.grad for t in entry.snapshot.values()]
         if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
-            raise ProtocolViolation(f"micro-batch {step} gives non-finite gradients; no update made")
+            raise NonFiniteLoss(f"micro-batch {step} gives non-finite gradients; no update made")
         if self.accumulate:  # kept per micro-batch, summed in step order at end_round
             self._accumulated.add(step, {name: t.grad for name, t in entry.snapshot.items()})
             return

@@ -26,8 +26,8 @@ def activation_bound(model: SplitLM, batch_size: int, seq_len: int) -> tuple[int
 
 
 def check_activations(model: SplitLM, hidden: torch.Tensor) -> None:
-    """``hidden`` is (B, T, C) floating point and finite, with C the model's width (and, for a
-    ViT, T its token count; for a Llama, T within its context)."""
+    """``hidden`` is (B, T, C) floating point and finite (its squared norm too), with C the
+    model's width (and, for a ViT, T its token count; for a Llama, T within its context)."""
     cfg = model.config
     if not hidden.is_floating_point():
         raise ProtocolViolation(f"activations must be floating point, got {hidden.dtype}")
@@ -41,6 +41,10 @@ def check_activations(model: SplitLM, hidden: torch.Tensor) -> None:
         raise ProtocolViolation(f"a ViT takes {cfg.num_tokens} tokens per image, got {tokens}")
     if not bool(torch.isfinite(hidden).all()):
         raise ProtocolViolation("activations contain NaN or inf")
+    # Finite but so large that a norm over them overflows: no part can train on them (the
+    # backward would overflow), and it is the sender's doing, not the run diverging.
+    if not bool(torch.isfinite(hidden.double().square().sum(dim=-1).float()).all()):
+        raise ProtocolViolation("activations are too large: their squared norm overflows float32")
 
 
 def check_labels(model: SplitLM, hidden: torch.Tensor, labels: torch.Tensor) -> None:

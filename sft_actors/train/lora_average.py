@@ -104,6 +104,9 @@ def average_lora(contributions: list[Contribution], method: str = "fedavg") -> A
     ``Σ w_n B_n A_n``. ``fedavg`` returns exactly ``average_per_block``'s tensors; both methods
     measure both errors.
 
+    Non-finite factors (the caller checks for them first: ``claims.check_adapters_finite``)
+    never raise a LinAlgError: their pair keeps FedAvg and is not measured.
+
     Raises :class:`ConfigError` for an unknown method, a device holding one factor of a pair
     without the other, mismatched shapes, or a negative sample count.
     """
@@ -154,7 +157,10 @@ def _refactorize_all(
         weights = [c.n_samples / total for c in group]
         a_list = [c.tensors[prefix + _A].detach().to(torch.float64) for c in group]
         b_list = [c.tensors[prefix + _B].detach().to(torch.float64) for c in group]
-        b_new, a_new, err = refactorize(b_list, a_list, weights)
+        try:
+            b_new, a_new, err = refactorize(b_list, a_list, weights)
+        except RuntimeError:  # a LinAlgError (non-finite factors): FedAvg stays, unmeasured
+            continue
         errors[prefix] = err
         if method == "svd" and err.fedavg > EXACT_RTOL:
             tensors[prefix + _A] = a_new.to(tensors[prefix + _A].dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_actors.errors import ConfigError, NonFiniteLoss, ProtocolViolation
+from sft_actors.errors import ConfigError, NonFiniteLoss
 from sft_actors.model import Part
 from sft_actors.placement import to_compute
 from sft_actors.topology.schema import ServerUpdate
@@ -48,8 +48,9 @@ class ServerTrainer:
         """Forward from ``cut`` (hidden: (B, T, C) or (B, N, C)), loss, backward; ``per_batch``
         steps the optimizer now, ``per_round`` keeps the gradient under ``key`` (see
         :func:`~sft_actors.train.accumulate.order_key`; default: arrival order) until
-        :meth:`end_round`. Raises :class:`NonFiniteLoss` for a NaN/inf loss and
-        :class:`ProtocolViolation` for non-finite gradients (nothing applied either way).
+        :meth:`end_round`. Raises :class:`NonFiniteLoss` for a NaN/inf loss or non-finite
+        gradients (nothing applied either way): the inputs passed ``check_activations``, so
+        the run diverged.
 
         ``hidden`` arrives on the CPU in any float dtype; it enters the part on its device in the
         base dtype (bfloat16 runs compute in bfloat16), the loss is float32, and the returned
@@ -66,7 +67,12 @@ class ServerTrainer:
         loss.backward()
         if not _all_finite([x.grad, *(p.grad for p in self.params.values())]):
             self._take_grads()  # drop them: huge finite inputs can still overflow the backward
-            raise ProtocolViolation("this micro-batch gives non-finite gradients; no update made")
+            # The inputs passed check_activations: the run diverged (a too large lr), which
+            # must stop it, not drop the device as if it had sent a bad message.
+            value = float(loss.detach())
+            raise NonFiniteLoss(
+                f"the server gradients of this micro-batch are non-finite (loss {value:.4g}); no update made"
+            )
         if self.optimizer is not None:
             if self.update == "per_round":
                 self._accumulated.add(self.batches_done if key is None else key, self._take_grads())
