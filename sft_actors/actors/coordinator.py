@@ -177,7 +177,8 @@ class CoordinatorActor(RoundsCoordinator):
             present = [d for d in self.devices if self._is_up(d)]
             if missing or len(present) < self.members.quorum:
                 raise PeerTimeout(
-                    f"{exc}; the run needs every server and {self.members.quorum} devices"
+                    f"{exc}; the run needs every server and {self.members.quorum} "
+                    f"device{'s' if self.members.quorum != 1 else ''}"
                 ) from None
             self.log.warning(
                 "devices_missing_at_start", missing=[d for d in self.devices if d not in present]
