@@ -263,7 +263,7 @@ def test_lora_averaging_is_checked_when_the_topology_loads(tmp_path: Path) -> No
         path.read_text().replace("aggregate_every = 1", 'aggregate_every = 1\nlora_averaging = "svdd"')
     )
     with pytest.raises(
-        TopologyError, match=r"\[run\]\.train, key 'lora_averaging'.*'fedavg', 'svd'.*did you mean 'svd'"
+        TopologyError, match=r"\[run\.train\], key 'lora_averaging'.*'fedavg', 'svd'.*did you mean 'svd'"
     ):
         load_topology(path)
     path.write_text(path.read_text().replace('"svdd"', '"svd"'))

@@ -29,6 +29,22 @@ from sft_actors.model.config import LlamaConfig
 
 log = get_logger(component="model.hf_checkpoint")
 
+#: A Hugging Face Llama-family block's module names -> ours.
+HF_LLAMA_BLOCK = {
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "mlp_norm",
+    "self_attn.q_norm": "q_norm",
+    "self_attn.k_norm": "k_norm",
+}
+HF_LLAMA_NAMES = {ours: theirs for theirs, ours in HF_LLAMA_BLOCK.items()}
+
 SHARD_INDEX = "model.safetensors.index.json"
 _HEADER_LIMIT = 100_000_000  # safetensors' own cap on the JSON header
 _IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer older transformers saved; recomputed, never read
@@ -130,8 +146,6 @@ def block_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """``{HF tensor name: shape}`` the config implies (``lm_head.weight`` only when untied)."""
-    from sft_actors.model.hf_loader import HF_LLAMA_NAMES
-
     out: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (config.vocab_size, config.dim),
         "model.norm.weight": (config.dim,),

@@ -21,20 +21,9 @@ from sft_actors.model import hf_checkpoint, hf_config
 from sft_actors.model.config import LlamaConfig, ViTConfig
 from sft_actors.model.tokenizer import BpeTokenizer
 
-_LLAMA_BLOCK = {
-    "self_attn.q_proj": "q",
-    "self_attn.k_proj": "k",
-    "self_attn.v_proj": "v",
-    "self_attn.o_proj": "o",
-    "mlp.gate_proj": "gate",
-    "mlp.up_proj": "up",
-    "mlp.down_proj": "down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "mlp_norm",
-    "self_attn.q_norm": "q_norm",
-    "self_attn.k_norm": "k_norm",
-}
-HF_LLAMA_NAMES = {ours: theirs for theirs, ours in _LLAMA_BLOCK.items()}
+# HF module names <-> ours (defined beside the header checks, which need them too).
+_LLAMA_BLOCK = hf_checkpoint.HF_LLAMA_BLOCK
+HF_LLAMA_NAMES = hf_checkpoint.HF_LLAMA_NAMES
 
 
 def hf_tensor_name(ours: str) -> str:
