@@ -88,6 +88,22 @@ def heldout_split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[n
     return np.sort(order[n_heldout:]), np.sort(order[:n_heldout])
 
 
+def split_members(
+    name: str, count: int, split: str, *, heldout_fraction: float, seed: int, unit: str
+) -> tuple[str, np.ndarray]:
+    """(canonical split, indices of its members) among ``count`` units (documents, conversations),
+    drawn by unit and seeded (:func:`heldout_split_indices`). Raises :class:`DatasetNotFound`
+    when there is no unit and :class:`ConfigError` for an empty held-out split."""
+    split = canonical_split(split)
+    if not count:
+        raise DatasetNotFound(f"{name}: no {unit} were found")
+    train_idx, test_idx = heldout_split_indices(count, heldout_fraction, seed)
+    chosen = train_idx if split == TRAIN else test_idx
+    if split == TEST and not len(chosen):
+        raise ConfigError(f"{name}: the held-out split is empty; use heldout_fraction > 0 and >= 2 {unit}")
+    return split, chosen
+
+
 def require_dir(path: Path, what: str, how: str) -> Path:
     """``path`` if it is a directory; otherwise a DatasetNotFound that says what to put there."""
     if not path.is_dir():

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from sft_actors.data.chat_template import ROLES, ChatRenderer, Message
-from sft_actors.data.common import TEST, TRAIN, canonical_split, heldout_split_indices
+from sft_actors.data.common import split_members
 from sft_actors.data.packing import IGNORE_INDEX, PackedSequences
 from sft_actors.data.records import Record, require_str
-from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound
+from sft_actors.errors import ConfigError, DatasetCorrupt
 from sft_actors.log import get_logger
 
 
@@ -274,13 +274,9 @@ def make_instruction_corpus(
     seed: int = 0,
 ) -> InstructionCorpus:
     """The ``split`` of ``conversations`` (drawn by conversation, seeded)."""
-    split = canonical_split(split)
-    if not conversations:
-        raise DatasetNotFound(f"{name}: no conversations were found")
-    train_idx, test_idx = heldout_split_indices(len(conversations), heldout_fraction, seed)
-    chosen = train_idx if split == TRAIN else test_idx
-    if split == TEST and not len(chosen):
-        raise ConfigError(f"{name}: the held-out split is empty; use heldout_fraction > 0 and >= 2 records")
+    split, chosen = split_members(
+        name, len(conversations), split, heldout_fraction=heldout_fraction, seed=seed, unit="conversations"
+    )
     return InstructionCorpus(
         name=name,
         split=split,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sft_actors.data.common import TEST, TRAIN, canonical_split, heldout_split_indices
+from sft_actors.data.common import split_members
 from sft_actors.data.packing import PackedSequences, Tokenizer, pack_token_streams
 from sft_actors.errors import ConfigError, DatasetNotFound
 from sft_actors.log import get_logger
@@ -96,13 +96,9 @@ def make_corpus(
     name: str, documents: Sequence[Document], split: str, *, heldout_fraction: float = 0.1, seed: int = 0
 ) -> TextCorpus:
     """The ``split`` of ``documents`` (drawn by document, seeded); an error if there is none."""
-    split = canonical_split(split)
-    if not documents:
-        raise DatasetNotFound(f"{name}: no documents with text were found")
-    train_idx, test_idx = heldout_split_indices(len(documents), heldout_fraction, seed)
-    chosen = train_idx if split == TRAIN else test_idx
-    if split == TEST and not len(chosen):
-        raise ConfigError(f"{name}: the held-out split is empty; use heldout_fraction > 0 and >= 2 documents")
+    split, chosen = split_members(
+        name, len(documents), split, heldout_fraction=heldout_fraction, seed=seed, unit="documents"
+    )
     return TextCorpus(
         name=name,
         split=split,
