@@ -22,7 +22,10 @@ from sft_actors.errors import ConfigError
 Scope = Literal["tensor", "token", "tokens", "channels"]
 ThresholdMethod = Literal["sample", "exact"]
 Score = Literal["magnitude", "row_normalized"]
-ScaleMode = Literal["token", "channel", "common"]
+ScaleMode = Literal["token", "channel", "common", "component"]
+Rounding = Literal["stochastic", "nearest"]
+Transform = Literal["klt", "center"]
+Contexts = Literal["single", "column_scale"]
 CastDtype = Literal["float16", "bfloat16"]
 Positions = Literal["bitmap", "channel_bitmap", "delta"]
 EntropyCoder = Literal["none", "ans"]
@@ -55,14 +58,20 @@ class OutlierSpec:
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class ProjectSpec:
-    """Project tokens onto a basis (PCA/KLT) fitted from calibration data and sent once per run.
+    """Transform coding: project tokens onto a basis fitted from calibration activations.
 
     ``basis`` is the key under which the caller registered the basis in a ``BasisRegistry`` on
     both sides; ``rank`` keeps the leading components (``None``: all of the basis).
+    ``transform="klt"``: the PCA (Karhunen-Loève) eigenvectors of the calibration covariance,
+    sent once as float16 (C·C·2 bytes); ``"center"``: no rotation, only the calibration mean
+    and per-channel statistics are sent (C·12 bytes) — on SmolLM2's cut activations an
+    entropy coder with per-column contexts gets the same rate-distortion from the channels as
+    from the KLT components (BENCHMARKS.md "Compression"), at 1/100 of the one-time bytes.
     """
 
     basis: str
     rank: int | None = None
+    transform: Transform = "klt"
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -84,19 +93,27 @@ class SparsifySpec:
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class QuantizeSpec:
-    """Unbiased stochastic rounding.
+    """Uniform scalar quantization.
 
     ``scale="token"|"channel"``: ``bits`` per value (sign + magnitude), one step per row/column.
-    ``scale="common"``: one uniform step for the whole tensor, ``step`` times the RMS of the
-    values; codes are unbounded integers meant for an entropy coder (``bits`` must be unset).
+    ``scale="common"``: one uniform step for the whole tensor — ``step`` times the RMS of the
+    values, or chosen per frame by **rate control** so the whole frame is ``ratio`` times smaller
+    than its raw bytes (±3 %); codes are unbounded integers meant for an entropy coder.
+    ``scale="component"`` (needs ``project``): fixed rate, ``ratio`` sets the average bits per
+    value; bits are allocated per component from the basis's calibration variances (reverse
+    water-filling, greedy) and each component is clipped at its calibrated range.
+    ``rounding="stochastic"``: unbiased (E[decode] = value; what gradients need);
+    ``"nearest"``: half the mean squared error at the same step, biased (for activations).
     """
 
     bits: int | None = None
     scale: ScaleMode = "token"
     step: float | None = None
+    ratio: float | None = None
+    rounding: Rounding = "stochastic"
 
     def __post_init__(self) -> None:
-        if self.bits is None and self.scale != "common":
+        if self.bits is None and self.scale not in ("common", "component"):
             object.__setattr__(self, "bits", 8)  # the documented default for token/channel scales
 
 
@@ -109,11 +126,16 @@ class CastSpec:
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class LosslessSpec:
-    """Entropy stage. ``zstd_level`` 0 disables zstd; ``entropy="ans"`` needs ``constriction``."""
+    """Entropy stage. ``zstd_level`` 0 disables zstd; ``entropy="ans"`` codes integer codes with
+    rANS (``constriction``) at their empirical entropy. ``contexts="column_scale"`` (ANS only):
+    columns (channels or components) are grouped by their scale in the frame, one histogram per
+    group, instead of one histogram for all codes (≈ 8 % fewer bytes on transform codes).
+    """
 
     positions: Positions = "bitmap"
     zstd_level: int = 3
     entropy: EntropyCoder = "none"
+    contexts: Contexts = "single"
 
 
 _StageT = TypeVar("_StageT")
@@ -130,6 +152,9 @@ _LITERALS: Final[dict[tuple[str, str], tuple[Any, ...]]] = {
     ("sparsify", "method"): get_args(ThresholdMethod),
     ("sparsify", "score"): get_args(Score),
     ("quantize", "scale"): get_args(ScaleMode),
+    ("quantize", "rounding"): get_args(Rounding),
+    ("project", "transform"): get_args(Transform),
+    ("lossless", "contexts"): get_args(Contexts),
     ("cast", "dtype"): get_args(CastDtype),
     ("lossless", "positions"): get_args(Positions),
     ("lossless", "entropy"): get_args(EntropyCoder),
@@ -253,6 +278,8 @@ def _validate(spec: ChainSpec) -> None:
     if p is not None:
         if not p.basis:
             raise ConfigError("codec.project.basis must name a registered basis")
+        if p.rank is not None and p.transform == "center":
+            raise ConfigError("codec.project.rank needs transform = 'klt' (a 'center' basis keeps every channel)")
         if p.rank is not None and p.rank < 1:
             raise ConfigError(f"codec.project.rank must be >= 1 (or unset for full rank), got {p.rank}")
     s = spec.sparsify
@@ -267,21 +294,44 @@ def _validate(spec: ChainSpec) -> None:
     if q is not None:
         if spec.cast is not None:
             raise ConfigError("codec.quantize and codec.cast exclude each other: keep one")
-        if q.scale == "common":
-            if q.bits is not None:
-                raise ConfigError("codec.quantize.bits must be unset with scale = 'common' (set step)")
-            if q.step is None or not 0.0 < q.step <= 10.0:
-                raise ConfigError(
-                    "codec.quantize.step must be in (0, 10] (times the RMS) with scale = 'common'"
-                )
-        else:
-            if q.bits not in SUPPORTED_BITS:
-                raise ConfigError(f"codec.quantize.bits must be one of {list(SUPPORTED_BITS)}, got {q.bits}")
-            if q.step is not None:
-                raise ConfigError("codec.quantize.step is only used with scale = 'common'")
+        _validate_quantize(q, spec)
     lo = spec.lossless
     if lo is not None and not 0 <= lo.zstd_level <= 22:
         raise ConfigError(f"codec.lossless.zstd_level must be in [0, 22], got {lo.zstd_level}")
+    if lo is not None and lo.contexts != "single" and lo.entropy != "ans":
+        raise ConfigError("codec.lossless.contexts needs entropy = 'ans' (zstd has no contexts)")
+
+
+#: Rate control's range of target ratios (raw bytes ÷ coded bytes of a frame).
+MIN_RATIO, MAX_RATIO = 1.0, 1000.0
+
+
+def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
+    if q.ratio is not None and not MIN_RATIO <= q.ratio <= MAX_RATIO:
+        raise ConfigError(f"codec.quantize.ratio must be in [{MIN_RATIO:g}, {MAX_RATIO:g}], got {q.ratio}")
+    if q.scale == "common":
+        if q.bits is not None:
+            raise ConfigError("codec.quantize.bits must be unset with scale = 'common' (set step or ratio)")
+        if (q.step is None) == (q.ratio is None):
+            raise ConfigError(
+                "codec.quantize with scale = 'common' needs exactly one of step (times the RMS, fixed "
+                "quality) or ratio (rate control: raw bytes / coded bytes per frame)"
+            )
+        if q.step is not None and not 0.0 < q.step <= 10.0:
+            raise ConfigError("codec.quantize.step must be in (0, 10] (times the RMS) with scale = 'common'")
+        return
+    if q.scale == "component":
+        if spec.project is None:
+            raise ConfigError("codec.quantize.scale = 'component' needs a project stage (the basis's components)")
+        if q.bits is not None or q.step is not None or q.ratio is None:
+            raise ConfigError(
+                "codec.quantize.scale = 'component' takes ratio (fixed rate) only: unset bits and step"
+            )
+        return
+    if q.bits not in SUPPORTED_BITS:
+        raise ConfigError(f"codec.quantize.bits must be one of {list(SUPPORTED_BITS)}, got {q.bits}")
+    if q.step is not None or q.ratio is not None:
+        raise ConfigError("codec.quantize.step and ratio are only used with scale = 'common' or 'component'")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
