@@ -16,6 +16,7 @@ import torch
 from sft_actors.codec import bitpack, quantize
 from sft_actors.codec.container import SectionReader
 from sft_actors.codec.format import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
+from sft_actors.codec.entropy import MAX_ALPHABET, MAX_GROUPS, ans_decode_columns
 from sft_actors.codec.outliers import decode_dense8
 from sft_actors.codec.project import BasisRegistry, unproject
 from sft_actors.codec.spec import ChainSpec
@@ -237,12 +238,32 @@ class _LossyDecoder:
 
     def _read_dense(self, n: int, k: int) -> F32:
         q = self.spec.quantize
+        if q is not None and q.scale == "common" and "contexts" in _table(self.meta, "quantize"):
+            return self._read_contexts(n, k)
         if q is None or q.scale == "common":
             return self._read_plain(n * k).reshape(n, k)
         assert q.bits is not None
         codes = self._codes(n * k, q.bits).reshape(n, k)
         step = self._steps(n)[:, None] if q.scale == "token" else self._steps(k)[None, :]
         return quantize.dequantize_sign_magnitude(codes, np.float32(0), step, q.bits)
+
+    def _read_contexts(self, n: int, k: int) -> F32:
+        """Common-step codes (N, K) coded with one histogram per column group."""
+        info = _table(self.meta, "quantize")
+        step = info.get("step")
+        if not isinstance(step, float) or not math.isfinite(step) or step <= 0:
+            raise CodecError(f"meta quantize.step must be a positive float, got {step!r}")
+        # A table holds (min, alphabet, counts...) per group: bounded by the groups' alphabets.
+        size = _int(info, "contexts", 0, MAX_GROUPS * (2 + MAX_ALPHABET))
+        groups = self.reader.take("ctx_groups", k)
+        if groups.size and int(groups.max()) >= MAX_GROUPS:
+            raise CodecError(f"column context {int(groups.max())} out of range")
+        table = bitpack.unzigzag(bitpack.decode_varints(self.reader.take_bounded("ctx_table", 10 * size), size, 1 << 62))
+        words = bytes(self.reader.take_bounded("codes", 4 * (n * k + 1024)))
+        codes = ans_decode_columns(words, table, groups, n)
+        if codes.size and int(np.abs(codes).max()) > quantize.MAX_COMMON_CODE:
+            raise CodecError("common-step code out of range")
+        return quantize.dequantize_common(codes.astype(np.int32), step).reshape(n, k)
 
     def _steps(self, count: int) -> F32:
         return quantize.bf16_to_f32(self.reader.take("steps", 2 * count).view(np.uint16))

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from sft_actors.codec import bitpack, quantize
+from sft_actors.codec import bitpack, quantize, rate
 from sft_actors.codec.container import SectionWriter
 from sft_actors.codec.format import per_row_lo, rows_view
 from sft_actors.codec.outliers import encode_dense8, scaled_float16
@@ -38,6 +38,8 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
+# Rate control's allowance for the section table and zstd frame headers of a coded frame.
+_SIDE_BYTES: Final[int] = 48
 # Salt that separates the selection's random sample from the rounding noise.
 _SAMPLE_SALT: Final[int] = 0x5EED_5A3F
 
@@ -110,10 +112,15 @@ class LossyEncoder:
             if spec.project is not None:
                 w = self._project(w, excl)
                 excl = Exclusions(rows=excl.rows, cols=np.zeros(0, dtype=np.int64))
+        # Rate control budgets what is left after the dense rows: write them first (the
+        # non-streaming path above has already found every massive element).
+        rate_first = spec.quantize is not None and spec.quantize.ratio is not None
+        if spec.outliers is not None and rate_first:
+            self._write_dense16(dense_excl, massive)
         # Massive elements live in activation space and were all pulled out by the scan above;
         # on projected coefficients the filter would remove (and misplace) whole components.
         sparse_count = self._sparse_and_values(w, excl, None if spec.project is not None else massive)
-        if spec.outliers is not None:
+        if spec.outliers is not None and not rate_first:
             self._write_dense16(dense_excl, massive)
         if sparse_count is None:
             return 1.0
@@ -308,12 +315,15 @@ class LossyEncoder:
             step_wire, step = quantize.bf16_round_up(colmax / np.float32(top))
             inv = quantize.inverse_steps(step)[col_ids]
             lo_values = np.float32(0)
-        codes = quantize.quantize_sign_magnitude(values, lo_values, inv, q.bits, self.rounding)
+        codes = quantize.quantize_sign_magnitude(values, lo_values, inv, q.bits, self._rng)
         self.writer.add("lo", lo_wire.view(np.uint8))
         self._write_codes(codes, q.bits, step_wire)
 
     def _write_dense_values(self, dense: F32) -> None:
         q = self.spec.quantize
+        if q is not None and q.scale == "common" and (q.ratio is not None or self._contexts):
+            self._write_common_frame(dense)
+            return
         if q is None or q.scale == "common":
             self._write_plain_values(dense.reshape(-1))
             return
@@ -324,7 +334,7 @@ class LossyEncoder:
         step_wire, step = quantize.bf16_round_up(peak / top)
         inv = quantize.inverse_steps(step)
         inv_b = inv[:, None] if axis == 1 else inv[None, :]
-        codes = quantize.quantize_sign_magnitude(dense, np.float32(0), inv_b, q.bits, self.rounding)
+        codes = quantize.quantize_sign_magnitude(dense, np.float32(0), inv_b, q.bits, self._rng)
         self._write_codes(codes.reshape(-1), q.bits, step_wire)
 
     def _write_codes(self, codes: U8, bits: int, step_wire: npt.NDArray[np.uint16]) -> None:
@@ -342,7 +352,7 @@ class LossyEncoder:
             assert q.step is not None
             rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
             step = float(np.float32(q.step * rms)) if rms > 0 else 1.0
-            codes = quantize.quantize_common(values, step, self.rounding)
+            codes = rate.quantize_with(values, step, self._rng)
             width = _code_width(codes)
             self.meta["quantize"] = {"step": step, "width": width}
             raw = codes.astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
@@ -358,6 +368,44 @@ class LossyEncoder:
             self.writer.add("values", cast.view(np.uint8))
             return
         self.writer.add("values", np.ascontiguousarray(values).view(np.uint8))
+
+    @property
+    def _rng(self) -> np.random.Generator | None:
+        """The rounding noise, or None for round-to-nearest."""
+        q = self.spec.quantize
+        return None if q is not None and q.rounding == "nearest" else self.rounding
+
+    @property
+    def _contexts(self) -> bool:
+        lo = self.spec.lossless
+        return lo is not None and lo.contexts == "column_scale"
+
+    def _write_common_frame(self, dense: F32) -> None:
+        """W (N, K) as common-step codes: per-column ANS contexts and/or rate control."""
+        q, lo = self.spec.quantize, self.spec.lossless
+        assert q is not None
+        ans = lo is not None and lo.entropy == "ans"
+        rng = self._rng
+        if q.ratio is not None:
+            target = self.stage_bytes["input"] / q.ratio
+            budget = int(target) - sum(self.writer.stored_bytes.values()) - _SIDE_BYTES
+            frame = rate.rate_controlled(dense, budget, rng, contexts=self._contexts, ans=ans)
+            self.meta["rate"] = {"target": int(target)}
+        else:
+            assert q.step is not None
+            rms = float(np.sqrt(np.mean(np.square(dense, dtype=np.float64)))) if dense.size else 0.0
+            frame = rate.code_frame(dense, float(np.float32(q.step * rms)) if rms > 0 else 1.0, rng, contexts=self._contexts, ans=ans)
+        self.stage_bytes["quantize"] = self._bytes_so_far() + frame.codes.nbytes
+        if frame.groups is not None:
+            self.meta["quantize"] = {"step": frame.step, "contexts": frame.table_len}
+            self.writer.add("ctx_groups", frame.groups)
+            self.writer.add("ctx_table", frame.table)
+            self.writer.add("codes", frame.words, compress=False)
+            return
+        width = _code_width(frame.codes)
+        self.meta["quantize"] = {"step": frame.step, "width": width}
+        raw = frame.codes.reshape(-1).astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
+        self.writer.add("codes", raw.view(np.uint8), ans_symbols=raw.astype(np.int64) if ans else None)
 
     def _bytes_so_far(self) -> int:
         return sum(self.writer.raw_bytes.values())

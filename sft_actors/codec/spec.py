@@ -307,6 +307,8 @@ MIN_RATIO, MAX_RATIO = 1.0, 1000.0
 
 
 def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
+    if q.ratio is not None and spec.sparsify is not None:
+        raise ConfigError("codec.quantize.ratio (rate control) codes dense frames: remove the sparsify stage")
     if q.ratio is not None and not MIN_RATIO <= q.ratio <= MAX_RATIO:
         raise ConfigError(f"codec.quantize.ratio must be in [{MIN_RATIO:g}, {MAX_RATIO:g}], got {q.ratio}")
     if q.scale == "common":
