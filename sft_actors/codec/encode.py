@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from sft_actors.codec import bitpack, quantize, rate
+from sft_actors.codec import allocate, bitpack, quantize, rate
 from sft_actors.codec.container import SectionWriter
 from sft_actors.codec.format import per_row_lo, rows_view
 from sft_actors.codec.outliers import encode_dense8, scaled_float16
@@ -110,13 +110,14 @@ class LossyEncoder:
                 if massive is not None:
                     w.reshape(-1)[massive.result()[0]] = 0
             if spec.project is not None:
-                w = self._project(w, excl)
+                w = self._project(w, excl, massive)
                 excl = Exclusions(rows=excl.rows, cols=np.zeros(0, dtype=np.int64))
-        # Rate control budgets what is left after the dense rows: write them first (the
-        # non-streaming path above has already found every massive element).
+        # Rate control and fixed rate budget what is left after the dense rows: write them first
+        # (the non-streaming path above has already found every massive element).
         rate_first = spec.quantize is not None and spec.quantize.ratio is not None
         if spec.outliers is not None and rate_first:
             self._write_dense16(dense_excl, massive)
+        self.live_rows, self.dense_cols = ~dense_excl.rows, dense_excl.cols
         # Massive elements live in activation space and were all pulled out by the scan above;
         # on projected coefficients the filter would remove (and misplace) whole components.
         sparse_count = self._sparse_and_values(w, excl, None if spec.project is not None else massive)
@@ -168,12 +169,15 @@ class LossyEncoder:
         self.stage_bytes["outliers"] = self.dense16_bytes
 
     # --- stage 2: projection -----------------------------------------------------------
-    def _project(self, clean: F32, excl: Exclusions) -> F32:
+    def _project(self, clean: F32, excl: Exclusions, massive: MassiveFilter | None = None) -> F32:
         assert self.spec.project is not None and self.bases is not None
         key = self.spec.project.basis
         basis = self.bases.get(key)
         if basis.channels != self.channels:
             raise CodecError(f"basis {key!r} has {basis.channels} channels, the tensor has {self.channels}")
+        if self.spec.quantize is not None and self.spec.quantize.scale == "component":
+            positions = massive.result()[0] if massive is not None else np.zeros(0, np.int64)
+            allocate.restore_for_basis(clean, self.x, excl.cols, positions, basis.mean)
         rank = basis.rank if self.spec.project.rank is None else min(self.spec.project.rank, basis.rank)
         coeffs = project(clean, basis, rank)
         coeffs[excl.rows] = 0
@@ -321,6 +325,9 @@ class LossyEncoder:
 
     def _write_dense_values(self, dense: F32) -> None:
         q = self.spec.quantize
+        if q is not None and q.scale == "component":
+            self._write_component_values(dense)
+            return
         if q is not None and q.scale == "common" and (q.ratio is not None or self._contexts):
             self._write_common_frame(dense)
             return
@@ -336,6 +343,26 @@ class LossyEncoder:
         inv_b = inv[:, None] if axis == 1 else inv[None, :]
         codes = quantize.quantize_sign_magnitude(dense, np.float32(0), inv_b, q.bits, self._rng)
         self._write_codes(codes.reshape(-1), q.bits, step_wire)
+
+    def _write_component_values(self, coeffs: F32) -> None:
+        """Fixed rate (see ``allocate``): every live row's coefficients in B bits, no side info."""
+        q, p = self.spec.quantize, self.spec.project
+        assert q is not None and q.ratio is not None and p is not None and self.bases is not None
+        rank, digest = self.meta["project"]["rank"], self.meta["project"]["digest"]
+        basis = self.bases.get(p.basis, digest)
+        live = coeffs[self.live_rows]
+        overhead = sum(self.writer.stored_bytes.values())
+        raw_bytes = self.stage_bytes["input"]
+        row_bits = allocate.row_bits_for(
+            raw_bytes=raw_bytes, ratio=q.ratio, overhead=overhead, live_rows=live.shape[0], rank=rank
+        )
+        scales = allocate.coded_scales(basis.scales[:rank], self.dense_cols, center=basis.vectors is None)
+        bits = allocate.allocate_bits(scales, row_bits)
+        ranges = allocate.clip_ranges(basis.scales[:rank], basis.clip[:rank], bits, q.rounding)
+        packed = allocate.encode_components(live, bits, ranges, q.rounding, self.rounding)
+        self.meta["quantize"] = {"row_bits": row_bits, "rows": int(live.shape[0])}
+        self.writer.add("codes", packed, compress=False)  # raw: the size is the contract
+        self.stage_bytes["quantize"] = overhead + packed.nbytes
 
     def _write_codes(self, codes: U8, bits: int, step_wire: npt.NDArray[np.uint16]) -> None:
         self.writer.add("steps", step_wire.view(np.uint8))

@@ -325,6 +325,11 @@ def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
     if q.scale == "component":
         if spec.project is None:
             raise ConfigError("codec.quantize.scale = 'component' needs a project stage (the basis's components)")
+        if spec.sparsify is not None:
+            raise ConfigError(
+                "codec.quantize.scale = 'component' is fixed rate over every component of every token: "
+                "remove the sparsify stage (or use scale = 'common')"
+            )
         if q.bits is not None or q.step is not None or q.ratio is None:
             raise ConfigError(
                 "codec.quantize.scale = 'component' takes ratio (fixed rate) only: unset bits and step"
