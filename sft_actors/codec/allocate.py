@@ -38,12 +38,16 @@ concatenated into B bits, rows one after another, packed little-bit-first:
 from __future__ import annotations
 
 import math
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from sft_actors.errors import CodecError
+
+if TYPE_CHECKING:
+    from sft_actors.codec.container import SectionWriter
+    from sft_actors.codec.project import Basis
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -202,3 +206,33 @@ def decode_components(data: U8, n: int, bits: I64, ranges: F32) -> F32:
     step = (2 * a / top).astype(np.float32)
     out[:, active] = codes.astype(np.float32) * step - a
     return out
+
+
+def write_frame(
+    live: F32,
+    basis: Basis,
+    meta: dict[str, Any],
+    writer: SectionWriter,
+    stage_bytes: dict[str, int],
+    *,
+    ratio: float,
+    dense_cols: I64,
+    rounding: str,
+    rng: np.random.Generator,
+) -> None:
+    """Write the live rows' coefficients (N_live, K) at a fixed rate: the frame (with what
+    ``writer`` already holds) takes at most ``raw bytes ÷ ratio``; the codes section is raw,
+    its size is the contract. Meta: ``quantize = {row_bits, rows}``. Raises
+    :class:`CodecError` (from :func:`row_bits_for`) when the ratio is out of reach."""
+    rank = int(meta["project"]["rank"])
+    overhead = sum(writer.stored_bytes.values())
+    row_bits = row_bits_for(
+        raw_bytes=stage_bytes["input"], ratio=ratio, overhead=overhead, live_rows=live.shape[0], rank=rank
+    )
+    scales = coded_scales(basis.scales[:rank], dense_cols, center=basis.vectors is None)
+    bits = allocate_bits(scales, row_bits)
+    ranges = clip_ranges(basis.scales[:rank], basis.clip[:rank], bits, rounding)
+    packed = encode_components(live, bits, ranges, rounding, rng)
+    meta["quantize"] = {"row_bits": row_bits, "rows": int(live.shape[0])}
+    writer.add("codes", packed, compress=False)
+    stage_bytes["quantize"] = overhead + packed.nbytes

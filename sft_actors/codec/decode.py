@@ -15,8 +15,8 @@ import torch
 
 from sft_actors.codec import allocate, bitpack, quantize
 from sft_actors.codec.container import SectionReader
-from sft_actors.codec.format import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
 from sft_actors.codec.entropy import MAX_ALPHABET, MAX_GROUPS, ans_decode_columns
+from sft_actors.codec.format import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
 from sft_actors.codec.outliers import decode_dense8
 from sft_actors.codec.project import BasisRegistry, unproject
 from sft_actors.codec.spec import ChainSpec
@@ -262,12 +262,15 @@ class _LossyDecoder:
         groups = self.reader.take("ctx_groups", k)
         if groups.size and int(groups.max()) >= MAX_GROUPS:
             raise CodecError(f"column context {int(groups.max())} out of range")
-        table = bitpack.unzigzag(bitpack.decode_varints(self.reader.take_bounded("ctx_table", 10 * size), size, 1 << 62))
+        table = bitpack.unzigzag(
+            bitpack.decode_varints(self.reader.take_bounded("ctx_table", 10 * size), size, 1 << 62)
+        )
         words = bytes(self.reader.take_bounded("codes", 4 * (n * k + 1024)))
         codes = ans_decode_columns(words, table, groups, n)
         if codes.size and int(np.abs(codes).max()) > quantize.MAX_COMMON_CODE:
             raise CodecError("common-step code out of range")
         return quantize.dequantize_common(codes.astype(np.int32), step).reshape(n, k)
+
     def _read_component(self, n: int, k: int) -> F32:
         """Fixed-rate coefficients (N, K): the row budget is re-derived and must match the meta."""
         q = self.spec.quantize

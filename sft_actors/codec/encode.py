@@ -16,7 +16,7 @@ import torch
 from sft_actors.codec import allocate, bitpack, quantize, rate
 from sft_actors.codec.container import SectionWriter
 from sft_actors.codec.format import per_row_lo, rows_view
-from sft_actors.codec.outliers import encode_dense8, scaled_float16
+from sft_actors.codec.outliers import encode_dense8, encode_dense16
 from sft_actors.codec.project import BasisRegistry, project
 from sft_actors.codec.sparse import (
     Exclusions,
@@ -38,8 +38,6 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
-# Rate control's allowance for the section table and zstd frame headers of a coded frame.
-_SIDE_BYTES: Final[int] = 48
 # Salt that separates the selection's random sample from the rounding noise.
 _SAMPLE_SALT: Final[int] = 0x5EED_5A3F
 
@@ -148,25 +146,14 @@ class LossyEncoder:
             self.dense16_bytes, self.dense16_count = stored, count
             self.stage_bytes["outliers"] = stored
             return
-        parts = [self.x[rows].reshape(-1), self.x[:, excl.cols][~excl.rows].reshape(-1)]
-        if elements is not None:
-            parts.append(elements)
-        dense = np.concatenate(parts)
-        _check_finite(dense)
-        scaled, exponent = scaled_float16(dense)
-        self.meta["outliers"] = {
-            "rows": int(rows.size),
-            "cols": int(excl.cols.size),
-            "elements": int(positions.size),
-            "exp": exponent,
-        }
-        self.writer.add("o_rows", rows.astype(np.uint32).view(np.uint8))
-        self.writer.add("o_cols", excl.cols.astype(np.uint32).view(np.uint8))
-        self.writer.add("o_pos", positions.astype("<i8").view(np.uint8))
-        self.writer.add("o_vals", scaled.view(np.uint8))
-        self.dense16_bytes = 4 * (rows.size + excl.cols.size) + 8 * positions.size + scaled.nbytes
-        self.dense16_count = int(dense.size)
-        self.stage_bytes["outliers"] = self.dense16_bytes
+        elements = elements if elements is not None else np.zeros(0, np.float32)
+        _check_finite(elements)
+        table, stored, count = encode_dense16(
+            self.x, rows.astype(np.int64), excl, positions, elements, self.writer
+        )
+        self.meta["outliers"] = table
+        self.dense16_bytes, self.dense16_count = stored, count
+        self.stage_bytes["outliers"] = stored
 
     # --- stage 2: projection -----------------------------------------------------------
     def _project(self, clean: F32, excl: Exclusions, massive: MassiveFilter | None = None) -> F32:
@@ -328,10 +315,10 @@ class LossyEncoder:
         if q is not None and q.scale == "component":
             self._write_component_values(dense)
             return
-        if q is not None and q.scale == "common" and (q.ratio is not None or self._contexts):
+        if q is not None and q.scale == "common":
             self._write_common_frame(dense)
             return
-        if q is None or q.scale == "common":
+        if q is None:
             self._write_plain_values(dense.reshape(-1))
             return
         assert q.bits is not None
@@ -348,21 +335,18 @@ class LossyEncoder:
         """Fixed rate (see ``allocate``): every live row's coefficients in B bits, no side info."""
         q, p = self.spec.quantize, self.spec.project
         assert q is not None and q.ratio is not None and p is not None and self.bases is not None
-        rank, digest = self.meta["project"]["rank"], self.meta["project"]["digest"]
-        basis = self.bases.get(p.basis, digest)
-        live = coeffs[self.live_rows]
-        overhead = sum(self.writer.stored_bytes.values())
-        raw_bytes = self.stage_bytes["input"]
-        row_bits = allocate.row_bits_for(
-            raw_bytes=raw_bytes, ratio=q.ratio, overhead=overhead, live_rows=live.shape[0], rank=rank
+        basis = self.bases.get(p.basis, self.meta["project"]["digest"])
+        allocate.write_frame(
+            coeffs[self.live_rows],
+            basis,
+            self.meta,
+            self.writer,
+            self.stage_bytes,
+            ratio=q.ratio,
+            dense_cols=self.dense_cols,
+            rounding=q.rounding,
+            rng=self.rounding,
         )
-        scales = allocate.coded_scales(basis.scales[:rank], self.dense_cols, center=basis.vectors is None)
-        bits = allocate.allocate_bits(scales, row_bits)
-        ranges = allocate.clip_ranges(basis.scales[:rank], basis.clip[:rank], bits, q.rounding)
-        packed = allocate.encode_components(live, bits, ranges, q.rounding, self.rounding)
-        self.meta["quantize"] = {"row_bits": row_bits, "rows": int(live.shape[0])}
-        self.writer.add("codes", packed, compress=False)  # raw: the size is the contract
-        self.stage_bytes["quantize"] = overhead + packed.nbytes
 
     def _write_codes(self, codes: U8, bits: int, step_wire: npt.NDArray[np.uint16]) -> None:
         self.writer.add("steps", step_wire.view(np.uint8))
@@ -374,19 +358,8 @@ class LossyEncoder:
     def _write_plain_values(self, values: F32) -> None:
         """Unquantized values: fp32, cast to 16 bit, or common-step integer codes."""
         q, c = self.spec.quantize, self.spec.cast
-        use_ans = self.spec.lossless is not None and self.spec.lossless.entropy == "ans"
-        if q is not None:
-            assert q.step is not None
-            rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
-            step = float(np.float32(q.step * rms)) if rms > 0 else 1.0
-            codes = rate.quantize_with(values, step, self._rng)
-            width = _code_width(codes)
-            self.meta["quantize"] = {"step": step, "width": width}
-            raw = codes.astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
-            self.stage_bytes["quantize"] = self._bytes_so_far() + raw.nbytes
-            self.writer.add(
-                "codes", raw.view(np.uint8), ans_symbols=codes.astype(np.int64) if use_ans else None
-            )
+        if q is not None:  # common step (the sparse path: one histogram over the kept values)
+            self._write_common_frame(values.reshape(1, -1), contexts=False)
             return
         if c is not None:
             torch_dtype = torch.float16 if c.dtype == "float16" else torch.bfloat16
@@ -397,44 +370,27 @@ class LossyEncoder:
         self.writer.add("values", np.ascontiguousarray(values).view(np.uint8))
 
     @property
-    def _rng(self) -> np.random.Generator | None:
-        """The rounding noise, or None for round-to-nearest."""
+    def _rng(self) -> np.random.Generator | None:  # None: round to nearest
         q = self.spec.quantize
         return None if q is not None and q.rounding == "nearest" else self.rounding
 
-    @property
-    def _contexts(self) -> bool:
-        lo = self.spec.lossless
-        return lo is not None and lo.contexts == "column_scale"
-
-    def _write_common_frame(self, dense: F32) -> None:
+    def _write_common_frame(self, dense: F32, *, contexts: bool = True) -> None:
         """W (N, K) as common-step codes: per-column ANS contexts and/or rate control."""
-        q, lo = self.spec.quantize, self.spec.lossless
-        assert q is not None
-        ans = lo is not None and lo.entropy == "ans"
-        rng = self._rng
-        if q.ratio is not None:
-            target = self.stage_bytes["input"] / q.ratio
-            budget = int(target) - sum(self.writer.stored_bytes.values()) - _SIDE_BYTES
-            frame = rate.rate_controlled(dense, budget, rng, contexts=self._contexts, ans=ans)
-            self.meta["rate"] = {"target": int(target)}
-        else:
-            assert q.step is not None
-            rms = float(np.sqrt(np.mean(np.square(dense, dtype=np.float64)))) if dense.size else 0.0
-            frame = rate.code_frame(dense, float(np.float32(q.step * rms)) if rms > 0 else 1.0, rng, contexts=self._contexts, ans=ans)
-        self.stage_bytes["quantize"] = self._bytes_so_far() + frame.codes.nbytes
-        if frame.groups is not None:
-            self.meta["quantize"] = {"step": frame.step, "contexts": frame.table_len}
-            self.writer.add("ctx_groups", frame.groups)
-            self.writer.add("ctx_table", frame.table)
-            self.writer.add("codes", frame.words, compress=False)
-            return
-        width = _code_width(frame.codes)
-        self.meta["quantize"] = {"step": frame.step, "width": width}
-        raw = frame.codes.reshape(-1).astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
-        self.writer.add("codes", raw.view(np.uint8), ans_symbols=raw.astype(np.int64) if ans else None)
+        assert self.spec.quantize is not None
+        lo = self.spec.lossless
+        contexts = contexts and lo is not None and lo.contexts == "column_scale"
+        rate.write_frame(
+            dense,
+            self.spec.quantize,
+            self.meta,
+            self.writer,
+            self.stage_bytes,
+            rng=self._rng,
+            contexts=contexts,
+            ans=lo is not None and lo.entropy == "ans",
+        )
 
-    def _bytes_so_far(self) -> int:
+    def _bytes_so_far(self) -> int:  # raw (pre-zstd) bytes of the sections written so far
         return sum(self.writer.raw_bytes.values())
 
 
@@ -443,14 +399,3 @@ def _check_finite(values: F32) -> None:
         raise CodecError(
             "tensor contains NaN or inf: fix the producer (e.g. lower the learning rate or loss scale)"
         )
-
-
-def _code_width(codes: npt.NDArray[np.int32]) -> int:
-    if codes.size == 0:
-        return 1
-    low, high = int(codes.min()), int(codes.max())
-    for width, dtype in ((1, np.int8), (2, np.int16)):
-        info = np.iinfo(dtype)
-        if info.min <= low and high <= info.max:
-            return width
-    return 4

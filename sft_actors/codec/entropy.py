@@ -106,7 +106,9 @@ def column_groups(codes: npt.NDArray[np.int32]) -> npt.NDArray[np.uint8]:
     groups = np.zeros(codes.shape[1], dtype=np.uint8)
     live = rms > 0
     # rms of a non-zero integer column is >= 1/sqrt(N); shift so the smallest bucket is 1.
-    bucket = np.floor(np.log2(np.maximum(rms[live], 1e-12)) * _BUCKETS_PER_OCTAVE) + 2 * _BUCKETS_PER_OCTAVE * 8
+    bucket = (
+        np.floor(np.log2(np.maximum(rms[live], 1e-12)) * _BUCKETS_PER_OCTAVE) + 2 * _BUCKETS_PER_OCTAVE * 8
+    )
     groups[live] = np.clip(bucket, 0, MAX_GROUPS - 2).astype(np.uint8) + 1
     return groups
 

@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from sft_actors.codec import quantize
 from sft_actors.codec.container import SectionReader, SectionWriter
+from sft_actors.codec.sparse import Exclusions
 from sft_actors.errors import CodecError
 
 F32 = npt.NDArray[np.float32]
@@ -130,3 +131,27 @@ def decode_dense8(
     massive = reader.take("o_vals", 2 * positions.size).view(np.float16).astype(np.float32)
     out[head_count + body_count :] = np.ldexp(massive, exponent)
     return out
+
+
+def encode_dense16(
+    x: F32, rows: I64, excl: Exclusions, positions: I64, elements: F32, writer: SectionWriter
+) -> tuple[dict[str, int], int, int]:
+    """Rows ``rows`` and columns ``excl.cols`` of ``x`` (N, C) and the massive ``elements``
+    as scaled float16 (see :func:`scaled_float16`). Returns (meta table, stored bytes, values
+    sent); CodecError if any of them is not finite."""
+    dense = np.concatenate([x[rows].reshape(-1), x[:, excl.cols][~excl.rows].reshape(-1), elements])
+    if not bool(np.isfinite(dense).all()):
+        raise CodecError("tensor contains NaN or inf: fix the producer (e.g. lower the learning rate)")
+    scaled, exponent = scaled_float16(dense)
+    table = {
+        "rows": int(rows.size),
+        "cols": int(excl.cols.size),
+        "elements": int(positions.size),
+        "exp": exponent,
+    }
+    writer.add("o_rows", rows.astype(np.uint32).view(np.uint8))
+    writer.add("o_cols", excl.cols.astype(np.uint32).view(np.uint8))
+    writer.add("o_pos", positions.astype("<i8").view(np.uint8))
+    writer.add("o_vals", scaled.view(np.uint8))
+    stored = 4 * (rows.size + excl.cols.size) + 8 * positions.size + scaled.nbytes
+    return table, int(stored), int(dense.size)

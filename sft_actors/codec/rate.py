@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from sft_actors.codec import bitpack, quantize
+from sft_actors.codec.container import SectionWriter
 from sft_actors.codec.entropy import ans_encode, ans_encode_columns, column_groups
+from sft_actors.codec.spec import QuantizeSpec
 from sft_actors.errors import CodecError
 
 F32 = npt.NDArray[np.float32]
@@ -31,6 +33,8 @@ U8 = npt.NDArray[np.uint8]
 #: Rate control stops once the frame is within this fraction of its byte target.
 TOLERANCE: Final[float] = 0.015
 MAX_ITERATIONS: Final[int] = 14
+#: Rate control's allowance for the section table and zstd frame headers of a coded frame.
+SIDE_BYTES: Final[int] = 48
 
 
 @dataclass(slots=True)
@@ -61,10 +65,13 @@ def quantize_with(values: F32, step: float, rng: np.random.Generator | None) -> 
         return quantize.quantize_common(values, step, rng)
     if values.size and float(np.abs(values).max()) / step >= quantize.MAX_COMMON_CODE:
         raise CodecError(f"common quantization step {step:.3g} is too small for these values")
-    return np.rint(values * np.float32(1.0 / step)).astype(np.int32)
+    codes: I32 = np.rint(values * np.float32(1.0 / step)).astype(np.int32)
+    return codes
 
 
-def code_frame(values: F32, step: float, rng: np.random.Generator | None, *, contexts: bool, ans: bool) -> CommonCodes:
+def code_frame(
+    values: F32, step: float, rng: np.random.Generator | None, *, contexts: bool, ans: bool
+) -> CommonCodes:
     """Quantize ``values`` (N, K) at ``step`` and entropy-code them (per-column contexts or one
     histogram with ``ans``; plain integers otherwise)."""
     codes = quantize_with(values, step, rng)
@@ -94,7 +101,7 @@ def rate_controlled(
     state = rng.bit_generator.state if rng is not None else None
 
     def trial(step: float) -> CommonCodes:
-        if rng is not None:
+        if rng is not None and state is not None:
             rng.bit_generator.state = state
         return code_frame(values, step, rng, contexts=contexts, ans=ans)
 
@@ -149,3 +156,56 @@ def _next_log_step(
 def _coarsest(values: F32) -> float:
     peak = float(np.abs(values).max()) if values.size else 0.0
     return float(np.float32(max(4.0 * peak, 1e-30)))
+
+
+def write_frame(
+    dense: F32,
+    q: QuantizeSpec,
+    meta: dict[str, Any],
+    writer: SectionWriter,
+    stage_bytes: dict[str, int],
+    *,
+    rng: np.random.Generator | None,
+    contexts: bool,
+    ans: bool,
+) -> None:
+    """Write W (N, K) as common-step codes: a fixed ``step`` × RMS, or rate-controlled to
+    ``raw bytes ÷ ratio`` for the whole frame (what ``writer`` already holds included).
+
+    Sections: ``ctx_groups`` (K bytes), ``ctx_table`` (zigzag varints) and ``codes`` (rANS
+    words) with contexts; else ``codes`` as int8/16/32 (zstd or one-histogram ANS). Meta:
+    ``quantize = {step, contexts | width}`` and, under rate control, ``rate = {target}``."""
+    if q.ratio is not None:
+        target = stage_bytes["input"] / q.ratio
+        budget = int(target) - sum(writer.stored_bytes.values()) - SIDE_BYTES
+        frame = rate_controlled(dense, budget, rng, contexts=contexts, ans=ans)
+        meta["rate"] = {"target": int(target)}
+    else:
+        assert q.step is not None
+        rms = float(np.sqrt(np.mean(np.square(dense, dtype=np.float64)))) if dense.size else 0.0
+        frame = code_frame(
+            dense, float(np.float32(q.step * rms)) if rms > 0 else 1.0, rng, contexts=contexts, ans=ans
+        )
+    stage_bytes["quantize"] = sum(writer.raw_bytes.values()) + frame.codes.nbytes
+    if frame.groups is not None:
+        meta["quantize"] = {"step": frame.step, "contexts": frame.table_len}
+        writer.add("ctx_groups", frame.groups)
+        writer.add("ctx_table", frame.table)
+        writer.add("codes", frame.words, compress=False)
+        return
+    width = code_width(frame.codes)
+    meta["quantize"] = {"step": frame.step, "width": width}
+    raw = frame.codes.reshape(-1).astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
+    writer.add("codes", raw.view(np.uint8), ans_symbols=raw.astype(np.int64) if ans else None)
+
+
+def code_width(codes: I32) -> int:
+    """Bytes per code (1, 2 or 4) that hold every value of ``codes``."""
+    if codes.size == 0:
+        return 1
+    low, high = int(codes.min()), int(codes.max())
+    for width, dtype in ((1, np.int8), (2, np.int16)):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return width
+    return 4
