@@ -174,6 +174,8 @@ def sample_messages() -> dict[MsgKind, Message]:
                 round_s=1.25,
                 step_ms_median=40.0,
                 targets=4096,
+                basis_bytes=2336,
+                basis_refits=1,
             ),
         ),
         EvalRequest(round=3, through_codec=False),
@@ -185,7 +187,14 @@ def sample_messages() -> dict[MsgKind, Message]:
         Ack(of_msg_id=41, credits=1),
         AdaptersRequest(round=3),
         BasisUpload(
-            device="dev0", key="pca", digest="ab" * 16, vectors=_t(lora_a.T.contiguous()), mean=_t(lora_a[0])
+            device="dev0",
+            key="pca",
+            digest="ab" * 16,
+            kind="klt",
+            vectors=_t(lora_a.T.contiguous().to(torch.float16)),  # (C, K) float16
+            mean=_t(lora_a[0]),  # (C,) float32
+            scales=_t(lora_a[1, :2] + 2),  # (K,)
+            clip=_t(lora_a[1, :2] + 4),  # (K,)
         ),
         ServerPlan(
             server="server",

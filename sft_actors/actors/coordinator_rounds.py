@@ -76,6 +76,8 @@ class RoundsCoordinator(EvaluatingCoordinator):
             bytes_down=record.bytes_down,
             ratio_up=round(record.ratio_up, 2),
             ratio_down=round(record.ratio_down, 2),
+            basis_bytes=record.basis_bytes,
+            ratio_total=round(record.ratio_total, 2),
             seconds=round(record.seconds, 2),
         )
         last = r == self.train.rounds

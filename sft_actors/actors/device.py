@@ -26,7 +26,8 @@ from sft_actors.codec import Codec
 from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError
 from sft_actors.placement import resolve_device
 from sft_actors.topology import ActorSpec
-from sft_actors.train.device_session import EVAL_STEP_BASE, DeviceSession, EvalMeter, RoundMeter, elapsed_ms
+from sft_actors.train.device_session import EVAL_STEP_BASE, DeviceSession, elapsed_ms
+from sft_actors.train.meters import EvalMeter, RoundMeter
 from sft_actors.train.state import TrainerState
 from sft_actors.wire import (
     Ack,
@@ -34,7 +35,6 @@ from sft_actors.wire import (
     AdaptersDown,
     AdaptersRequest,
     AdaptersUp,
-    BasisUpload,
     DevicePlan,
     EvalRequest,
     EvalResult,
@@ -46,6 +46,7 @@ from sft_actors.wire import (
     StateRequest,
     WireTensor,
 )
+from sft_actors.wire.basis import basis_upload, upload_bytes
 from sft_actors.wire.coded import pack_tensor, step_seed, unpack_tensor
 
 
@@ -82,17 +83,17 @@ class DeviceActor(Actor):
             return Ack(of_msg_id=ctx.msg_id)
         session = await self.offload(DeviceSession, msg, device=self.compute_device)
         basis = await self.offload(session.fit_basis)
-        if basis is not None:  # the server needs it before the first projected activations
-            key = msg.codec.up.project.basis if msg.codec.up.project is not None else ""
-            self.log.info("basis_fitted", key=key, rank=basis.rank)
-            upload = BasisUpload(
-                device=self.name,
-                key=key,
-                digest=basis.digest,
-                vectors=WireTensor.from_torch(torch.from_numpy(basis.vectors)),
-                mean=WireTensor.from_torch(torch.from_numpy(basis.mean)),
-            )
+        if basis is not None and session.drift is not None:  # the server needs it first
+            upload = basis_upload(self.name, session.drift.key, basis)
             await self.call(msg.server, upload, timeout_s=msg.train.round_timeout_s)
+            session.drift.pending_bytes += upload_bytes(upload)  # counted in the first round
+            self.log.info(
+                "basis_fitted",
+                key=session.drift.key,
+                kind=basis.kind,
+                rank=basis.rank,
+                bytes=upload_bytes(upload),
+            )
         self._session = session
         hist = session.data.label_histogram
         self.log.info(
@@ -113,6 +114,8 @@ class DeviceActor(Actor):
         self.require_coordinator(ctx)
         s = self.session
         meter = RoundMeter()
+        if s.drift is not None:
+            meter.basis_sent(s.drift.take_pending_bytes())
         started = time.perf_counter()
         if s.whole_model:
             for _ in range(s.plan.train.steps_per_round):
@@ -152,13 +155,42 @@ class DeviceActor(Actor):
         async with self._compute:
             hidden = await self.offload(s.forward, step, inputs)
         seed = step_seed(s.plan.data.seed, s.plan.index, round_, step, 0)
-        act, report = await self.offload(pack_tensor, hidden, s.codec_up, seed=seed)
+        measure = False
+        if s.drift is not None and s.drift.enabled:
+            measure, window_bytes = await self.offload(s.drift.observe, hidden)
+            if window_bytes is not None:
+                self.log.info("basis_window", batches=s.plan.codec.refit.window, bytes=window_bytes)
+        act, report = await self.offload(pack_tensor, hidden, s.codec_up, seed=seed, measure_error=measure)
         meter.sent(
             raw=hidden.numel() * hidden.element_size(),
             coded=act.desc.nbytes,
             encode_ms=report.encode_ms if report is not None else 0.0,
         )
+        if measure and s.drift is not None and report is not None and s.drift.drifted(report.rel_error):
+            await self._refit(round_, meter, report.rel_error or 0.0)
         return self._activations(round_, step, act, labels), t0
+
+    async def _refit(self, round_: int, meter: RoundMeter, before: float) -> None:
+        """Fit a new basis on the kept activations, upload it, and encode with it only once the
+        server acknowledged it (frames already sent still decode there by their digest)."""
+        s = self.session
+        assert s.drift is not None
+        baseline = s.drift.baseline or 0.0
+        basis, after = await self.offload(s.drift.refit)
+        upload = basis_upload(self.name, s.drift.key, basis)
+        await self.call(s.plan.server, upload, timeout_s=s.plan.train.round_timeout_s)
+        s.bases.register(s.drift.key, basis)
+        s.drift.fitted()
+        meter.basis_sent(upload_bytes(upload), refit=True)
+        self.log.info(
+            "basis_refit",
+            device=self.name,
+            round=round_,
+            error_baseline=round(baseline, 5),  # the first measured after the previous fit
+            error_before=round(before, 5),
+            error_after=round(after, 5),  # the latest micro-batch, coded with the new basis
+            bytes=upload_bytes(upload),
+        )
 
     def _activations(
         self, round_: int, step: int, act: WireTensor, labels: torch.Tensor, phase: str = "train"

@@ -20,7 +20,7 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
-from sft_actors.codec import Basis, BasisRegistry, Codec
+from sft_actors.codec import BasisRegistry, Codec
 from sft_actors.errors import CodecError, ProtocolViolation
 from sft_actors.model import Part, SplitLM, head_state_dict, lora_state_dict
 from sft_actors.placement import resolve_device
@@ -42,6 +42,7 @@ from sft_actors.wire import (
     StateRequest,
     WireTensor,
 )
+from sft_actors.wire.basis import basis_from_upload
 from sft_actors.wire.coded import pack_tensor, step_seed, unpack_tensor
 from sft_actors.wire.plans import ServedDevice
 
@@ -201,16 +202,27 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
 
     # --- shared handlers ---------------------------------------------------------------------
     async def on_basis_upload(self, msg: BasisUpload, ctx: MsgContext) -> Ack:
-        """A device's PCA basis: its projected activations decode with it from now on."""
+        """A device's transform-coding basis (first fit or refit): its projected activations
+        decode with it from now on; frames coded with an earlier one still decode by digest.
+
+        Answers ERROR (:class:`CodecError`) for a malformed basis or one that does not match
+        its digest, and :class:`ProtocolViolation` for another device's basis."""
         self._require_plan()
         if msg.device != ctx.peer or msg.device not in self._bases:
             raise ProtocolViolation(f"basis for device {msg.device!r} came from {ctx.peer!r}")
-        vectors, mean = unpack_tensor(msg.vectors), unpack_tensor(msg.mean)
-        basis = Basis(vectors=vectors.numpy().astype("float32"), mean=mean.numpy().astype("float32"))
-        if basis.digest != msg.digest:
-            raise CodecError(f"basis from {msg.device} does not match its digest: corrupted in transit")
+        try:
+            basis = basis_from_upload(msg)
+        except CodecError as exc:
+            raise CodecError(f"basis {msg.key!r} from {msg.device}: {exc}") from None
         self._bases[msg.device].register(msg.key, basis)
-        self.log.info("basis_received", device=msg.device, key=msg.key, rank=basis.rank)
+        self.log.info(
+            "basis_received",
+            device=msg.device,
+            key=msg.key,
+            kind=basis.kind,
+            rank=basis.rank,
+            digest=basis.digest,
+        )
         return Ack(of_msg_id=ctx.msg_id)
 
     async def on_round_close(self, msg: RoundClose, ctx: MsgContext) -> Ack:

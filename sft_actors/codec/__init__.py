@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sft_actors.codec.refit import RefitSpec
 from sft_actors.codec.spec import (
     CastSpec,
     ChainSpec,
@@ -66,6 +67,7 @@ __all__ = [
     "OutlierSpec",
     "ProjectSpec",
     "QuantizeSpec",
+    "RefitSpec",
     "SparsifySpec",
     "ans_available",
     "fit_basis",

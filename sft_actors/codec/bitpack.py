@@ -108,3 +108,13 @@ def decode_varints(data: U8, count: int, limit: int) -> I64:
     if out.size and (int(out.min()) < 0 or int(out.max()) >= limit):
         raise CodecError("position gap out of range")
     return out
+
+
+def zigzag(values: I64) -> I64:
+    """Signed integers → non-negative ones for varints: 0, -1, 1, -2, … → 0, 1, 2, 3, …"""
+    return (values << 1) ^ (values >> 63)
+
+
+def unzigzag(values: I64) -> I64:
+    """Inverse of :func:`zigzag`."""
+    return (values >> 1) ^ -(values & 1)

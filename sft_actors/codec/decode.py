@@ -13,9 +13,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from sft_actors.codec import bitpack, quantize
+from sft_actors.codec import allocate, bitpack, quantize
 from sft_actors.codec.container import SectionReader
 from sft_actors.codec.format import DTYPES, FORMAT_VERSION, RAW_VIEW, per_row_lo, rows_view
+from sft_actors.codec.entropy import MAX_ALPHABET, MAX_GROUPS, ans_decode_columns
 from sft_actors.codec.outliers import decode_dense8
 from sft_actors.codec.project import BasisRegistry, unproject
 from sft_actors.codec.spec import ChainSpec
@@ -100,6 +101,8 @@ class _LossyDecoder:
     def run(self) -> F32:
         n, c = self.rows, self.channels
         dense = self._read_dense16() if self.spec.outliers is not None else None
+        none = np.zeros(0, dtype=np.int64)
+        self.dense_rows, self.dense_cols = (dense[0], dense[1]) if dense is not None else (none, none)
         basis = None
         k = c
         if self.spec.project is not None:
@@ -237,12 +240,59 @@ class _LossyDecoder:
 
     def _read_dense(self, n: int, k: int) -> F32:
         q = self.spec.quantize
+        if q is not None and q.scale == "common" and "contexts" in _table(self.meta, "quantize"):
+            return self._read_contexts(n, k)
+        if q is not None and q.scale == "component":
+            return self._read_component(n, k)
         if q is None or q.scale == "common":
             return self._read_plain(n * k).reshape(n, k)
         assert q.bits is not None
         codes = self._codes(n * k, q.bits).reshape(n, k)
         step = self._steps(n)[:, None] if q.scale == "token" else self._steps(k)[None, :]
         return quantize.dequantize_sign_magnitude(codes, np.float32(0), step, q.bits)
+
+    def _read_contexts(self, n: int, k: int) -> F32:
+        """Common-step codes (N, K) coded with one histogram per column group."""
+        info = _table(self.meta, "quantize")
+        step = info.get("step")
+        if not isinstance(step, float) or not math.isfinite(step) or step <= 0:
+            raise CodecError(f"meta quantize.step must be a positive float, got {step!r}")
+        # A table holds (min, alphabet, counts...) per group: bounded by the groups' alphabets.
+        size = _int(info, "contexts", 0, MAX_GROUPS * (2 + MAX_ALPHABET))
+        groups = self.reader.take("ctx_groups", k)
+        if groups.size and int(groups.max()) >= MAX_GROUPS:
+            raise CodecError(f"column context {int(groups.max())} out of range")
+        table = bitpack.unzigzag(bitpack.decode_varints(self.reader.take_bounded("ctx_table", 10 * size), size, 1 << 62))
+        words = bytes(self.reader.take_bounded("codes", 4 * (n * k + 1024)))
+        codes = ans_decode_columns(words, table, groups, n)
+        if codes.size and int(np.abs(codes).max()) > quantize.MAX_COMMON_CODE:
+            raise CodecError("common-step code out of range")
+        return quantize.dequantize_common(codes.astype(np.int32), step).reshape(n, k)
+    def _read_component(self, n: int, k: int) -> F32:
+        """Fixed-rate coefficients (N, K): the row budget is re-derived and must match the meta."""
+        q = self.spec.quantize
+        assert q is not None and q.ratio is not None
+        basis, rank = self._basis()
+        if rank != k:
+            raise CodecError(f"meta project.rank {rank} does not match the {k} components decoded")
+        live = np.ones(n, dtype=np.bool_)
+        live[self.dense_rows] = False
+        n_live = int(np.count_nonzero(live))
+        overhead = sum(int(e[1]) for e in self.meta["sections"] if e[0] != "codes")
+        raw_bytes = math.prod(self.meta["shape"]) * DTYPES[self.meta["dtype"]].itemsize
+        row_bits = allocate.row_bits_for(
+            raw_bytes=raw_bytes, ratio=q.ratio, overhead=overhead, live_rows=n_live, rank=k
+        )
+        info = _table(self.meta, "quantize")
+        if _int(info, "row_bits", 0, allocate.MAX_BITS * k) != row_bits or _int(info, "rows", 0, n) != n_live:
+            raise CodecError(f"meta quantize {info!r} does not match {n_live} rows of {row_bits} bits")
+        scales = allocate.coded_scales(basis.scales[:k], self.dense_cols, center=basis.vectors is None)
+        bits = allocate.allocate_bits(scales, row_bits)
+        ranges = allocate.clip_ranges(basis.scales[:k], basis.clip[:k], bits, q.rounding)
+        data = self.reader.take("codes", allocate.code_nbytes(n_live, row_bits))
+        out = np.zeros((n, k), dtype=np.float32)
+        out[live] = allocate.decode_components(data, n_live, bits, ranges)
+        return out
 
     def _steps(self, count: int) -> F32:
         return quantize.bf16_to_f32(self.reader.take("steps", 2 * count).view(np.uint16))

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from sft_actors.codec import bitpack, quantize
+from sft_actors.codec import allocate, bitpack, quantize, rate
 from sft_actors.codec.container import SectionWriter
 from sft_actors.codec.format import per_row_lo, rows_view
 from sft_actors.codec.outliers import encode_dense8, scaled_float16
@@ -38,6 +38,8 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
+# Rate control's allowance for the section table and zstd frame headers of a coded frame.
+_SIDE_BYTES: Final[int] = 48
 # Salt that separates the selection's random sample from the rounding noise.
 _SAMPLE_SALT: Final[int] = 0x5EED_5A3F
 
@@ -108,12 +110,18 @@ class LossyEncoder:
                 if massive is not None:
                     w.reshape(-1)[massive.result()[0]] = 0
             if spec.project is not None:
-                w = self._project(w, excl)
+                w = self._project(w, excl, massive)
                 excl = Exclusions(rows=excl.rows, cols=np.zeros(0, dtype=np.int64))
+        # Rate control and fixed rate budget what is left after the dense rows: write them first
+        # (the non-streaming path above has already found every massive element).
+        rate_first = spec.quantize is not None and spec.quantize.ratio is not None
+        if spec.outliers is not None and rate_first:
+            self._write_dense16(dense_excl, massive)
+        self.live_rows, self.dense_cols = ~dense_excl.rows, dense_excl.cols
         # Massive elements live in activation space and were all pulled out by the scan above;
         # on projected coefficients the filter would remove (and misplace) whole components.
         sparse_count = self._sparse_and_values(w, excl, None if spec.project is not None else massive)
-        if spec.outliers is not None:
+        if spec.outliers is not None and not rate_first:
             self._write_dense16(dense_excl, massive)
         if sparse_count is None:
             return 1.0
@@ -161,12 +169,15 @@ class LossyEncoder:
         self.stage_bytes["outliers"] = self.dense16_bytes
 
     # --- stage 2: projection -----------------------------------------------------------
-    def _project(self, clean: F32, excl: Exclusions) -> F32:
+    def _project(self, clean: F32, excl: Exclusions, massive: MassiveFilter | None = None) -> F32:
         assert self.spec.project is not None and self.bases is not None
         key = self.spec.project.basis
         basis = self.bases.get(key)
         if basis.channels != self.channels:
             raise CodecError(f"basis {key!r} has {basis.channels} channels, the tensor has {self.channels}")
+        if self.spec.quantize is not None and self.spec.quantize.scale == "component":
+            positions = massive.result()[0] if massive is not None else np.zeros(0, np.int64)
+            allocate.restore_for_basis(clean, self.x, excl.cols, positions, basis.mean)
         rank = basis.rank if self.spec.project.rank is None else min(self.spec.project.rank, basis.rank)
         coeffs = project(clean, basis, rank)
         coeffs[excl.rows] = 0
@@ -308,12 +319,18 @@ class LossyEncoder:
             step_wire, step = quantize.bf16_round_up(colmax / np.float32(top))
             inv = quantize.inverse_steps(step)[col_ids]
             lo_values = np.float32(0)
-        codes = quantize.quantize_sign_magnitude(values, lo_values, inv, q.bits, self.rounding)
+        codes = quantize.quantize_sign_magnitude(values, lo_values, inv, q.bits, self._rng)
         self.writer.add("lo", lo_wire.view(np.uint8))
         self._write_codes(codes, q.bits, step_wire)
 
     def _write_dense_values(self, dense: F32) -> None:
         q = self.spec.quantize
+        if q is not None and q.scale == "component":
+            self._write_component_values(dense)
+            return
+        if q is not None and q.scale == "common" and (q.ratio is not None or self._contexts):
+            self._write_common_frame(dense)
+            return
         if q is None or q.scale == "common":
             self._write_plain_values(dense.reshape(-1))
             return
@@ -324,8 +341,28 @@ class LossyEncoder:
         step_wire, step = quantize.bf16_round_up(peak / top)
         inv = quantize.inverse_steps(step)
         inv_b = inv[:, None] if axis == 1 else inv[None, :]
-        codes = quantize.quantize_sign_magnitude(dense, np.float32(0), inv_b, q.bits, self.rounding)
+        codes = quantize.quantize_sign_magnitude(dense, np.float32(0), inv_b, q.bits, self._rng)
         self._write_codes(codes.reshape(-1), q.bits, step_wire)
+
+    def _write_component_values(self, coeffs: F32) -> None:
+        """Fixed rate (see ``allocate``): every live row's coefficients in B bits, no side info."""
+        q, p = self.spec.quantize, self.spec.project
+        assert q is not None and q.ratio is not None and p is not None and self.bases is not None
+        rank, digest = self.meta["project"]["rank"], self.meta["project"]["digest"]
+        basis = self.bases.get(p.basis, digest)
+        live = coeffs[self.live_rows]
+        overhead = sum(self.writer.stored_bytes.values())
+        raw_bytes = self.stage_bytes["input"]
+        row_bits = allocate.row_bits_for(
+            raw_bytes=raw_bytes, ratio=q.ratio, overhead=overhead, live_rows=live.shape[0], rank=rank
+        )
+        scales = allocate.coded_scales(basis.scales[:rank], self.dense_cols, center=basis.vectors is None)
+        bits = allocate.allocate_bits(scales, row_bits)
+        ranges = allocate.clip_ranges(basis.scales[:rank], basis.clip[:rank], bits, q.rounding)
+        packed = allocate.encode_components(live, bits, ranges, q.rounding, self.rounding)
+        self.meta["quantize"] = {"row_bits": row_bits, "rows": int(live.shape[0])}
+        self.writer.add("codes", packed, compress=False)  # raw: the size is the contract
+        self.stage_bytes["quantize"] = overhead + packed.nbytes
 
     def _write_codes(self, codes: U8, bits: int, step_wire: npt.NDArray[np.uint16]) -> None:
         self.writer.add("steps", step_wire.view(np.uint8))
@@ -342,7 +379,7 @@ class LossyEncoder:
             assert q.step is not None
             rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
             step = float(np.float32(q.step * rms)) if rms > 0 else 1.0
-            codes = quantize.quantize_common(values, step, self.rounding)
+            codes = rate.quantize_with(values, step, self._rng)
             width = _code_width(codes)
             self.meta["quantize"] = {"step": step, "width": width}
             raw = codes.astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
@@ -358,6 +395,44 @@ class LossyEncoder:
             self.writer.add("values", cast.view(np.uint8))
             return
         self.writer.add("values", np.ascontiguousarray(values).view(np.uint8))
+
+    @property
+    def _rng(self) -> np.random.Generator | None:
+        """The rounding noise, or None for round-to-nearest."""
+        q = self.spec.quantize
+        return None if q is not None and q.rounding == "nearest" else self.rounding
+
+    @property
+    def _contexts(self) -> bool:
+        lo = self.spec.lossless
+        return lo is not None and lo.contexts == "column_scale"
+
+    def _write_common_frame(self, dense: F32) -> None:
+        """W (N, K) as common-step codes: per-column ANS contexts and/or rate control."""
+        q, lo = self.spec.quantize, self.spec.lossless
+        assert q is not None
+        ans = lo is not None and lo.entropy == "ans"
+        rng = self._rng
+        if q.ratio is not None:
+            target = self.stage_bytes["input"] / q.ratio
+            budget = int(target) - sum(self.writer.stored_bytes.values()) - _SIDE_BYTES
+            frame = rate.rate_controlled(dense, budget, rng, contexts=self._contexts, ans=ans)
+            self.meta["rate"] = {"target": int(target)}
+        else:
+            assert q.step is not None
+            rms = float(np.sqrt(np.mean(np.square(dense, dtype=np.float64)))) if dense.size else 0.0
+            frame = rate.code_frame(dense, float(np.float32(q.step * rms)) if rms > 0 else 1.0, rng, contexts=self._contexts, ans=ans)
+        self.stage_bytes["quantize"] = self._bytes_so_far() + frame.codes.nbytes
+        if frame.groups is not None:
+            self.meta["quantize"] = {"step": frame.step, "contexts": frame.table_len}
+            self.writer.add("ctx_groups", frame.groups)
+            self.writer.add("ctx_table", frame.table)
+            self.writer.add("codes", frame.words, compress=False)
+            return
+        width = _code_width(frame.codes)
+        self.meta["quantize"] = {"step": frame.step, "width": width}
+        raw = frame.codes.reshape(-1).astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
+        self.writer.add("codes", raw.view(np.uint8), ans_symbols=raw.astype(np.int64) if ans else None)
 
     def _bytes_so_far(self) -> int:
         return sum(self.writer.raw_bytes.values())

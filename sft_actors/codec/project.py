@@ -51,11 +51,15 @@ class Basis:
             raise ConfigError(f"basis mean must be (C,), got {self.mean.shape}")
         k = c if self.vectors is None else (self.vectors.shape[1] if self.vectors.ndim == 2 else -1)
         if self.vectors is not None and (self.vectors.ndim != 2 or self.vectors.shape[0] != c):
-            raise ConfigError(f"basis must be (C, K) with a (C,) mean, got {self.vectors.shape}, {self.mean.shape}")
+            raise ConfigError(
+                f"basis must be (C, K) with a (C,) mean, got {self.vectors.shape}, {self.mean.shape}"
+            )
         if not 1 <= k <= c:
             raise ConfigError(f"basis rank must be in [1, C], got {k} for C = {c}")
         if self.scales.shape != (k,) or self.clip.shape != (k,):
-            raise ConfigError(f"basis scales and clip must be ({k},), got {self.scales.shape}, {self.clip.shape}")
+            raise ConfigError(
+                f"basis scales and clip must be ({k},), got {self.scales.shape}, {self.clip.shape}"
+            )
 
     @property
     def kind(self) -> str:
@@ -102,7 +106,8 @@ class Basis:
             raise ConfigError("calibration activations contain NaN or inf")
         if kind not in ("klt", "center"):
             raise ConfigError(f"basis kind must be 'klt' or 'center', got {kind!r}")
-        mean32 = (data.mean(dim=0) if center else torch.zeros(data.shape[1], dtype=torch.float64)).to(torch.float32)
+        zeros = torch.zeros(data.shape[1], dtype=torch.float64)
+        mean32 = (data.mean(dim=0) if center else zeros).to(torch.float32)
         centered = data - mean32.to(torch.float64)
         vectors: F32 | None = None
         coeffs = centered
@@ -135,10 +140,14 @@ class Basis:
     def from_wire(cls, meta: dict[str, Any], payload: bytes) -> Basis:
         """Inverse of :meth:`to_wire`; :class:`CodecError` on a malformed or corrupted basis."""
         try:
-            kind, channels, rank, digest = str(meta["kind"]), int(meta["channels"]), int(meta["rank"]), str(meta["digest"])
+            kind, digest = str(meta["kind"]), str(meta["digest"])
+            channels, rank = int(meta["channels"]), int(meta["rank"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise CodecError(f"basis meta needs kind, integer channels and rank, and a digest: {exc}") from exc
-        if kind not in ("klt", "center") or not 1 <= rank <= channels <= 1 << 16 or (kind == "center" and rank != channels):
+            raise CodecError(
+                f"basis meta needs kind, integer channels and rank, and a digest: {exc}"
+            ) from exc
+        bad_center = kind == "center" and rank != channels
+        if kind not in ("klt", "center") or not 1 <= rank <= channels <= 1 << 16 or bad_center:
             raise CodecError(f"basis meta is inconsistent: kind {kind!r}, {channels} channels, rank {rank}")
         n_vec = 2 * channels * rank if kind == "klt" else 0
         if len(payload) != n_vec + 4 * (channels + 2 * rank):
@@ -148,7 +157,12 @@ class Basis:
             vectors = np.frombuffer(payload, dtype=np.float16, count=channels * rank).astype(np.float32)
             vectors = vectors.reshape(channels, rank)
         rest = np.frombuffer(payload, dtype=np.float32, offset=n_vec).copy()
-        basis = cls(vectors=vectors, mean=rest[:channels], scales=rest[channels : channels + rank], clip=rest[channels + rank :])
+        basis = cls(
+            vectors=vectors,
+            mean=rest[:channels],
+            scales=rest[channels : channels + rank],
+            clip=rest[channels + rank :],
+        )
         if basis.digest != digest:
             raise CodecError("basis digest does not match its bytes: the basis was corrupted in transit")
         return basis

@@ -67,14 +67,16 @@ def inverse_steps(steps: F32) -> F32:
 
 
 def quantize_sign_magnitude(
-    values: F32, lo: F32 | np.float32, inv_step: F32, bits: int, rng: np.random.Generator
+    values: F32, lo: F32 | np.float32, inv_step: F32, bits: int, rng: np.random.Generator | None
 ) -> U8:
-    """Codes (sign in bit b-1, magnitude index below) of ``values``; lo/inv_step broadcast."""
+    """Codes (sign in bit b-1, magnitude index below) of ``values``; lo/inv_step broadcast.
+
+    ``rng``: stochastic rounding; ``None``: round to nearest."""
     top = levels(bits)
     mag = np.abs(values)
     mag -= lo
     mag *= inv_step
-    mag += rng.random(mag.shape, dtype=np.float32)
+    mag += rng.random(mag.shape, dtype=np.float32) if rng is not None else np.float32(0.5)
     np.floor(mag, out=mag)
     np.clip(mag, 0, top, out=mag)
     codes = mag.astype(np.uint8)

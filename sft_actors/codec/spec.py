@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal, TypeVar, cast, get_args
 
+from sft_actors.codec.refit import RefitSpec
 from sft_actors.errors import ConfigError
 
 Scope = Literal["tensor", "token", "tokens", "channels"]
@@ -279,7 +280,9 @@ def _validate(spec: ChainSpec) -> None:
         if not p.basis:
             raise ConfigError("codec.project.basis must name a registered basis")
         if p.rank is not None and p.transform == "center":
-            raise ConfigError("codec.project.rank needs transform = 'klt' (a 'center' basis keeps every channel)")
+            raise ConfigError(
+                "codec.project.rank needs transform = 'klt' (a 'center' basis keeps every channel)"
+            )
         if p.rank is not None and p.rank < 1:
             raise ConfigError(f"codec.project.rank must be >= 1 (or unset for full rank), got {p.rank}")
     s = spec.sparsify
@@ -307,6 +310,8 @@ MIN_RATIO, MAX_RATIO = 1.0, 1000.0
 
 
 def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
+    if q.ratio is not None and spec.sparsify is not None:
+        raise ConfigError("codec.quantize.ratio (rate control) codes dense frames: remove the sparsify stage")
     if q.ratio is not None and not MIN_RATIO <= q.ratio <= MAX_RATIO:
         raise ConfigError(f"codec.quantize.ratio must be in [{MIN_RATIO:g}, {MAX_RATIO:g}], got {q.ratio}")
     if q.scale == "common":
@@ -322,7 +327,9 @@ def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
         return
     if q.scale == "component":
         if spec.project is None:
-            raise ConfigError("codec.quantize.scale = 'component' needs a project stage (the basis's components)")
+            raise ConfigError(
+                "codec.quantize.scale = 'component' needs a project stage (the basis's components)"
+            )
         if q.bits is not None or q.step is not None or q.ratio is None:
             raise ConfigError(
                 "codec.quantize.scale = 'component' takes ratio (fixed rate) only: unset bits and step"
@@ -341,11 +348,13 @@ class CodecPolicy:
     Parsed once from a topology's ``[run.codec]`` (or a device's ``codec``) table and passed on
     typed: the coordinator's plan carries it to the device and the server. Raises
     :class:`ConfigError` for a ``project`` stage on the gradient chain (transform coding needs
-    calibration activations to fit its basis; gradients have none).
+    calibration activations to fit its basis; gradients have none). ``refit``: when a device
+    refits the basis of a projecting up chain as its activations drift (``[run.codec.refit]``).
     """
 
     up: ChainSpec = field(default_factory=ChainSpec.identity)
     down: ChainSpec = field(default_factory=ChainSpec.identity)
+    refit: RefitSpec = field(default_factory=RefitSpec)
 
     def __post_init__(self) -> None:
         if self.down.project is not None:
@@ -365,12 +374,15 @@ class CodecPolicy:
 
     @classmethod
     def parse(cls, table: Mapping[str, Any]) -> CodecPolicy:
-        """From a TOML table ``{up = {...}, down = {...}}``; a missing role is the identity."""
+        """From a TOML table ``{up = {...}, down = {...}, refit = {...}}``; a missing role is the
+        identity, a missing ``refit`` the default :class:`RefitSpec`."""
         if not isinstance(table, Mapping):
             raise ConfigError(f"a codec policy must be a table with 'up' and 'down', got {table!r}")
-        unknown = set(table) - {"up", "down"}
+        unknown = set(table) - {"up", "down", "refit"}
         if unknown:
-            raise ConfigError(f"unknown codec policy keys {sorted(unknown)}: use 'up' and 'down'")
+            raise ConfigError(
+                f"unknown codec policy keys {sorted(unknown)}: use 'up' and 'down' (and 'refit')"
+            )
         try:
             up = ChainSpec.parse(table.get("up", {}))
         except ConfigError as exc:
@@ -379,8 +391,8 @@ class CodecPolicy:
             down = ChainSpec.parse(table.get("down", {}))
         except ConfigError as exc:
             raise ConfigError(f"down: {exc}") from None
-        return cls(up=up, down=down)
+        return cls(up=up, down=down, refit=RefitSpec.parse(table.get("refit", {})))
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML/msgpack table :meth:`parse` reads back into an equal policy."""
-        return {"up": self.up.to_dict(), "down": self.down.to_dict()}
+        return {"up": self.up.to_dict(), "down": self.down.to_dict(), "refit": self.refit.to_dict()}

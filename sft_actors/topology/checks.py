@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Collection
 
+from sft_actors.codec.spec import CodecPolicy
 from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound, ModelSpecError
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
 from sft_actors.topology.data_checks import check_instructions
@@ -268,10 +269,10 @@ def topology_warnings(topo: Topology) -> tuple[str, ...]:
     out: list[str] = []
     if mode not in CODED_MODES:
         raw = f'mode {mode!r} sends raw tensors and ignores it; remove it or use mode = "sft"'
-        if topo.run.codec.to_dict() != {"up": {}, "down": {}}:
+        if topo.run.codec != CodecPolicy():
             out.append(r.message("[run.codec]", None, raw))
         for d in topo.devices:
-            if d.codec is not None and d.codec.to_dict() != {"up": {}, "down": {}}:
+            if d.codec is not None and d.codec != CodecPolicy():
                 out.append(r.message(f"[[actors]] {d.name!r}", "codec", raw))
     if mode in ("sl", "fedlora") and topo.run.train.max_inflight > 1:
         why = {

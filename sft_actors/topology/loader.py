@@ -20,6 +20,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from sft_actors.codec.refit import RefitSpec
 from sft_actors.codec.spec import ChainSpec, CodecPolicy
 from sft_actors.errors import ConfigError, TopologyError
 from sft_actors.log import get_logger
@@ -184,9 +185,10 @@ class _Builder(Reporter):
             self.fail(where, named[0] if named else None, f"{exc}; fix the value")
 
     def codec_policy(self, value: Any, where: str, key: str) -> CodecPolicy:
-        """``{up = {...}, down = {...}}``: each chain judged by the codec's own parser."""
+        """``{up = {...}, down = {...}, refit = {...}}``: each chain (and the refit policy)
+        judged by the codec's own parser."""
         table = self.table(value, f"{where}, key {key!r}")
-        self.check_keys(table, {"up", "down"}, f"{where}, table {key!r}")
+        self.check_keys(table, {"up", "down", "refit"}, f"{where}, table {key!r}")
         chains: dict[str, ChainSpec] = {}
         for role in ("up", "down"):
             try:
@@ -194,7 +196,11 @@ class _Builder(Reporter):
             except ConfigError as exc:
                 self.fail(where, f"{key}.{role}", f"invalid codec chain: {exc}")
         try:
-            return CodecPolicy(**chains)
+            refit = RefitSpec.parse(table.get("refit", {}))
+        except ConfigError as exc:
+            self.fail(where, f"{key}.refit", f"invalid refit policy: {exc}")
+        try:
+            return CodecPolicy(**chains, refit=refit)
         except ConfigError as exc:  # checks across the two roles
             self.fail(where, f"{key}.down", str(exc))
 

@@ -4,7 +4,9 @@ The device actor is a protocol shell around a :class:`DeviceSession`: it asks th
 the next micro-batch's cut activations, sends them, and hands back the gradient the server
 returned. Pipelining (up to ``max_inflight`` micro-batches between forward and gradient, each
 on a private snapshot of the LoRA tensors) lives in :class:`DeviceTrainer`; what a round
-measured accumulates in a :class:`RoundMeter`. Two strategies, chosen by the plan's mode:
+measured accumulates in a :class:`~sft_actors.train.meters.RoundMeter`; the basis of a
+projecting codec is watched for drift by :class:`~sft_actors.train.basis_drift.BasisDrift`.
+Two strategies, chosen by the plan's mode:
 
 - split (``sl``, ``sfl``, ``sft``): blocks ``[0, cut)`` here, the rest on the server;
 - local (``fedlora``): every block here; a step is a whole forward, loss and update.
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,15 +27,16 @@ from sft_actors.model import Part, load_lora_state_dict, lora_state_dict, make_d
 from sft_actors.model.lora import adapter_items
 from sft_actors.placement import to_compute
 from sft_actors.sharing import SHARED
+from sft_actors.train.basis_drift import BasisDrift
 from sft_actors.train.data_setup import Batch, BatchIterator, DeviceData, build_device_data
 from sft_actors.train.device_trainer import DeviceTrainer
 from sft_actors.train.loading import load_shared_model
+from sft_actors.train.meters import EvalMeter, RoundMeter
 from sft_actors.train.modes import codec_for, whole_model_on_device
 from sft_actors.train.server_trainer import count_targets
 from sft_actors.train.state import TrainerState, counter
-from sft_actors.train.summary import median_or_zero
 from sft_actors.wire.messages import DevicePlan
-from sft_actors.wire.plans import EvalStats, EvalTask, RoundStats
+from sft_actors.wire.plans import EvalTask
 
 Cache = Callable[[Hashable, Callable[[], Any]], Any]
 #: Steps of held-out batches are numbered from here, so their quantization seeds never repeat a
@@ -44,77 +46,7 @@ EVAL_STEP_BASE = 1_000_000
 #: batches training sees).
 CALIBRATION_SEED_OFFSET = 7919
 
-
-@dataclass(slots=True)
-class RoundMeter:
-    """What one device measures over one round; :meth:`stats` freezes it for the wire."""
-
-    losses: list[float] = field(default_factory=list)
-    targets: int = 0
-    bytes_up: int = 0
-    raw_up: int = 0
-    bytes_down: int = 0
-    raw_down: int = 0
-    encode_ms: float = 0.0
-    step_ms: list[float] = field(default_factory=list)
-
-    def sent(self, *, raw: int, coded: int, encode_ms: float = 0.0) -> None:
-        """Activations of one micro-batch left: ``raw`` bytes as a tensor, ``coded`` on the wire."""
-        self.raw_up += raw
-        self.bytes_up += coded
-        self.encode_ms += encode_ms
-
-    def received(self, *, raw: int, coded: int) -> None:
-        self.raw_down += raw
-        self.bytes_down += coded
-
-    def step_done(self, *, loss: float, targets: int, step_ms: float) -> None:
-        self.losses.append(loss)
-        self.targets += targets
-        self.step_ms.append(step_ms)
-
-    @property
-    def loss(self) -> float:
-        """Mean training loss over the round's micro-batches (0.0 before the first)."""
-        return sum(self.losses) / max(1, len(self.losses))
-
-    def stats(self, round_s: float) -> RoundStats:
-        return RoundStats(
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
-            raw_up=self.raw_up,
-            raw_down=self.raw_down,
-            encode_ms=round(self.encode_ms, 3),
-            round_s=round(round_s, 4),
-            step_ms_median=round(median_or_zero(self.step_ms), 3),
-            targets=self.targets,
-        )
-
-
-@dataclass(slots=True)
-class EvalMeter:
-    """Sums over this device's held-out batches (shares of all devices merge exactly)."""
-
-    task: EvalTask
-    loss_sum: float = 0.0
-    targets: int = 0
-    correct: int = 0
-    batches: int = 0
-
-    def add(self, loss: float, targets: int, correct: int) -> None:
-        self.loss_sum += loss * targets
-        self.targets += targets
-        self.correct += correct
-        self.batches += 1
-
-    def stats(self) -> EvalStats:
-        return EvalStats(
-            task=self.task,
-            loss_sum=self.loss_sum,
-            targets=self.targets,
-            correct=self.correct,
-            batches=self.batches,
-        )
+__all__ = ["EVAL_STEP_BASE", "DeviceSession", "EvalMeter", "RoundMeter", "elapsed_ms"]
 
 
 class DeviceSession:
@@ -144,6 +76,8 @@ class DeviceSession:
         self.batches = BatchIterator(self.data.train)
         self.bases = BasisRegistry()
         self.codec_up: Codec | None = codec_for(plan.codec.up, bases=self.bases)
+        up = plan.codec.up
+        self.drift = BasisDrift(up, plan.codec.refit) if up.project is not None else None
         self.eval_task: EvalTask = "lm" if self.model.family == "llama" else "classification"
         self._global_step = 0
         self._samples_since_aggregation = 0
@@ -156,7 +90,7 @@ class DeviceSession:
         a separate iterator so training sees the same batches as without calibration.
         """
         chain = self.plan.codec.up
-        if chain.project is None:
+        if chain.project is None or self.drift is None:
             return None
         train = self.data.train
         calibration = BatchIterator(
@@ -173,6 +107,7 @@ class DeviceSession:
         ]
         basis = fit_basis(chain, torch.cat(hidden))
         self.bases.register(chain.project.basis, basis)
+        self.drift.fitted()
         return basis
 
     # --- training ------------------------------------------------------------------------------

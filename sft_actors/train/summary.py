@@ -35,6 +35,10 @@ class RoundRecord:
     seconds: float
     step_ms_median: float
     encode_ms: float
+    #: Transform-coding bases uploaded this round (first fits in a device's first round, then
+    #: refits): their bytes are traffic too, counted in :attr:`ratio_total`.
+    basis_bytes: int = 0
+    basis_refits: int = 0
     per_device_loss: dict[str, float] = field(default_factory=dict)
     per_device_bytes_up: dict[str, int] = field(default_factory=dict)
     #: Devices dropped from this round (lost, late past the deadline, or failed) and why.
@@ -51,6 +55,15 @@ class RoundRecord:
     @property
     def ratio_down(self) -> float:
         return self.raw_down / self.bytes_down if self.bytes_down else 1.0
+
+    @property
+    def ratio_total(self) -> float:
+        """Raw bytes both ways ÷ every byte sent: coded tensors both ways plus bases."""
+        return _ratio(self.raw_up + self.raw_down, self.bytes_up + self.bytes_down + self.basis_bytes)
+
+
+def _ratio(raw: int, sent: int) -> float:
+    return raw / sent if sent else 1.0
 
 
 def averaging_record(stats: AveragingStats) -> dict[str, Any]:
@@ -103,6 +116,8 @@ def round_record(
         seconds=seconds,
         step_ms_median=median_or_zero([st.step_ms_median for st in stats]),
         encode_ms=sum(st.encode_ms for st in stats),
+        basis_bytes=sum(st.basis_bytes for st in stats),
+        basis_refits=sum(st.basis_refits for st in stats),
         per_device_loss={m.device: round(m.loss, 5) for m in done},
         per_device_bytes_up={m.device: m.stats.bytes_up for m in done},
         devices_lost=dict(lost or {}),
@@ -164,6 +179,27 @@ class RunSummary:
     def bytes_down(self) -> int:
         return sum(r.bytes_down for r in self.rounds)
 
+    def totals(self) -> dict[str, Any]:
+        """``totals`` of ``summary.json``: bytes over the run and compression ratios (raw ÷ sent).
+
+        ``ratio_up`` / ``ratio_down``: coded activations / gradients only; ``basis_bytes`` and
+        ``basis_refits``: transform-coding bases uploaded (first fits and refits);
+        ``ratio_up_with_basis``: activations with the bases; ``ratio_total``: both ways, bases
+        included — the ratio a link actually saw."""
+        raw_up = sum(r.raw_up for r in self.rounds)
+        raw_down = sum(r.raw_down for r in self.rounds)
+        basis = sum(r.basis_bytes for r in self.rounds)
+        return {
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "basis_bytes": basis,
+            "basis_refits": sum(r.basis_refits for r in self.rounds),
+            "ratio_up": _ratio(raw_up, self.bytes_up),
+            "ratio_down": _ratio(raw_down, self.bytes_down),
+            "ratio_up_with_basis": _ratio(raw_up, self.bytes_up + basis),
+            "ratio_total": _ratio(raw_up + raw_down, self.bytes_up + self.bytes_down + basis),
+        }
+
     def headline(self) -> dict[str, Any]:
         """The few numbers a person reads first (``sft run`` prints them as one JSON line)."""
         full = self.to_json()
@@ -197,14 +233,7 @@ class RunSummary:
         out = asdict(self)
         out["devices_lost"] = self.devices_lost
         out["resumed_from"] = self.resumed_from
-        raw_up = sum(r.raw_up for r in self.rounds)
-        raw_down = sum(r.raw_down for r in self.rounds)
-        out["totals"] = {
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "ratio_up": raw_up / self.bytes_up if self.bytes_up else 1.0,
-            "ratio_down": raw_down / self.bytes_down if self.bytes_down else 1.0,
-        }
+        out["totals"] = self.totals()
         # "after" is an evaluation after training: none yet in a run stopped before its end.
         if self.evals:
             out["before"] = asdict(self.evals[0])

@@ -16,8 +16,13 @@ from sft_actors.placement import to_host
 from sft_actors.wire.tensors import WireTensor
 
 
-def pack_tensor(t: torch.Tensor, codec: Codec | None, *, seed: int) -> tuple[WireTensor, CodecReport | None]:
+def pack_tensor(
+    t: torch.Tensor, codec: Codec | None, *, seed: int, measure_error: bool = False
+) -> tuple[WireTensor, CodecReport | None]:
     """``t`` as a wire tensor: raw bytes (``codec`` None — bit-exact) or encoded by ``codec``.
+
+    ``measure_error``: decode the frame again and put ‖x̂ − x‖ / ‖x‖ in the report's
+    ``rel_error`` (coded tensors only; what a device's basis-drift check measures).
 
     ``t`` may live on a CUDA device: it is copied into a pinned host buffer first. A bfloat16 or
     float16 tensor travels as such: raw as its 16-bit words, coded from a float32 copy with the
@@ -25,7 +30,7 @@ def pack_tensor(t: torch.Tensor, codec: Codec | None, *, seed: int) -> tuple[Wir
     t = to_host(t.detach())
     if codec is None:
         return WireTensor.from_torch(t.detach().contiguous()), None
-    enc = codec.encode(t.detach(), seed)
+    enc = codec.encode(t.detach(), seed, measure_error=measure_error)
     wt = WireTensor.coded(enc.meta, enc.payload, dtype=enc.meta["dtype"], shape=tuple(t.shape))
     return wt, enc.report
 

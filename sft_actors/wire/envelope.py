@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     # What a socket hands back: bytes (copy=True) or zmq.Frame (copy=False), or a memoryview.
     FrameLike = Buffer | zmq.Frame
 
-PROTOCOL_VERSION: Final[tuple[int, int]] = (3, 2)
+PROTOCOL_VERSION: Final[tuple[int, int]] = (3, 3)
 _U64_MAX: Final[int] = 2**64 - 1
 
 

@@ -309,14 +309,23 @@ class EvalRequest(Message, Request[EvalResult]):
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class BasisUpload(Message, Request[Ack]):
-    """A device's transform-coding basis, sent once before its first projected activations."""
+    """A device's transform-coding basis (:class:`~sft_actors.codec.Basis`), sent before its
+    first projected activations and again, under the same ``key``, after every refit.
+
+    Build and read it with :mod:`sft_actors.wire.basis`; the receiver rebuilds the basis and
+    refuses it (:class:`CodecError`) unless it hashes to ``digest``. Since protocol 3.3 it
+    carries the whole basis (``kind``, ``scales``, ``clip``); a 3.2 upload is refused.
+    """
 
     KIND = MsgKind.BASIS
     device: str
     key: str  # the name the codec chain's ``project.basis`` refers to
     digest: str  # content hash; encoded tensors carry it, so a stale basis is refused
-    vectors: WireTensor  # (C, K) orthonormal columns
-    mean: WireTensor  # (C,)
+    vectors: WireTensor | None  # (C, K) float16 orthonormal columns; None for kind "center"
+    mean: WireTensor  # (C,) float32
+    kind: Literal["klt", "center"] = "klt"
+    scales: WireTensor | None = None  # (K,) float32 calibrated component scales (3.3: required)
+    clip: WireTensor | None = None  # (K,) float32 calibrated clipping ranges (3.3: required)
 
 
 ALL_MESSAGES: Final[tuple[type[Message], ...]] = (

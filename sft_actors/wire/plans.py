@@ -84,6 +84,10 @@ class RoundStats:
     round_s: float  # wall time of the round on the device
     step_ms_median: float  # forward → gradient → update, per micro-batch
     targets: int  # tokens (or samples) the loss was averaged over
+    # Transform-coding bases uploaded this round (the first fit counts in the device's first
+    # round, refits in the round they happened): wire bytes and number of refits.
+    basis_bytes: int = 0
+    basis_refits: int = 0
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
