@@ -6,12 +6,13 @@ server, the coordinator, ``mode = "sft"``, one seed, one data split, ``--rounds`
 chain in ``CHAINS`` (``--chains`` picks), in-process over ``inproc://`` sockets, with the
 device's link paced to 20 Mbit/s each way and 10 ms rtt by the runtime's link emulation (so
 time on the wire is measured, not modelled). The coordinator evaluates held-out loss through
-the chain after every round (a bench-side hook; the runtime itself evaluates only before and
-after training). Per chain:
+the chain after every round (a bench-side hook, :func:`per_round_eval`; the runtime itself
+evaluates only before and after training). Per chain:
 
 - ``ratio_up`` / ``ratio_down``: raw bytes ÷ coded bytes of the activations (up) and of the
   gradients (down) over all rounds; the one-time basis upload of a ``project`` chain counts as
-  coded bytes up (``basis_bytes``: its encoded message size).
+  coded bytes up (``basis_bytes``: its tensor bytes, as the runtime counts them in
+  summary.json's ``totals``; ``ratio_up_coded``: activations alone).
 - ``ratio_total``: raw bytes both ways ÷ coded bytes both ways (basis included).
 - ``ppl`` / ``ppl_raw``: held-out perplexity after training through the chain (what the
   deployed split model sees) and with uncompressed activations (the adapters alone).
@@ -35,7 +36,8 @@ Measured on a shared 2-core machine (commit 86b8b1b), ``--quick --chains raw,top
 3 min 52 s in all (per chain ≈ 100–130 s: set-up 1–12 s, training 45–58 s, the rest the 13
 held-out evaluations); raw ppl 88.93, topk0.2-b8 ratio_total 16.15, ppl_gap +20.5 %
 (ppl_gap_raw +0.7 %), target not reached in 40 steps. The default settings (batch 4 × seq 64)
-take ≈ 5 min per chain there.
+take ≈ 5 min per chain there. The transform chains (center-r24, klt-r24) were run on
+llama-tiny only so far.
 
 Output: a header line, one table row per chain, and as the last line one JSON object: the
 default chain's fields at the top level, ``uncompressed`` (the ``raw`` run), ``chains`` (every
@@ -62,11 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import header, machine_info
 from sft_actors import log
 from sft_actors.actors.coordinator_rounds import RoundsCoordinator
-from sft_actors.actors.server_base import ServerBase
 from sft_actors.runtime import run_topology
 from sft_actors.topology.loader import parse_topology
-from sft_actors.wire import BasisUpload
-from sft_actors.wire.envelope import encode
 
 REFERENCE = "raw"
 
@@ -107,31 +106,21 @@ CHAINS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 @contextlib.contextmanager
-def per_round_eval_and_basis_bytes(basis_bytes: dict[str, int]) -> Iterator[None]:
-    """While active: the coordinator evaluates held-out loss (through the codec) after every
-    round, not only before and after training; servers record the encoded size of every basis
-    upload in ``basis_bytes`` (device -> bytes)."""
+def per_round_eval() -> Iterator[None]:
+    """While active (in this process): the coordinator evaluates held-out loss through the
+    codec after every round, not only before and after training."""
     round_orig = RoundsCoordinator._round
-    basis_orig = ServerBase.on_basis_upload
 
     async def _round(self: RoundsCoordinator, r: int) -> None:
         await round_orig(self, r)
         if r < self.train.rounds:  # the last round's evaluation is the run's own "after"
             await self._evaluate(r)
 
-    async def on_basis_upload(self: ServerBase[Any], msg: BasisUpload, ctx: Any) -> Any:
-        frames = encode(msg, sender=msg.device, msg_id=0)
-        basis_bytes[msg.device] = basis_bytes.get(msg.device, 0) + sum(len(f) for f in frames)
-        return await basis_orig(self, msg, ctx)
-
-    on_basis_upload.__annotations__ = basis_orig.__annotations__
     RoundsCoordinator._round = _round  # type: ignore[method-assign]
-    ServerBase.on_basis_upload = on_basis_upload  # type: ignore[method-assign]
     try:
         yield
     finally:
         RoundsCoordinator._round = round_orig  # type: ignore[method-assign]
-        ServerBase.on_basis_upload = basis_orig  # type: ignore[method-assign]
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -182,9 +171,8 @@ def run_chain(a: argparse.Namespace, chain: str, work: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     doc = topology(a, chain, out / "runs")
     (out / "topology.json").write_text(json.dumps(doc, indent=2))
-    basis: dict[str, int] = {}
     t0 = time.perf_counter()
-    with per_round_eval_and_basis_bytes(basis):
+    with per_round_eval():
         result = asyncio.run(
             run_topology(parse_topology(doc, source=chain), transport="inproc", timeout_s=a.timeout_s)
         )
@@ -197,8 +185,9 @@ def run_chain(a: argparse.Namespace, chain: str, work: Path) -> dict[str, Any]:
     rounds = summary["rounds"]
     raw_up = sum(r["raw_up"] for r in rounds)
     raw_down = sum(r["raw_down"] for r in rounds)
-    basis_bytes = sum(basis.values())
-    up = sum(r["bytes_up"] for r in rounds) + basis_bytes
+    basis_bytes = summary["totals"].get("basis_bytes", 0)  # first fits and refits
+    coded_up = sum(r["bytes_up"] for r in rounds)
+    up = coded_up + basis_bytes
     down = sum(r["bytes_down"] for r in rounds)
     after = summary["after"]
     after_raw = summary.get("after_raw") or after  # no codec: no separate uncompressed evaluation
@@ -212,6 +201,7 @@ def run_chain(a: argparse.Namespace, chain: str, work: Path) -> dict[str, Any]:
         "ratio_up": raw_up / up if up else 1.0,
         "ratio_down": raw_down / down if down else 1.0,
         "ratio_total": (raw_up + raw_down) / (up + down) if up + down else 1.0,
+        "ratio_up_coded": raw_up / coded_up if coded_up else 1.0,
         "raw_up": raw_up,
         "raw_down": raw_down,
         "bytes_up": up,

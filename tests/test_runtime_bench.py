@@ -174,25 +174,28 @@ def test_precision_bench_smoke() -> None:
 
 
 def test_compression_bench_smoke() -> None:
-    """bench/compression.py: uncompressed vs the paper's chain through the runtime, tiny model."""
-    r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8",
-                  "--default", "topk0.2-b8", "--rounds", "2", "--steps", "2", "--eval-batches", "2",
+    """bench/compression.py: uncompressed vs the paper's chain vs transform coding through the
+    runtime, tiny model."""
+    r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8,center-r24",
+                  "--default", "center-r24", "--rounds", "2", "--steps", "2", "--eval-batches", "2",
                   "--calibration-batches", "2", "--max-documents", "60")  # fmt: skip
-    assert (r["default"], r["model"], r["steps_per_device"], r["cut"]) == ("topk0.2-b8", "llama-tiny", 4, 4)
+    assert (r["default"], r["model"], r["steps_per_device"], r["cut"]) == ("center-r24", "llama-tiny", 4, 4)
     chains = r["chains"]
-    assert set(chains) == {"raw", "topk0.2-b8"} and r["uncompressed"] == chains["raw"]
-    raw, topk = chains["raw"], chains["topk0.2-b8"]
+    assert set(chains) == {"raw", "topk0.2-b8", "center-r24"} and r["uncompressed"] == chains["raw"]
+    raw, topk, center = chains["raw"], chains["topk0.2-b8"], chains["center-r24"]
     assert raw["ratio_up"] == raw["ratio_down"] == raw["ratio_total"] == 1.0
-    assert raw["ppl_gap"] == raw["ppl_gap_raw"] == 0.0 and raw["basis_bytes"] == 0
+    assert raw["ppl_gap"] == raw["ppl_gap_raw"] == 0.0 and raw["basis_bytes"] == topk["basis_bytes"] == 0
     assert r["target_loss"] == pytest.approx(raw["loss"] * 1.02, rel=1e-9)
     # The final evaluation reaches its own target: the uncompressed run always has a time.
     assert raw["time_to_target_s"] is not None and 0 <= raw["time_to_target_s"] <= raw["train_s"]
     for key in ("ratio_up", "ratio_down", "ratio_total", "ppl_gap", "ppl_gap_raw", "time_to_target_s"):
-        assert r[key] == topk[key]
-    assert topk["ratio_up"] > 1 and topk["ratio_down"] > 1
-    up, down = topk["raw_up"] + topk["raw_down"], topk["bytes_up"] + topk["bytes_down"]
-    assert topk["ratio_total"] == pytest.approx(up / down, rel=1e-9)
-    assert topk["raw_up"] == raw["raw_up"]  # same steps, same activations' shapes
-    assert topk["ppl_gap"] == pytest.approx(topk["ppl"] / raw["ppl"] - 1, rel=1e-9)
-    assert [e[0] for e in topk["loss_curve"]] == [0, 1, 2]  # held-out loss after every round
-    assert all(math.isfinite(e[1]) for e in topk["loss_curve"])
+        assert r[key] == center[key]
+    for row in (topk, center):
+        assert row["ratio_up"] > 1 and row["ratio_down"] > 1 and row["raw_up"] == raw["raw_up"]
+        up, down = row["raw_up"] + row["raw_down"], row["bytes_up"] + row["bytes_down"]
+        assert row["ratio_total"] == pytest.approx(up / down, rel=1e-9)
+        assert row["ppl_gap"] == pytest.approx(row["ppl"] / raw["ppl"] - 1, rel=1e-9)
+        assert [e[0] for e in row["loss_curve"]] == [0, 1, 2]  # held-out loss after every round
+        assert all(math.isfinite(e[1]) for e in row["loss_curve"])
+    # The one-time basis is coded bytes up: the activations alone compress better.
+    assert center["basis_bytes"] > 0 and center["ratio_up"] < center["ratio_up_coded"]
