@@ -7,6 +7,7 @@ arguments fix (rows, counts) and that each derived number follows from the ones 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -170,3 +171,31 @@ def test_precision_bench_smoke() -> None:
     for key in (("float32", "float32"), ("bfloat16", "float32")):
         assert rows[key]["device_lora_A_changed"] == rows[key]["server_lora_A_changed"] == 1.0
     assert rows[("bfloat16", "bfloat16")]["device_lora_A_changed"] < 0.9  # what float32 adapters fix
+
+
+def test_compression_bench_smoke() -> None:
+    """bench/compression.py: uncompressed vs the paper's chain vs transform coding through the
+    runtime, tiny model."""
+    r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8,center-r24",
+                  "--default", "center-r24", "--rounds", "2", "--steps", "2", "--eval-batches", "2",
+                  "--calibration-batches", "2", "--max-documents", "60")  # fmt: skip
+    assert (r["default"], r["model"], r["steps_per_device"], r["cut"]) == ("center-r24", "llama-tiny", 4, 4)
+    chains = r["chains"]
+    assert set(chains) == {"raw", "topk0.2-b8", "center-r24"} and r["uncompressed"] == chains["raw"]
+    raw, topk, center = chains["raw"], chains["topk0.2-b8"], chains["center-r24"]
+    assert raw["ratio_up"] == raw["ratio_down"] == raw["ratio_total"] == 1.0
+    assert raw["ppl_gap"] == raw["ppl_gap_raw"] == 0.0 and raw["basis_bytes"] == topk["basis_bytes"] == 0
+    assert r["target_loss"] == pytest.approx(raw["loss"] * 1.02, rel=1e-9)
+    # The final evaluation reaches its own target: the uncompressed run always has a time.
+    assert raw["time_to_target_s"] is not None and 0 <= raw["time_to_target_s"] <= raw["train_s"]
+    for key in ("ratio_up", "ratio_down", "ratio_total", "ppl_gap", "ppl_gap_raw", "time_to_target_s"):
+        assert r[key] == center[key]
+    for row in (topk, center):
+        assert row["ratio_up"] > 1 and row["ratio_down"] > 1 and row["raw_up"] == raw["raw_up"]
+        up, down = row["raw_up"] + row["raw_down"], row["bytes_up"] + row["bytes_down"]
+        assert row["ratio_total"] == pytest.approx(up / down, rel=1e-9)
+        assert row["ppl_gap"] == pytest.approx(row["ppl"] / raw["ppl"] - 1, rel=1e-9)
+        assert [e[0] for e in row["loss_curve"]] == [0, 1, 2]  # held-out loss after every round
+        assert all(math.isfinite(e[1]) for e in row["loss_curve"])
+    # The one-time basis is coded bytes up: the activations alone compress better.
+    assert center["basis_bytes"] > 0 and center["ratio_up"] < center["ratio_up_coded"]
