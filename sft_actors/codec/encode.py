@@ -125,7 +125,6 @@ class LossyEncoder:
             return 1.0
         return (sparse_count + self.dense16_count) / (n * c)
 
-    # --- stage 1: dense 16-bit outliers --------------------------------------------------
     def _write_dense16(self, excl: Exclusions, massive: MassiveFilter | None) -> None:
         rows = np.flatnonzero(excl.rows)
         positions, elements = massive.result() if massive is not None else (np.zeros(0, np.int64), None)
