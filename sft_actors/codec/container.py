@@ -53,6 +53,12 @@ class SectionWriter:
         self.raw_bytes[name] = len(raw)
         self.stored_bytes[name] = len(stored)
 
+    def stored_nbytes(self, data: U8) -> int:
+        """The bytes :meth:`add` would store for ``data`` (zstd when it helps), without adding it."""
+        if self._compressor is None or data.nbytes < _MIN_ZSTD_BYTES:
+            return int(data.nbytes)
+        return min(int(data.nbytes), len(self._compressor.compress(np.ascontiguousarray(data).tobytes())))
+
     def payload(self) -> bytes:
         return b"".join(self._parts)
 

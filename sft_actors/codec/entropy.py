@@ -79,9 +79,12 @@ def ans_decode(data: bytes, count: int) -> I64:
         raise CodecError(f"ANS symbol counts sum to {int(counts.sum(dtype=np.uint64))}, expected {count}")
     words = np.frombuffer(data, dtype=np.uint32, offset=words_at).copy()
     try:
-        decoded = lib.stream.stack.AnsCoder(words).decode(_model(lib, counts), count)
+        coder = lib.stream.stack.AnsCoder(words)
+        decoded = coder.decode(_model(lib, counts), count)
     except Exception as exc:  # the Rust extension raises its own error types on corrupt streams
         raise CodecError(f"corrupt ANS stream: {exc}") from exc
+    if not coder.is_empty():  # a valid stream ends exactly with its last symbol
+        raise CodecError("corrupt ANS stream: words left over after the last symbol")
     return np.asarray(decoded, dtype=np.int64) + low
 
 
@@ -176,4 +179,6 @@ def ans_decode_columns(
         out[:, cols] = (np.asarray(decoded, dtype=np.int64) + low).reshape(rows, -1)
     if at != table.size:
         raise CodecError("context table has entries for groups the frame does not use")
+    if not coder.is_empty():  # a valid stream ends exactly with its last symbol
+        raise CodecError("corrupt ANS stream: words left over after the last symbol")
     return out

@@ -13,6 +13,7 @@ frame is exactly the one a trial produced.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,8 +34,6 @@ U8 = npt.NDArray[np.uint8]
 #: Rate control stops once the frame is within this fraction of its byte target.
 TOLERANCE: Final[float] = 0.015
 MAX_ITERATIONS: Final[int] = 14
-#: Rate control's allowance for the section table and zstd frame headers of a coded frame.
-SIDE_BYTES: Final[int] = 48
 
 
 @dataclass(slots=True)
@@ -49,14 +48,16 @@ class CommonCodes:
     table_len: int  # integers in the context table
     single: bytes | None  # one-histogram ANS stream (None: stored as integers)
 
+    side: int = 0  # stored bytes of the context sections (groups and table), once known
+
     @property
     def nbytes(self) -> int:
-        """Payload bytes these codes add (before zstd of the small side sections)."""
+        """Payload bytes these codes add."""
         if self.groups is not None:
-            return len(self.words) + self.table.size + self.groups.size
+            return len(self.words) + (self.side or self.table.size + self.groups.size)
         if self.single is not None:
             return len(self.single)
-        return self.codes.nbytes
+        return self.side or self.codes.nbytes
 
 
 def quantize_with(values: F32, step: float, rng: np.random.Generator | None) -> I32:
@@ -91,9 +92,12 @@ def rate_controlled(
     *,
     contexts: bool,
     ans: bool,
+    stored: Callable[[U8], int] | None = None,
 ) -> CommonCodes:
     """The frame of ``values`` (N, K) whose coded size is closest to ``budget`` bytes.
 
+    ``stored``: how many bytes the writer will store for a side section (zstd may shrink the
+    context sections); without it their raw size is counted.
     ``rng`` (stochastic rounding) is restored to its state before every trial, so the returned
     frame is reproducible from the seed. A budget below what even all-zero codes cost returns
     the coarsest frame (every code 0); the caller reports the achieved ratio.
@@ -103,7 +107,12 @@ def rate_controlled(
     def trial(step: float) -> CommonCodes:
         if rng is not None and state is not None:
             rng.bit_generator.state = state
-        return code_frame(values, step, rng, contexts=contexts, ans=ans)
+        frame = code_frame(values, step, rng, contexts=contexts, ans=ans)
+        if stored is not None and frame.groups is not None:
+            frame.side = stored(frame.groups) + stored(frame.table)
+        elif stored is not None and frame.single is None:  # integers, zstd-compressed
+            frame.side = stored(_as_width(frame.codes).view(np.uint8))
+        return frame
 
     rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
     if rms == 0.0 or budget <= 0:
@@ -177,8 +186,8 @@ def write_frame(
     ``quantize = {step, contexts | width}`` and, under rate control, ``rate = {target}``."""
     if q.ratio is not None:
         target = stage_bytes["input"] / q.ratio
-        budget = int(target) - sum(writer.stored_bytes.values()) - SIDE_BYTES
-        frame = rate_controlled(dense, budget, rng, contexts=contexts, ans=ans)
+        budget = int(target) - sum(writer.stored_bytes.values())
+        frame = rate_controlled(dense, budget, rng, contexts=contexts, ans=ans, stored=writer.stored_nbytes)
         meta["rate"] = {"target": int(target)}
     else:
         assert q.step is not None
@@ -193,10 +202,14 @@ def write_frame(
         writer.add("ctx_table", frame.table)
         writer.add("codes", frame.words, compress=False)
         return
-    width = code_width(frame.codes)
-    meta["quantize"] = {"step": frame.step, "width": width}
-    raw = frame.codes.reshape(-1).astype({1: np.int8, 2: np.int16, 4: np.int32}[width])
+    raw = _as_width(frame.codes)
+    meta["quantize"] = {"step": frame.step, "width": raw.itemsize}
     writer.add("codes", raw.view(np.uint8), ans_symbols=raw.astype(np.int64) if ans else None)
+
+
+def _as_width(codes: I32) -> npt.NDArray[np.signedinteger[Any]]:
+    """The codes, flat, as the narrowest of int8/int16/int32 that holds them."""
+    return codes.reshape(-1).astype({1: np.int8, 2: np.int16, 4: np.int32}[code_width(codes)])
 
 
 def code_width(codes: I32) -> int:
