@@ -64,41 +64,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import header, machine_info
 from sft_actors import log
 from sft_actors.actors.coordinator_rounds import RoundsCoordinator
+from sft_actors.codec import presets
 from sft_actors.runtime import run_topology
 from sft_actors.topology.loader import parse_topology
 
 REFERENCE = "raw"
 
-_TOPK_B8: dict[str, Any] = {
-    "sparsify": {"keep": 0.2, "scope": "tensor"},
-    "quantize": {"bits": 8, "scale": "token"},
-    "lossless": {"positions": "bitmap", "zstd_level": 3},
-}
-
-
-def _transform_chain(transform: str) -> dict[str, dict[str, Any]]:
-    return {
-        "up": {
-            "outliers": {"first_tokens": 1},
-            "project": {"basis": "pca", "transform": transform},
-            "quantize": {"scale": "common", "ratio": 24.0, "rounding": "nearest"},
-            "lossless": {"entropy": "ans", "contexts": "column_scale"},
-        },
-        "down": {
-            "quantize": {"scale": "common", "ratio": 16.0},
-            "lossless": {"entropy": "ans", "contexts": "column_scale"},
-        },
-    }
-
-
 #: name -> the ``[run.codec]`` table ({"up": chain, "down": chain}; empty tables: identity).
+#: Chains come from sft_actors.codec.presets (the planner prints the same tables).
 CHAINS: dict[str, dict[str, dict[str, Any]]] = {
     "raw": {"up": {}, "down": {}},
     # The paper's chain, as topologies/local.toml has it.
-    "topk0.2-b8": {"up": dict(_TOPK_B8), "down": dict(_TOPK_B8)},
-    # Transform coding with rate control (the encoder's `ratio`, `rounding`, `contexts`).
-    "center-r24": _transform_chain("center"),
-    "klt-r24": _transform_chain("klt"),
+    "topk0.2-b8": presets.paper_topk_tables(),
+    # Transform coding with rate control (the encoder's `ratio`, `rounding`, `contexts`): up 24x, down 16x.
+    "center-r24": presets.transform_tables(24.0, 16.0, transform="center"),
+    "klt-r24": presets.transform_tables(24.0, 16.0, transform="klt"),
 }
 
 

@@ -43,11 +43,11 @@ from sft_actors.plan import (
 
 # Richest first: (largest device cut, codec menu); the first that fits --max-plans is used.
 SIZES: list[tuple[int, list[str] | None]] = [
-    (4, ["identity", "fp16", "int8-token", "pca-16x", "topk-0.1-b8"]),
-    (3, ["identity", "int8-token", "pca-16x", "topk-0.1-b8"]),
-    (3, ["identity", "int8-token", "pca-16x"]),
-    (2, ["identity", "int8-token", "pca-16x"]),
-    (2, ["identity", "pca-16x"]),
+    (4, ["identity", "fp16", "int8-token", "transform-16x", "topk-0.1-b8"]),
+    (3, ["identity", "int8-token", "transform-16x", "topk-0.1-b8"]),
+    (3, ["identity", "int8-token", "transform-16x"]),
+    (2, ["identity", "int8-token", "transform-16x"]),
+    (2, ["identity", "transform-16x"]),
 ]
 
 

@@ -44,7 +44,7 @@ from sft_actors.plan import (
 from sft_actors.plan.compression import codec_entry_from_bench, refit_codec_table
 from sft_actors.plan.toml_out import dumps
 
-SMALL_CODECS = ["identity", "int8-token", "pca-16x", "topk-0.1-b8"]
+SMALL_CODECS = ["identity", "int8-token", "transform-16x", "topk-0.1-b8"]
 
 
 def problem(
@@ -130,7 +130,10 @@ def test_packaged_accuracy_curve_reproduces_the_measured_points() -> None:
     curve = load_accuracy_curve()
     assert curve.loss("topk", 15.7, "trained") == pytest.approx(0.25, rel=1e-6)
     assert curve.loss("topk", 25.0, "untrained") == pytest.approx(1.28, rel=1e-6)
-    assert curve.loss("transform", 15.9, "trained") == pytest.approx(0.05, rel=1e-6)
+    # Rate-controlled transform: three points (up 24, 24, 32) fitted by least squares in log space.
+    assert curve.loss("transform", 24.0, "trained") == pytest.approx((0.047 * 0.051) ** 0.5, rel=1e-6)
+    assert curve.loss("transform", 32.0, "trained") == pytest.approx(0.5, rel=1e-6)
+    assert curve.loss("transform", 15.9, "untrained") == pytest.approx(0.02, rel=1e-6)
     assert curve.loss("identity", 1.0) == 0.0
     assert curve.loss("topk", 1.0) == 0.0
 
@@ -165,8 +168,8 @@ def test_codec_table_uses_measurements_then_calibrated_estimates() -> None:
 def test_menu_is_pareto_and_its_hull_convex() -> None:
     menu = build_menu()
     names = [o.name for o in menu.options]
-    assert "identity" in names and "pca-16x" in names
-    assert "topk-0.2-b6" not in names  # PCA coding has a higher ratio and a lower loss
+    assert "identity" in names and "transform-16x" in names
+    assert "topk-0.2-b6" not in names  # transform coding has a higher ratio and a lower loss
     assert np.all(np.diff(menu.ratios) > 0) and np.all(np.diff(menu.losses) > 0)
     s, loss = menu.hull()
     slopes = np.diff(loss) / np.diff(s)
@@ -174,10 +177,11 @@ def test_menu_is_pareto_and_its_hull_convex() -> None:
 
 
 def test_codec_chains_in_the_data_parse() -> None:
-    from sft_actors.codec.spec import ChainSpec
+    from sft_actors.codec.spec import ChainSpec, CodecPolicy
 
-    for candidate in load_codec_table().candidates:
-        ChainSpec.parse(dict(candidate["chain"]))
+    for option in build_menu(pareto_only=False).options:
+        ChainSpec.parse(dict(option.chain))
+        CodecPolicy.parse(option.tables())
 
 
 # --- fast timescale --------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """``sft plan TOPOLOGY``: plan cuts, codecs and bandwidth for a topology's devices.
 
-Prints one line per device (cut, codec, bandwidth, rates, predicted per-round delay, memory)
-and the totals; ``--json`` prints the plan as one JSON object instead; ``--write OUT.toml``
-writes the topology with the plan filled in (cuts, and each device's codec), only after
-checking that it loads as a topology.
+Prints one line per device (cut, codec, bandwidth, rates, predicted per-round delay, memory),
+the totals, and for each codec the plan chose the exact ``[run.codec.up]``/``[run.codec.down]``
+tables to paste into a topology (for a rate-controlled transform codec: the preset of
+``sft_actors.codec.presets`` at the chosen ratio), checked to parse with ``CodecPolicy.parse``.
+``--json`` prints the plan as one JSON object instead (the tables under ``codec_toml``, by
+codec name); ``--write OUT.toml`` writes the topology with the plan filled in (cuts, and each
+device's codec), only after checking that it loads as a topology.
 """
 
 from __future__ import annotations
@@ -16,27 +19,45 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sft_actors import log
-from sft_actors.errors import SftError, TopologyError
+from sft_actors.errors import ConfigError, SftError, TopologyError
 
 if TYPE_CHECKING:
+    from sft_actors.plan.compression import CompressionOption
     from sft_actors.plan.from_topology import LinkPrediction
     from sft_actors.plan.planner import PlanSolution
 
 
 def _table(plan_dict: dict[str, object]) -> str:
     rows = [
-        f"{'device':<12} {'cut':>3} {'codec':<12} {'ratio':>6} {'MHz':>7} {'up Mb/s':>8} {'down Mb/s':>9} "
+        f"{'device':<12} {'cut':>3} {'codec':<14} {'ratio':>6} {'MHz':>7} {'up Mb/s':>8} {'down Mb/s':>9} "
         f"{'round s':>8} {'memory MB':>13}"
     ]
     devices = plan_dict["devices"]
     assert isinstance(devices, list)
     for d in devices:
         rows.append(
-            f"{d['name']:<12} {d['cut']:>3} {d['codec']['name']:<12} {d['codec']['ratio']:>6.1f} "
+            f"{d['name']:<12} {d['cut']:>3} {d['codec']['name']:<14} {d['codec']['ratio']:>6.1f} "
             f"{d['bandwidth_hz'] / 1e6:>7.2f} {d['uplink_bps'] / 1e6:>8.1f} {d['downlink_bps'] / 1e6:>9.1f} "
             f"{d['round_delay_s']:>8.2f} {d['memory_mb']:>6.0f}/{d['memory_limit_mb']:<6.0f}"
         )
     return "\n".join(rows)
+
+
+def codec_toml(option: CompressionOption) -> str:
+    """The ``[run.codec.up]``/``[run.codec.down]`` TOML of a menu option, checked to parse back
+    (``CodecPolicy.parse``) to the option's chains: what ``sft plan`` prints to paste."""
+    from sft_actors.codec.presets import codec_toml as tables_toml
+    from sft_actors.codec.spec import CodecPolicy
+
+    tables = option.tables()
+    text = tables_toml(tables)
+    try:
+        parsed = CodecPolicy.parse(tomllib.loads(text)["run"]["codec"])
+    except (tomllib.TOMLDecodeError, KeyError, ConfigError) as e:
+        raise ConfigError(f"codec {option.name}: its tables do not parse back ({e}); a planner bug") from e
+    if parsed != CodecPolicy.parse(tables):
+        raise ConfigError(f"codec {option.name}: its TOML does not round-trip; a planner bug")
+    return text
 
 
 def plan_command(
@@ -76,6 +97,12 @@ def plan_command(
         raise typer.Exit(code=2) from e
     result = best.to_dict()
     result["assumed"] = assumed
+    try:
+        chosen = {d.codec.name: d.codec for d in best.devices}
+        result["codec_toml"] = {name: codec_toml(o) for name, o in chosen.items()}
+    except SftError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from e
     if prediction is not None:
         result["current"] = {
             "codec": prediction.codec,
@@ -129,6 +156,20 @@ def _print_text(
             f"as written ({prediction.codec}, emulated links): round {prediction.round_delay_s:.2f} s "
             f"({per_device})"
         )
+    tomls = result["codec_toml"]
+    assert isinstance(tomls, dict)
+    many = len(tomls) > 1
+    for name, text in tomls.items():
+        option = next(d.codec for d in best.devices if d.codec.name == name)
+        users = ", ".join(d.name for d in best.devices if d.codec.name == name)
+        how = (
+            f"rate control holds every frame to {option.ratio:g}x (±3 %)"
+            if option.rate_controlled
+            else f"ratio {option.ratio:.1f}"
+        )
+        where = " (or, per device, as its actor's codec = {up, down}; --write does that)" if many else ""
+        typer.echo(f"codec {name} for {users}: {how}; paste into the topology{where}:")
+        typer.echo(text.rstrip("\n"))
     assumed = result["assumed"]
     assert isinstance(assumed, list)
     for line in assumed:

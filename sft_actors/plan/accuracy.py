@@ -2,9 +2,13 @@
 
 The relative loss Δ (0.25 = +25 % held-out perplexity) of a codec family at ratio ρ is
 ``Δ(ρ) = a · (ρ − 1)^p`` (so Δ(1) = 0), fitted per family (``topk``: sparsify/quantize chains;
-``transform``: PCA/KLT coding) and per basis (``trained``: after LoRA training with the codec in
-the loop; ``untrained``) by least squares in log space (:func:`fit_accuracy_curve`). Points and
-fits live in ``data/accuracy_curve.json``; refit with ``python -m sft_actors.plan.refit accuracy``.
+``transform``: rate-controlled transform coding, ``sft_actors.codec.presets``) and per basis
+(``trained``: after LoRA training with the codec in the loop; ``untrained``) by least squares in
+log space (:func:`fit_accuracy_curve`). Points and fits live in ``data/accuracy_curve.json``;
+refit with ``python -m sft_actors.plan.refit accuracy`` (``--from-bench`` takes the points of
+``bench/compression.py``). A point's ``ratio`` is the activation (``up``) chain's ratio — the
+planner's ρ; the menu's chains use ρ both ways, and the gradient ratio moves the loss little
+(transform up 24×: down 16× or 24× lose 4.7 % or 5.1 %).
 """
 
 from __future__ import annotations

@@ -7,12 +7,17 @@ from ``data/codec_ratios.json``: measured entries first; a setting with no entry
 as ``32 / (κ·b + index + scales)`` bits per element (index: binary entropy ``H(κ)`` for
 element-wise scopes, ≈ 0 for structured ones; scales: two fp16 per token), times the median
 measured/estimated factor of that scope. Refit from ``bench/codec.py --json`` output with
-``python -m sft_actors.plan.refit codec`` (see ``refit.py``).
+``python -m sft_actors.plan.refit codec`` (see ``refit.py``). A **rate-controlled** candidate
+(one with ``ratio`` in the table: the transform family) needs no entry: its ratio is the target
+rate control holds each frame to (±3 %, ``sft_actors/codec/rate.py``), both ways. A candidate
+with ``preset`` takes its chains from :mod:`sft_actors.codec.presets` (``transform``,
+``paper_topk``) instead of spelling them in ``chain``.
 
 Accuracy: the relative loss Δ (0.25 = +25 % held-out perplexity) of a codec family at ratio ρ
 is ``Δ(ρ) = a · (ρ − 1)^p`` (so Δ(1) = 0), fitted per family (``topk``: sparsify/quantize chains;
-``transform``: PCA/KLT coding) and per basis (``trained``: after LoRA training with the codec in
-the loop; ``untrained``) by least squares in log space over measured points
+``transform``: rate-controlled transform coding, ``sft_actors.codec.presets``) and per basis
+(``trained``: after LoRA training with the codec in the loop; ``untrained``) by least squares in
+log space over measured points
 (``accuracy.fit_accuracy_curve``; one point → exponent ``default_exponent``). Points and fits in
 ``data/accuracy_curve.json``. A plan's loss is the data-weighted mean of its devices' losses.
 
@@ -23,6 +28,7 @@ convex hull of its points in (ln ρ, Δ): a convex, piecewise-linear ``Δ(s)`` o
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -33,6 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sft_actors.codec import presets
 from sft_actors.errors import ConfigError, PlanInfeasible
 from sft_actors.plan.accuracy import AccuracyCurve, load_accuracy_curve
 from sft_actors.plan.costs import AccuracyBasis
@@ -200,6 +207,18 @@ class CompressionOption:
     ratio: float
     loss: float
     chain: Mapping[str, Any] = field(default_factory=dict)  # the codec's chain table (ChainSpec.parse)
+    # The gradient chain when it is not the activation chain less its ``project`` stage (presets).
+    down_chain: Mapping[str, Any] | None = None
+    rate_controlled: bool = False  # ``ratio`` is rate control's target, not a measured ratio
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """The ``{up, down}`` tables of this codec, as a topology's ``[run.codec]`` holds them."""
+        up = copy.deepcopy(dict(self.chain))
+        if self.down_chain is not None:
+            return {"up": up, "down": copy.deepcopy(dict(self.down_chain))}
+        # A basis is fitted on activations and means nothing for gradients (the codec refuses
+        # a projected gradient chain): the gradients get the chain without ``project``.
+        return {"up": up, "down": {k: v for k, v in copy.deepcopy(up).items() if k != "project"}}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,6 +229,7 @@ class CompressionOption:
             "scope": self.scope,
             "ratio": self.ratio,
             "loss": self.loss,
+            "rate_controlled": self.rate_controlled,
         }
 
 
@@ -277,6 +297,21 @@ def pareto(options: Iterable[CompressionOption]) -> tuple[CompressionOption, ...
     return tuple(reversed(kept))
 
 
+def candidate_tables(candidate: Mapping[str, Any], ratio: float) -> dict[str, dict[str, Any]]:
+    """``{up[, down]}`` chain tables of a table candidate: its ``preset``'s (at ``ratio`` for a
+    rate-controlled one) or its ``chain`` (``up`` only; ``down`` is derived, see ``tables``)."""
+    preset = candidate.get("preset")
+    if preset is None:
+        return {"up": dict(candidate.get("chain", {}))}
+    if preset == "transform":
+        return presets.transform_tables(ratio)
+    if preset == "paper_topk":
+        return presets.paper_topk_tables()
+    raise ConfigError(
+        f"codec candidate {candidate.get('name')!r}: preset {preset!r}; use 'transform' or 'paper_topk'"
+    )
+
+
 def build_menu(
     table: CodecTable | None = None,
     curve: AccuracyCurve | None = None,
@@ -299,11 +334,13 @@ def build_menu(
             continue
         bits = c.get("bits")
         scope = str(c.get("scope", "none"))
-        ratio = table.ratio(float(c.get("keep", 1.0)), bits, scope)
+        target = c.get("ratio")  # rate-controlled: the target is the ratio (±3 %)
+        ratio = float(target) if target is not None else table.ratio(float(c.get("keep", 1.0)), bits, scope)
         family = family_of(scope, bits)
         loss = curve.loss(family, ratio, basis)
         if max_loss is not None and loss > max_loss:
             continue
+        tables = candidate_tables(c, ratio)
         options.append(
             CompressionOption(
                 name=str(c["name"]),
@@ -313,7 +350,9 @@ def build_menu(
                 scope=scope,
                 ratio=ratio,
                 loss=loss,
-                chain=dict(c.get("chain", {})),
+                chain=tables["up"],
+                down_chain=tables.get("down"),
+                rate_controlled=target is not None,
             )
         )
     if wanted is not None:

@@ -193,22 +193,13 @@ def topology_with_plan(source: Path | str, planned: PlanSolution) -> dict[str, A
         first = min(servers, key=lambda a: a.get("start_block", -1))
         if "start_block" in first:
             first["start_block"] = min(cuts.values())
-    out.setdefault("run", {})["codec"] = codec_tables(planned.devices[0].codec.chain)
+    out.setdefault("run", {})["codec"] = planned.devices[0].codec.tables()
     if len(codecs) > 1:  # heterogeneous plan: each device carries its own chain
-        chains = {d.name: d.codec.chain for d in planned.devices}
+        tables = {d.name: d.codec.tables() for d in planned.devices}
         for actor in out.get("actors", []):
-            if actor.get("role") == "device" and actor.get("name") in chains:
-                actor["codec"] = codec_tables(chains[actor["name"]])
+            if actor.get("role") == "device" and actor.get("name") in tables:
+                actor["codec"] = tables[actor["name"]]
     return out
-
-
-def codec_tables(chain: Mapping[str, Any]) -> dict[str, Any]:
-    """``{up, down}`` tables for a planned activation chain. The gradients get the same chain
-    without its ``project`` stage: a basis is fitted on activations and means nothing for
-    gradients (the codec refuses a projected gradient chain)."""
-    up = copy.deepcopy(dict(chain))
-    down = {stage: params for stage, params in copy.deepcopy(up).items() if stage != "project"}
-    return {"up": up, "down": down}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

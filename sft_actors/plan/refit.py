@@ -12,6 +12,17 @@ Accuracy curve — append measured points to ``points`` in a JSON file laid out 
     python -m sft_actors.plan.refit accuracy my_points.json            # writes the packaged file
     python -m sft_actors.plan.refit accuracy my_points.json --out x.json
 
+Or take the points from ``bench/compression.py`` (its last line: one JSON object whose
+``chains`` maps each chain's name to ``ratio_up``/``ratio_down``/``ratio_total``/``ppl_gap``/
+``codec``): every compressed chain without an error becomes a ``trained`` point (a 40-step
+fine-tune through the chain), its family read off its up chain (``project``: ``transform``,
+``sparsify``/``quantize``/``cast``: ``topk``) and its ratio the measured *activation* ratio
+``ratio_up`` (the planner's ρ; see ``accuracy``). ``--replace`` first drops the points file's
+points of the families and basis the bench measured (e.g. the preliminary ones)::
+
+    python bench/compression.py --chains raw,center-r24 > bench.txt
+    python -m sft_actors.plan.refit accuracy --from-bench bench.txt --replace
+
 Both write to the packaged file unless ``--out`` says otherwise.
 """
 
@@ -19,8 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from sft_actors.errors import ConfigError
 from sft_actors.plan.accuracy import ACCURACY_CURVE_PATH, AccuracyPoint, fit_accuracy_curve
@@ -30,6 +42,7 @@ from sft_actors.plan.compression import (
     load_codec_table,
     refit_codec_table,
 )
+from sft_actors.plan.costs import AccuracyBasis
 
 
 def last_json_line(path: Path) -> dict[str, object]:
@@ -68,9 +81,54 @@ def refit_codec(
     return len(entries)
 
 
-def refit_accuracy(points_path: Path, out: Path) -> int:
+def bench_family(codec: Mapping[str, Any]) -> str:
+    """Accuracy family of a bench chain from its ``{up, down}`` tables."""
+    up = codec.get("up", {}) or {}
+    if "project" in up:
+        return "transform"
+    if any(stage in up for stage in ("sparsify", "quantize", "cast")):
+        return "topk"
+    return "identity"
+
+
+def points_from_bench(record: Mapping[str, Any], *, basis: AccuracyBasis = "trained") -> list[AccuracyPoint]:
+    """Accuracy points of a ``bench/compression.py`` JSON record (module doc)."""
+    chains = record.get("chains")
+    if not isinstance(chains, Mapping):
+        raise ConfigError("bench record has no 'chains'; pass the last line of bench/compression.py")
+    model, cut, steps = (record.get(k, "?") for k in ("model", "cut", "steps_per_device"))
+    settings = f"{model} cut {cut}, {steps} steps"
+    points = []
+    for name, row in chains.items():
+        if not isinstance(row, Mapping) or "error" in row or row.get("ppl_gap") is None:
+            continue
+        family = bench_family(row.get("codec", {}))
+        if family == "identity":
+            continue
+        up, down, total = (float(row[k]) for k in ("ratio_up", "ratio_down", "ratio_total"))
+        note = (
+            f"{settings}, bench/compression.py chain {row.get('chain', name)}: up/down ratio "
+            f"{up:.1f}/{down:.1f}, ratio_total {total:.1f}, ppl_gap {float(row['ppl_gap']):.3f}"
+        )
+        points.append(
+            AccuracyPoint(
+                family=family, ratio=up, loss=max(float(row["ppl_gap"]), 0.0), basis=basis, note=note
+            )
+        )
+    return points
+
+
+def refit_accuracy(
+    points_path: Path, out: Path, *, from_bench: Path | None = None, replace: bool = False
+) -> int:
     raw = json.loads(points_path.read_text())
     points = [AccuracyPoint(**p) for p in raw.get("points", [])]
+    if from_bench is not None:
+        new = points_from_bench(last_json_line(from_bench))
+        if replace:
+            measured = {(p.family, p.basis) for p in new}
+            points = [p for p in points if (p.family, p.basis) not in measured]
+        points.extend(new)
     curve = fit_accuracy_curve(points)
     result = {"about": raw.get("about", ""), **curve.to_json()}
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -93,8 +151,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     codec.add_argument("--table", type=Path, default=CODEC_TABLE_PATH)
     codec.add_argument("--out", type=Path)
     acc = sub.add_parser("accuracy", help="refit the accuracy curve from a points file")
-    acc.add_argument("points", type=Path)
+    acc.add_argument("points", type=Path, nargs="?", default=ACCURACY_CURVE_PATH)
     acc.add_argument("--out", type=Path, default=ACCURACY_CURVE_PATH)
+    acc.add_argument("--from-bench", type=Path, help="bench/compression.py output: append its points")
+    acc.add_argument(
+        "--replace", action="store_true", help="with --from-bench: drop the old points it re-measures"
+    )
     args = ap.parse_args(argv)
     if args.what == "codec":
         n = refit_codec(
@@ -108,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print(f"{n} codec ratio(s) written to {args.out or args.table}")
     else:
-        n = refit_accuracy(args.points, args.out)
+        n = refit_accuracy(args.points, args.out, from_bench=args.from_bench, replace=args.replace)
         print(f"{n} accuracy fit(s) written to {args.out}")
 
 
