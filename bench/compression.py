@@ -76,10 +76,15 @@ CHAINS: dict[str, dict[str, dict[str, Any]]] = {
     "raw": {"up": {}, "down": {}},
     # The paper's chain, as topologies/local.toml has it.
     "topk0.2-b8": presets.paper_topk_tables(),
-    # Transform coding with rate control (the encoder's `ratio`, `rounding`, `contexts`): up 24x, down 16x.
-    "center-r24": presets.transform_tables(24.0, 16.0, transform="center"),
-    "klt-r24": presets.transform_tables(24.0, 16.0, transform="klt"),
+    # Transform coding with rate control (the default: activations 12x, gradients 32x).
+    "transform-12/32": presets.transform_tables(*presets.DEFAULT_RATIOS),
+    # More compression: what the next rate costs.
+    "transform-16/48": presets.transform_tables(16.0, 48.0),
+    # The KLT rotation instead of centring: its float16 basis is C·C·2 one-time bytes per device.
+    "klt-12/32": presets.transform_tables(*presets.DEFAULT_RATIOS, transform="klt"),
 }
+#: What ``--quick`` runs (the uncompressed reference, the default and the paper's chain).
+QUICK_CHAINS = ("raw", "transform-12/32", "topk0.2-b8")
 
 
 # --- bench-side hooks into the runtime (in-process only) ----------------------------------------
@@ -238,8 +243,14 @@ FIELDS = ("ratio_up", "ratio_down", "ratio_total", "ppl_gap", "ppl_gap_raw", "ti
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--chains", default=",".join(CHAINS), help=f"comma-separated, of {', '.join(CHAINS)}")
-    p.add_argument("--default", default="center-r24", help="the chain the JSON's top-level fields are of")
+    p.add_argument(
+        "--chains",
+        default=None,
+        help=f"comma-separated, of {', '.join(CHAINS)} (default: all; --quick: {', '.join(QUICK_CHAINS)})",
+    )
+    p.add_argument(
+        "--default", default="transform-12/32", help="the chain the JSON's top-level fields are of"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cut", type=int, default=4)
     p.add_argument("--devices", type=int, default=1)
@@ -259,11 +270,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--target-slack", type=float, default=0.02, help="target = final uncompressed loss × (1 + this)"
     )
     p.add_argument("--timeout-s", type=float, default=1800.0)
-    p.add_argument("--quick", action="store_true", help="batch 2, seq 32, 6 held-out batches; still 40 steps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"only {', '.join(QUICK_CHAINS)}, 4 held-out batches; same steps and shapes",
+    )
     a = p.parse_args(argv)
-    if a.quick:  # still rounds × steps = 40 optimizer steps; a quarter of the tokens per step
-        a.batch, a.seq, a.eval_batches, a.calibration_batches, a.max_documents = 2, 32, 6, 4, 300
-    chains = [c.strip() for c in a.chains.split(",") if c.strip()]
+    if a.quick:  # the same fine-tune (40 steps of 4 × 64 tokens), fewer chains and a smaller held-out set
+        a.eval_batches = 4
+    chosen = a.chains if a.chains is not None else ",".join(QUICK_CHAINS if a.quick else CHAINS)
+    chains = [c.strip() for c in chosen.split(",") if c.strip()]
     unknown = [c for c in chains if c not in CHAINS]
     if unknown:
         p.error(f"unknown chain(s) {unknown}; known: {', '.join(CHAINS)}")

@@ -43,10 +43,14 @@ def test_transform_preset_parses_and_round_trips() -> None:
         presets.transform_policy(0.5)
 
 
-def test_paper_topk_preset_is_the_local_topology_chain() -> None:
-    with open(ROOT / "topologies" / "local.toml", "rb") as f:
+@pytest.mark.parametrize("name", ["local.toml", "local-bf16.toml"])
+def test_the_main_job_runs_the_default_transform_preset(name: str) -> None:
+    with open(ROOT / "topologies" / name, "rb") as f:
         local = tomllib.load(f)["run"]["codec"]
-    assert presets.paper_topk_policy() == CodecPolicy.parse(local)
+    assert presets.transform_policy(*presets.DEFAULT_RATIOS) == CodecPolicy.parse(local)
+
+
+def test_paper_topk_preset_round_trips() -> None:
     text = presets.codec_toml(presets.paper_topk_tables())
     assert CodecPolicy.parse(tomllib.loads(text)["run"]["codec"]) == presets.paper_topk_policy()
 

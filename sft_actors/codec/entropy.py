@@ -1,11 +1,15 @@
-"""Optional rANS entropy coder for integer codes (the ``constriction`` package).
+"""rANS entropy coding of integer codes (the ``constriction`` package, a runtime dependency).
 
 zstd codes literals with Huffman, which spends at least one bit per byte; transform codes with
 a common quantization step often carry under two bits per symbol, where an arithmetic-class
-coder wins up to 2x. ``constriction`` is optional: ``pip install constriction==0.5.0``.
+coder wins up to 2x. (An install without ``constriction`` still runs every chain that does not
+ask for ``entropy = "ans"``; ``sft topology check`` says so for one that does.)
 
-Stream layout: ``[u32 alphabet size][i64 min symbol][u32 counts × alphabet][u32 ANS words…]``.
-The model is built from the integer counts on both sides, so encoder and decoder agree exactly.
+One histogram (:func:`ans_encode`): ``[u32 alphabet size][i64 min symbol][u32 counts ×
+alphabet][u32 ANS words…]``. Per-column contexts (:func:`ans_encode_columns`): one stream, one
+histogram per group of columns, the tables stored by the caller. Models are built from the
+integer counts on both sides, so encoder and decoder agree exactly; a stream must end exactly
+with its last symbol (leftover words are a corrupt stream).
 """
 
 from __future__ import annotations

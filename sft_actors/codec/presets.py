@@ -5,16 +5,17 @@ keys that differ from the stage defaults, so it pastes into a TOML file and pars
 :meth:`CodecPolicy.parse`) and as the parsed :class:`CodecPolicy`.
 
 - **transform** (rate-controlled transform coding, the default family): activations (``up``,
-  (tokens, hidden) per micro-batch) keep the first token of each sequence in float16 (the
-  attention sink), are centred on the calibration mean (``project.transform = "center"``, basis
-  key ``"pca"``: C·12 one-time bytes) and quantized with one common step that **rate control**
+  (tokens, hidden) per micro-batch) keep the first token of each sequence densely (the
+  attention sink: 8 bit per value, its massive values in float16), are centred on the
+  calibration mean (``project.transform = "center"``, basis key ``"pca"``: C·12 one-time
+  bytes) and quantized with one common step that **rate control**
   picks per frame so the frame is ``ratio_up`` times smaller than its raw bytes (±3 %,
   ``codec/rate.py``), nearest rounding, rANS with per-column contexts. Gradients (``down``):
   one common step at ``ratio_down`` (±3 %), unbiased stochastic rounding, rANS. Ratios are raw
   bytes ÷ coded bytes of a frame (dimensionless), in rate control's range [1, 1000]. Measured
-  on SmolLM2-135M cut at block 4 (``bench/compression.py``, chain ``center-r24``).
-- **paper_topk** (the SFT paper's chain, arXiv 2501.09237, as ``topologies/local.toml`` has it):
-  Top-K 20 % by magnitude over the tensor, unbiased 8-bit stochastic rounding with one scale per
+  on SmolLM2-135M cut at block 4 (``bench/compression.py``, chain ``transform-12/32``).
+- **paper_topk** (the SFT paper's chain, arXiv 2501.09237; the main job's chain until
+  transform coding replaced it): Top-K 20 % by magnitude over the tensor, unbiased 8-bit stochastic rounding with one scale per
   token, positions as a bitmap, zstd level 3; the same chain both ways (≈ 16–17× on SmolLM2).
 """
 
@@ -23,6 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 from sft_actors.codec.spec import CodecPolicy, Transform
+
+#: (up, down) ratios of the default chain: the highest measured rates at which a 40-step
+#: SmolLM2-135M fine-tune stays within 2 % held-out perplexity of the uncompressed one
+#: (BENCHMARKS.md "Compression"); gradients tolerate far more compression than activations.
+DEFAULT_RATIOS: tuple[float, float] = (12.0, 32.0)
 
 #: Basis key the transform preset's ``project`` stage uses (the device fits it, the server gets it).
 TRANSFORM_BASIS = "pca"
@@ -42,7 +48,9 @@ def transform_tables(
     down = ratio_up if ratio_down is None else ratio_down
     return {
         "up": {
-            "outliers": {"first_tokens": 1},
+            # The attention-sink token in 8 bit per value (massive values in float16); no dense
+            # channels: per-column contexts code loud channels at their own scale.
+            "outliers": {"first_tokens": 1, "bits": 8, "max_channels": 0},
             "project": {"basis": TRANSFORM_BASIS, "transform": transform},
             "quantize": {"scale": "common", "ratio": float(ratio_up), "rounding": "nearest"},
             "lossless": {"entropy": "ans", "contexts": "column_scale"},

@@ -113,7 +113,8 @@ def check_model(r: Reporter, topo: Topology, config: ModelConfig | None) -> None
 
 
 def check_codec_packages(r: Reporter, topo: Topology) -> None:
-    """An ``entropy = "ans"`` stage needs the optional ``constriction`` package (coded modes only)."""
+    """An ``entropy = "ans"`` stage needs the ``constriction`` package (a dependency; checked for
+    installs made without it; coded modes only)."""
     from sft_actors.codec.entropy import require_ans
 
     if topo.run.train.mode not in CODED_MODES:
