@@ -82,6 +82,9 @@ CHAINS: dict[str, dict[str, dict[str, Any]]] = {
     "transform-16/48": presets.transform_tables(16.0, 48.0),
     # The KLT rotation instead of centring: its float16 basis is C·C·2 one-time bytes per device.
     "klt-12/32": presets.transform_tables(*presets.DEFAULT_RATIOS, transform="klt"),
+    # What gradients tolerate: raw activations up, only the gradient chain compressed.
+    "grads-32": {"up": {}, "down": presets.transform_tables(1.0, 32.0)["down"]},
+    "grads-96": {"up": {}, "down": presets.transform_tables(1.0, 96.0)["down"]},
 }
 #: What ``--quick`` runs (the uncompressed reference, the default and the paper's chain).
 QUICK_CHAINS = ("raw", "transform-12/32", "topk0.2-b8")

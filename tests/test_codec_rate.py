@@ -28,11 +28,21 @@ def cut_like(shape: tuple[int, int, int] = (4, 48, 64), seed: int = 0) -> torch.
     return x.float()
 
 
-def chain(ratio: float | None = None, *, step: float | None = None, rounding: str = "nearest",
-          contexts: str = "column_scale", transform: str | None = "center") -> ChainSpec:
+def chain(
+    ratio: float | None = None,
+    *,
+    step: float | None = None,
+    rounding: str = "nearest",
+    contexts: str = "column_scale",
+    transform: str | None = "center",
+) -> ChainSpec:
     table: dict[str, Any] = {
         "outliers": {"first_tokens": 1, "max_channels": 0},
-        "quantize": {"scale": "common", "rounding": rounding, **({"ratio": ratio} if ratio else {"step": step})},
+        "quantize": {
+            "scale": "common",
+            "rounding": rounding,
+            **({"ratio": ratio} if ratio else {"step": step}),
+        },
         "lossless": {"entropy": "ans", "contexts": contexts},
     }
     if transform is not None:
@@ -51,7 +61,9 @@ def codec_for(spec: ChainSpec) -> tuple[Codec, BasisRegistry]:
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("contexts", ["column_scale", "single"])
 @pytest.mark.parametrize("ratio", [6.0, 16.0, 32.0])
-def test_rate_control_hits_the_byte_target(transform: str | None, rounding: str, contexts: str, ratio: float) -> None:
+def test_rate_control_hits_the_byte_target(
+    transform: str | None, rounding: str, contexts: str, ratio: float
+) -> None:
     codec, bases = codec_for(chain(ratio, rounding=rounding, contexts=contexts, transform=transform))
     x = cut_like(seed=1)
     enc = codec.encode(x, seed=3)
@@ -130,7 +142,9 @@ def test_spec_rules() -> None:
     with pytest.raises(ConfigError, match="remove the sparsify stage"):
         ChainSpec.parse({"sparsify": {"keep": 0.5}, "quantize": {"scale": "common", "ratio": 8.0}})
     with pytest.raises(ConfigError, match="needs entropy = 'ans'"):
-        ChainSpec.parse({"quantize": {"scale": "common", "step": 0.5}, "lossless": {"contexts": "column_scale"}})
+        ChainSpec.parse(
+            {"quantize": {"scale": "common", "step": 0.5}, "lossless": {"contexts": "column_scale"}}
+        )
     with pytest.raises(ConfigError, match="is not one of"):
         ChainSpec.parse({"quantize": {"scale": "common", "step": 0.5, "rounding": "floor"}})
     with pytest.raises(ConfigError, match="rank needs transform = 'klt'"):
@@ -143,7 +157,9 @@ def test_nearest_rounding_on_per_token_grids() -> None:
     a = Codec(ChainSpec.parse(spec)).encode(x, seed=0, measure_error=True)
     b = Codec(ChainSpec.parse(spec)).encode(x, seed=1, measure_error=True)
     assert a.payload == b.payload  # no randomness
-    s = Codec(ChainSpec.parse({"quantize": {"bits": 4, "scale": "token"}})).encode(x, seed=0, measure_error=True)
+    s = Codec(ChainSpec.parse({"quantize": {"bits": 4, "scale": "token"}})).encode(
+        x, seed=0, measure_error=True
+    )
     assert a.report.rel_error is not None and s.report.rel_error is not None
     assert a.report.rel_error < s.report.rel_error
 
@@ -173,7 +189,7 @@ def test_corrupt_context_frames_are_codec_errors() -> None:
     wrong_counts = encode_varints(zigzag(np.ones(n_table, np.int64))).tobytes()
     with pytest.raises(CodecError):
         Codec.decode(*_tampered(enc, "ctx_table", wrong_counts), bases=bases)
-    codes = [s for s in enc.meta["sections"] if s[0] == "codes"][0]
+    codes = next(s for s in enc.meta["sections"] if s[0] == "codes")
     with pytest.raises(CodecError):
         Codec.decode(*_tampered(enc, "codes", b"\x01\x02\x03\x04" * (codes[1] // 8)), bases=bases)
     meta = {**enc.meta, "quantize": {**enc.meta["quantize"], "contexts": 10**9}}

@@ -6,6 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -35,7 +36,9 @@ def test_transform_preset_parses_and_round_trips() -> None:
     assert policy.down.quantize.rounding == "stochastic"  # unbiased gradients
     assert policy.down.project is None and policy.down.outliers is None
     assert CodecPolicy.parse(policy.to_dict()) == policy
-    assert presets.transform_policy(12.0).down.quantize == presets.transform_policy(12.0, 12.0).down.quantize
+    # Gradients default to the measured proportion (32 at 12), never below 32, at most 1000.
+    ratios = {r: presets.transform_policy(r).down.quantize.ratio for r in (4.0, 12.0, 24.0, 600.0)}  # type: ignore[union-attr]
+    assert ratios == {4.0: 32.0, 12.0: 32.0, 24.0: 64.0, 600.0: 1000.0}
     # The TOML form parses back to the same policy.
     text = presets.codec_toml(presets.transform_tables(24.0, 16.0))
     assert CodecPolicy.parse(tomllib.loads(text)["run"]["codec"]) == policy
@@ -216,3 +219,14 @@ def test_codec_toml_of_every_menu_option_parses() -> None:
         text = codec_toml(option)
         policy = CodecPolicy.parse(tomllib.loads(text)["run"]["codec"])
         assert policy.up == ChainSpec.parse(option.chain)
+
+
+def test_the_planner_counts_each_transform_option_s_own_gradient_ratio() -> None:
+    menu = build_menu(pareto_only=False)
+    for o in menu.options:
+        if o.family == "transform":
+            assert o.ratio_down == presets.transform_down_ratio(o.ratio) and o.ratio_down >= o.ratio
+            assert o.tables()["down"]["quantize"]["ratio"] == o.ratio_down
+        else:
+            assert o.ratio_down == o.ratio
+    assert np.array_equal(menu.down_ratios, [o.ratio_down for o in menu.options])

@@ -179,7 +179,8 @@ def test_compression_bench_smoke() -> None:
     r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8,transform-12/32",
                   "--default", "transform-12/32", "--rounds", "2", "--steps", "2", "--eval-batches", "2",
                   "--calibration-batches", "2", "--max-documents", "60")  # fmt: skip
-    assert (r["default"], r["model"], r["steps_per_device"], r["cut"]) == ("transform-12/32", "llama-tiny", 4, 4)
+    settings = (r["default"], r["model"], r["steps_per_device"], r["cut"])
+    assert settings == ("transform-12/32", "llama-tiny", 4, 4)
     chains = r["chains"]
     assert set(chains) == {"raw", "topk0.2-b8", "transform-12/32"} and r["uncompressed"] == chains["raw"]
     raw, topk, center = chains["raw"], chains["topk0.2-b8"], chains["transform-12/32"]

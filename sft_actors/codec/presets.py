@@ -15,15 +15,16 @@ keys that differ from the stage defaults, so it pastes into a TOML file and pars
   bytes ÷ coded bytes of a frame (dimensionless), in rate control's range [1, 1000]. Measured
   on SmolLM2-135M cut at block 4 (``bench/compression.py``, chain ``transform-12/32``).
 - **paper_topk** (the SFT paper's chain, arXiv 2501.09237; the main job's chain until
-  transform coding replaced it): Top-K 20 % by magnitude over the tensor, unbiased 8-bit stochastic rounding with one scale per
-  token, positions as a bitmap, zstd level 3; the same chain both ways (≈ 16–17× on SmolLM2).
+  transform coding replaced it): Top-K 20 % by magnitude over the tensor, unbiased 8-bit
+  stochastic rounding with one scale per token, positions as a bitmap, zstd level 3; the same
+  chain both ways (≈ 16–17× on SmolLM2).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sft_actors.codec.spec import CodecPolicy, Transform
+from sft_actors.codec.spec import MAX_RATIO, CodecPolicy, Transform
 
 #: (up, down) ratios of the default chain: the highest measured rates at which a 40-step
 #: SmolLM2-135M fine-tune stays within 2 % held-out perplexity of the uncompressed one
@@ -40,12 +41,21 @@ _PAPER_TOPK_CHAIN: dict[str, dict[str, Any]] = {
 }
 
 
+def transform_down_ratio(ratio_up: float) -> float:
+    """The gradient ratio that goes with activations at ``ratio_up``: the default's proportion
+    (32 / 12), at least the default's 32, at most rate control's 1000 — gradients tolerate far
+    more compression than activations (BENCHMARKS.md "Compression")."""
+    up, down = DEFAULT_RATIOS
+    return float(min(MAX_RATIO, max(down, round(ratio_up * down / up, 1))))
+
+
 def transform_tables(
     ratio_up: float, ratio_down: float | None = None, *, transform: Transform = "center"
 ) -> dict[str, dict[str, Any]]:
     """The ``{up, down}`` tables of the rate-controlled transform chain (``ratio_down``
-    defaults to ``ratio_up``; ``transform="klt"`` rotates onto the PCA basis instead)."""
-    down = ratio_up if ratio_down is None else ratio_down
+    defaults to :func:`transform_down_ratio`; ``transform="klt"`` rotates onto the PCA basis
+    instead)."""
+    down = transform_down_ratio(ratio_up) if ratio_down is None else ratio_down
     return {
         "up": {
             # The attention-sink token in 8 bit per value (massive values in float16); no dense

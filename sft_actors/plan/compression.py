@@ -210,6 +210,12 @@ class CompressionOption:
     # The gradient chain when it is not the activation chain less its ``project`` stage (presets).
     down_chain: Mapping[str, Any] | None = None
     rate_controlled: bool = False  # ``ratio`` is rate control's target, not a measured ratio
+    down_ratio: float | None = None  # the gradients' ratio when it differs from ``ratio``
+
+    @property
+    def ratio_down(self) -> float:
+        """Raw ÷ coded bytes of the gradients (``ratio`` unless the chain says otherwise)."""
+        return self.ratio if self.down_ratio is None else self.down_ratio
 
     def tables(self) -> dict[str, dict[str, Any]]:
         """The ``{up, down}`` tables of this codec, as a topology's ``[run.codec]`` holds them."""
@@ -230,6 +236,7 @@ class CompressionOption:
             "ratio": self.ratio,
             "loss": self.loss,
             "rate_controlled": self.rate_controlled,
+            "ratio_down": self.ratio_down,
         }
 
 
@@ -246,6 +253,10 @@ class CompressionMenu:
     @property
     def ratios(self) -> FloatArray:
         return np.array([o.ratio for o in self.options], dtype=np.float64)
+
+    @property
+    def down_ratios(self) -> FloatArray:
+        return np.array([o.ratio_down for o in self.options], dtype=np.float64)
 
     @property
     def losses(self) -> FloatArray:
@@ -295,6 +306,12 @@ def pareto(options: Iterable[CompressionOption]) -> tuple[CompressionOption, ...
             kept.append(o)
             best_loss = o.loss
     return tuple(reversed(kept))
+
+
+def _down_target(tables: Mapping[str, Any]) -> float | None:
+    """The gradient chain's rate-control target, if it has one."""
+    ratio = tables.get("down", {}).get("quantize", {}).get("ratio")
+    return None if ratio is None else float(ratio)
 
 
 def candidate_tables(candidate: Mapping[str, Any], ratio: float) -> dict[str, dict[str, Any]]:
@@ -353,6 +370,7 @@ def build_menu(
                 chain=tables["up"],
                 down_chain=tables.get("down"),
                 rate_controlled=target is not None,
+                down_ratio=_down_target(tables),
             )
         )
     if wanted is not None:

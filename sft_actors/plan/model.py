@@ -7,9 +7,12 @@ backward_factor; ``L`` blocks; device ``n`` holds the embedding and blocks ``[0,
 - device compute: ``S·tok·(f_embed + c·f + β·c·f) / F_n`` (forward, then backward of its blocks);
 - server compute for device n: ``S·(1+β)·tok·((L−c)·f + f_head) / F_server``;
 - uplink bits: ``S·X/ρ + c·Λ/E``; downlink bits: ``S·X/ρ_down + c·Λ/E``, with ``X`` the raw cut
-  tensor (``tok·hidden·activation_bytes·8`` bits), ρ the codec ratio (ρ_down = ρ when gradients
-  are compressed, else 1), ``Λ`` the LoRA bits of one block (fp32) and ``E = aggregate_every``
-  (each device sends and receives its blocks' adapters every E rounds);
+  tensor (``tok·hidden·activation_bytes·8`` bits), ρ the codec ratio (ρ_down the gradient
+  chain's ratio — ρ, or a rate-controlled chain's own target — when gradients are
+  compressed, else 1; the relaxed slow timescale uses ρ_down = ρ, an upper bound on the
+  down bits, and the integer rounding uses each option's own ρ_down), ``Λ`` the LoRA bits
+  of one block (fp32) and ``E = aggregate_every`` (each device sends and receives its
+  blocks' adapters every E rounds);
 - device n's path: ``D_n = a_n + up_bits/r↑(B_n) + down_bits/r↓(B_n)`` with ``a_n`` the two
   compute terms above (seconds per round; rates from ``channel``);
 - devices run in parallel and share the server, so the round takes
@@ -98,6 +101,7 @@ class Terms:
     cut_cap: IntArray  # min(structural limit, memory limit)
     weights: FloatArray  # data shares, summing to 1
     ratios: FloatArray  # per menu option
+    down_ratios: FloatArray  # per menu option: the gradients' ratio (when they are compressed)
     losses: FloatArray
     total_hz: float
     min_hz: float
@@ -137,6 +141,7 @@ def build_terms(problem: PlanProblem, channel: ChannelState) -> Terms:
         cut_cap=cap.astype(np.int64),
         weights=weights / weights.sum(),
         ratios=problem.menu.ratios,
+        down_ratios=problem.menu.down_ratios,
         losses=problem.menu.losses,
         total_hz=problem.channel.bandwidth_hz,
         min_hz=problem.channel.b_min_hz,
@@ -224,7 +229,7 @@ def path_terms(terms: Terms, cuts: npt.ArrayLike, options: npt.ArrayLike) -> Pat
     c = np.asarray(cuts, dtype=np.float64)
     k = np.asarray(options, dtype=np.int64)
     ratio = terms.ratios[k]
-    down_ratio = ratio if terms.compress_down else np.ones_like(ratio)
+    down_ratio = terms.down_ratios[k] if terms.compress_down else np.ones_like(ratio)
     agg = c * terms.lora_bits
     return PathTerms(
         a=terms.a0 + terms.a1 * c,

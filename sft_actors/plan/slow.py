@@ -299,7 +299,7 @@ def _screen(
         clipped, 0.0, 1.0 / link_delay_slope(bw, paths.up_bits, paths.down_bits, terms.snr_up, terms.snr_down)
     )
     ratio = terms.ratios[new_k]
-    down_ratio = ratio if terms.compress_down else np.ones_like(ratio)
+    down_ratio = terms.down_ratios[new_k] if terms.compress_down else np.ones_like(ratio)
     a = terms.a0[dev] + terms.a1[dev] * new_c
     up = terms.act_bits / ratio + new_c * terms.lora_bits
     dn = terms.act_bits / down_ratio + new_c * terms.lora_bits
