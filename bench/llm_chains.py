@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import header
 
 from sft_actors import log
-from sft_actors.codec import Basis, BasisRegistry, ChainSpec, Codec
+from sft_actors.codec import BasisRegistry, ChainSpec, Codec, fit_basis, presets
 from sft_actors.data import load_text_corpus
 from sft_actors.model import LoraConfig, load_model, resolve_spec, split_model
 
@@ -86,6 +86,10 @@ CHAINS: dict[str, dict[str, Any] | None] = {
         "quantize": {"bits": 6, "scale": "token"},
         "lossless": {"zstd_level": 3},
     },
+    # The default family: rate-controlled transform coding (sft_actors.codec.presets), per up ratio.
+    **{f"transform-{r:g}x": presets.transform_tables(r)["up"] for r in (8.0, 12.0, 16.0, 20.0, 24.0, 32.0)},
+    "klt-12x": presets.transform_tables(12.0, transform="klt")["up"],
+    "klt-16x": presets.transform_tables(16.0, transform="klt")["up"],
 }
 
 
@@ -115,15 +119,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     train = load_text_corpus("stdlib-docs", None, "train", heldout_fraction=0.1, seed=0, **opts)
     calibration = train.pack(tok.encode, eos_id=eos, seq_len=a.seq, pad_id=tok.pad_id)
-    bases = BasisRegistry()
     with torch.no_grad():
         calib_ids = calibration.collate(np.arange(min(a.calibration, len(calibration))))["input_ids"]
         calib = torch.cat([device(calib_ids[i : i + a.batch]) for i in range(0, len(calib_ids), a.batch)])
-        bases.register("pca", Basis.fit(calib[:, 1:, :]))  # first tokens travel in 16 bit anyway
         chunks = [(ids[i : i + a.batch], labels[i : i + a.batch]) for i in range(0, n, a.batch)]
         hidden = [device(x) for x, _ in chunks]
         for name, table in CHAINS.items():
-            codec = None if table is None else Codec(ChainSpec.parse(table), bases=bases)
+            spec = None if table is None else ChainSpec.parse(table)
+            bases = BasisRegistry()
+            if spec is not None and spec.project is not None:
+                # Each transform chain fits its own basis (kind, skipped first tokens), as a device does.
+                bases.register(spec.project.basis, fit_basis(spec, calib))
+            codec = None if spec is None else Codec(spec, bases=bases)
             losses, ratios = [], []
             for i, (h, (_, y)) in enumerate(zip(hidden, chunks, strict=True)):
                 if codec is not None:
