@@ -28,7 +28,7 @@ evaluates only before and after training). Per chain:
 The uncompressed reference is the ``raw`` chain (identity codec), always run first.
 
     python bench/compression.py                        # every chain, SmolLM2-135M
-    python bench/compression.py --quick                # ≤ 10 minutes on 2 cores (4 chains)
+    python bench/compression.py --quick                # ≤ 10 minutes on 2 cores (3 chains)
     python bench/compression.py --chains raw,topk0.2-b8 --default topk0.2-b8
     python bench/compression.py --model llama-tiny --rounds 2 --steps 2   # smoke test
 
@@ -155,17 +155,23 @@ def topology(a: argparse.Namespace, chain: str, out_dir: Path) -> dict[str, Any]
 
 def run_chain(a: argparse.Namespace, chain: str, work: Path) -> dict[str, Any]:
     """One fine-tune with ``chain``; the fields of the docstring but the gaps (need the reference)."""
-    out = work / chain
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", chain)  # a run name and a directory name
+    out = work / name
     out.mkdir(parents=True)
     doc = topology(a, chain, out / "runs")
+    doc["run"]["name"] = name
     (out / "topology.json").write_text(json.dumps(doc, indent=2))
     t0 = time.perf_counter()
-    with per_round_eval():
-        result = asyncio.run(
-            run_topology(parse_topology(doc, source=chain), transport="inproc", timeout_s=a.timeout_s)
-        )
+    try:
+        with per_round_eval():
+            result = asyncio.run(
+                run_topology(parse_topology(doc, source=chain), transport="inproc", timeout_s=a.timeout_s)
+            )
+    except Exception as exc:  # one chain's failure is that chain's row, not the end of the bench
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        return {"chain": chain, "error": error, "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
-    found = sorted((out / "runs").glob(f"{chain}-*/summary.json"))
+    found = sorted((out / "runs").glob(f"{name}-*/summary.json"))
     summary = json.loads(found[-1].read_text()) if found else {}
     if not result.ok or summary.get("status") != "completed":
         why = summary.get("reason") or str(result.failures) or "no summary"

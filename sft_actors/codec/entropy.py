@@ -56,7 +56,7 @@ def ans_encode(symbols: I64) -> bytes | None:
         return None
     low, high = int(symbols.min()), int(symbols.max())
     alphabet = high - low + 1
-    if alphabet > MAX_ALPHABET:
+    if alphabet > MAX_ALPHABET or alphabet == 1:  # one symbol: nothing to code, zstd takes it
         return None
     shifted = (symbols - low).astype(np.int32)
     counts = np.bincount(shifted, minlength=alphabet).astype(np.uint32)
@@ -141,7 +141,8 @@ def ans_encode_columns(codes: npt.NDArray[np.int32], groups: npt.NDArray[np.uint
             raise CodecError(f"code alphabet of {alphabet} symbols in one context: the step is far too small")
         counts = np.bincount(symbols - low, minlength=alphabet)
         table += [low, alphabet, *counts.tolist()]
-        streams.append(((symbols - low).astype(np.int32), _model(lib, counts.astype(np.uint32))))
+        if alphabet > 1:  # one symbol costs no bits: the table alone says where it goes
+            streams.append(((symbols - low).astype(np.int32), _model(lib, counts.astype(np.uint32))))
     coder = lib.stream.stack.AnsCoder()
     for symbols, model in reversed(streams):  # a stack: the last encoded is decoded first
         coder.encode_reverse(symbols, model)
@@ -176,6 +177,9 @@ def ans_decode_columns(
         expected = rows * int(np.count_nonzero(cols))
         if int(counts.min()) < 0 or int(counts.sum()) != expected:
             raise CodecError(f"context counts sum to {int(counts.sum())}, expected {expected}")
+        if alphabet == 1:
+            out[:, cols] = low
+            continue
         try:
             decoded = coder.decode(_model(lib, counts.astype(np.uint32)), expected)
         except Exception as exc:  # the Rust extension raises its own error types on corrupt streams
