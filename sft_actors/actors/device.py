@@ -21,6 +21,7 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.rate_log import RateWarnings
 from sft_actors.actors.tasks import first_error, task_group
 from sft_actors.codec import Codec
 from sft_actors.errors import NonFiniteLoss, ProtocolViolation, RemoteError
@@ -57,6 +58,7 @@ class DeviceActor(Actor):
         self._compute = asyncio.Lock()
         #: Where this device computes (``[[actors]] device``), checked against the host at start.
         self.compute_device = torch.device("cpu")
+        self._rate_warnings = RateWarnings()
 
     async def _start(self) -> None:
         # Before any socket: a device this host lacks is a typed error naming actor and device.
@@ -161,6 +163,7 @@ class DeviceActor(Actor):
             if window_bytes is not None:
                 self.log.info("basis_window", batches=s.plan.codec.refit.window, bytes=window_bytes)
         act, report = await self.offload(pack_tensor, hidden, s.codec_up, seed=seed, measure_error=measure)
+        self._rate_warnings.check(self.log, report, round_, direction="up")
         meter.sent(
             raw=hidden.numel() * hidden.element_size(),
             coded=act.desc.nbytes,

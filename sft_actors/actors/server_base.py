@@ -20,6 +20,7 @@ import torch
 from sft_actors.actors.base import Actor
 from sft_actors.actors.env import ActorEnv
 from sft_actors.actors.handlers import MsgContext
+from sft_actors.actors.rate_log import RateWarnings
 from sft_actors.codec import BasisRegistry, Codec
 from sft_actors.errors import CodecError, ProtocolViolation
 from sft_actors.model import Part, SplitLM, head_state_dict, lora_state_dict
@@ -78,6 +79,7 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         self._trainer: TrainerT | None = None
         self._compute = asyncio.Lock()
         self._devices: dict[str, ServedDevice] = {}
+        self._rate_warnings = RateWarnings()
         self._bases: dict[str, BasisRegistry] = {}
         self._codec_down: dict[str, Codec | None] = {}
         self.batches_served = 0
@@ -196,7 +198,8 @@ class ServerBase(Actor, ABC, Generic[TrainerT]):
         """Stage to stage: raw (same edge server); to a device: that device's gradient chain."""
         codec = None if from_stage else self._codec_down[msg.device]
         seed = step_seed(self.plan.model.seed, self._devices[msg.device].index, msg.round, msg.step, 1)
-        packed, _ = await self.offload(pack_tensor, grad, codec, seed=seed)
+        packed, report = await self.offload(pack_tensor, grad, codec, seed=seed)
+        self._rate_warnings.check(self.log, report, msg.round, direction="down", device=msg.device)
         self.batches_served += 1
         return packed
 

@@ -234,5 +234,6 @@ def write_frame(
     ranges = clip_ranges(basis.scales[:rank], basis.clip[:rank], bits, rounding)
     packed = encode_components(live, bits, ranges, rounding, rng)
     meta["quantize"] = {"row_bits": row_bits, "rows": int(live.shape[0])}
+    meta["rate"] = {"target": int(stage_bytes["input"] / ratio), "zero": row_bits == 0}
     writer.add("codes", packed, compress=False)
     stage_bytes["quantize"] = overhead + packed.nbytes

@@ -92,6 +92,8 @@ class Codec:
             encode_ms=(time.perf_counter() - started) * 1e3,
             kept_fraction=kept,
             rel_error=rel_error,
+            target_bytes=meta["rate"]["target"] if "rate" in meta else None,
+            all_zero=bool(meta["rate"]["zero"]) if "rate" in meta else False,
         )
         return EncodedTensor(meta=meta, payload=payload, report=report)
 

@@ -82,6 +82,8 @@ def decode(
     rows, channels, _ = rows_view(tuple(shape))
     out = _LossyDecoder(spec, meta, reader, bases, rows, channels).run()
     reader.finish()
+    if not bool(np.isfinite(out).all()):  # a tampered step or scale; the encoder never sends one
+        raise CodecError("decoded values are not finite: the metadata or payload is corrupt")
     return torch.from_numpy(out).reshape(shape).to(dtype)
 
 

@@ -171,7 +171,7 @@ class Basis:
 def fit_basis(chain: ChainSpec, calibration: torch.Tensor) -> Basis:
     """The PCA (KLT) basis ``chain``'s ``project`` stage needs, from calibration activations.
 
-    ``calibration`` is (N, T, C): N sequences of T tokens at the cut. The first
+    ``calibration`` is (N, T, C): N sequences of T tokens at the cut (or (tokens, C)). The first
     ``outliers.first_tokens`` tokens of every sequence are left out of the fit, because the
     chain sends them densely anyway (attention sinks would otherwise dominate the covariance).
     Raises :class:`ConfigError` if the chain has no ``project`` stage, or (from
@@ -179,7 +179,11 @@ def fit_basis(chain: ChainSpec, calibration: torch.Tensor) -> Basis:
     """
     if chain.project is None:
         raise ConfigError("this codec chain has no project stage: there is no basis to fit")
-    skip = chain.outliers.first_tokens if chain.outliers is not None else 0
+    if calibration.ndim == 2:  # (tokens, C): no sequences, so no first tokens to leave out
+        calibration = calibration.unsqueeze(0)
+        skip = 0
+    else:
+        skip = chain.outliers.first_tokens if chain.outliers is not None else 0
     # Full rank: the chain truncates to project.rank when it encodes, so one basis serves any rank.
     return Basis.fit(calibration[:, skip:, :], kind=chain.project.transform)
 

@@ -31,6 +31,10 @@ I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
+#: The finest step rate control tries, as a fraction of the frame's peak |value|: codes stay
+#: within ±2^15 (an ANS alphabet of at most 2^16 symbols per context). On float32 input this
+#: spends ≈ 15 bits per value, so targets below ≈ 2.5× come out smaller than asked.
+FINEST_STEP = 2.0**-15
 #: Rate control stops once the frame is within this fraction of its byte target.
 TOLERANCE: Final[float] = 0.015
 MAX_ITERATIONS: Final[int] = 14
@@ -115,11 +119,14 @@ def rate_controlled(
         return frame
 
     rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
-    if rms == 0.0 or budget <= 0:
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    # Denormal-sized frames: no step that float32 can invert would resolve them; send zeros.
+    if rms == 0.0 or budget <= 0 or peak * FINEST_STEP < float(np.finfo(np.float32).tiny):
         return trial(_coarsest(values))
+    floor = math.log(peak * FINEST_STEP)
     # Start from the high-rate rule: bits/value ≈ h − log2(step/rms), h ≈ 2 at step = rms/2.
     bits = 8.0 * budget / values.size
-    log_step = math.log(rms) + math.log(2.0) * (1.0 - bits)
+    log_step = max(floor, math.log(rms) + math.log(2.0) * (1.0 - bits))
     lo: tuple[float, int] | None = None  # (log step, bytes) with bytes > budget
     hi: tuple[float, int] | None = None  # with bytes <= budget
     best: CommonCodes | None = None
@@ -135,9 +142,12 @@ def rate_controlled(
             lo = (log_step, size) if lo is None or log_step > lo[0] else lo
         else:
             hi = (log_step, size) if hi is None or log_step < hi[0] else hi
-        log_step = _next_log_step(log_step, size, budget, lo, hi)
         if size <= budget and frame.codes.size and not frame.codes.any():
             break  # all codes zero: a larger step cannot get smaller
+        nxt = _next_log_step(log_step, size, budget, lo, hi)
+        if nxt < floor and log_step <= floor:
+            break  # the finest step already spends less than asked
+        log_step = max(floor, nxt)
     assert best is not None
     return best
 
@@ -188,7 +198,7 @@ def write_frame(
         target = stage_bytes["input"] / q.ratio
         budget = int(target) - sum(writer.stored_bytes.values())
         frame = rate_controlled(dense, budget, rng, contexts=contexts, ans=ans, stored=writer.stored_nbytes)
-        meta["rate"] = {"target": int(target)}
+        meta["rate"] = {"target": int(target), "zero": bool(frame.codes.size) and not frame.codes.any()}
     else:
         assert q.step is not None
         rms = float(np.sqrt(np.mean(np.square(dense, dtype=np.float64)))) if dense.size else 0.0

@@ -22,6 +22,24 @@ class CodecReport:
     encode_ms: float
     kept_fraction: float
     rel_error: float | None = None
+    #: Rate control's byte target of this frame (None: no rate control), and whether every
+    #: code came out zero (the target left nothing but the dense parts and side information).
+    target_bytes: int | None = None
+    all_zero: bool = False
+
+    def rate_warning(self) -> str | None:
+        """Why this frame is not what rate control was asked for (None when it is): off its
+        byte target by more than 3 %, or every code zero."""
+        if self.target_bytes is None:
+            return None
+        if self.all_zero:
+            return "every code is zero: the ratio leaves no bytes for the values; lower quantize.ratio"
+        if abs(self.encoded_bytes - self.target_bytes) > 0.03 * self.target_bytes:
+            return (
+                f"{self.encoded_bytes} bytes for a target of {self.target_bytes}: the dense parts and "
+                "side information alone exceed it, or the finest step spends less; change quantize.ratio"
+            )
+        return None
 
     @property
     def ratio(self) -> float:

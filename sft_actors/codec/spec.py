@@ -306,7 +306,7 @@ def _validate(spec: ChainSpec) -> None:
 
 
 #: Rate control's range of target ratios (raw bytes ÷ coded bytes of a frame).
-MIN_RATIO, MAX_RATIO = 1.0, 1000.0
+MIN_RATIO, MAX_RATIO = 2.0, 1000.0
 
 
 def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
@@ -324,12 +324,14 @@ def _validate_quantize(q: QuantizeSpec, spec: ChainSpec) -> None:
             )
         if q.step is not None and not 0.0 < q.step <= 10.0:
             raise ConfigError("codec.quantize.step must be in (0, 10] (times the RMS) with scale = 'common'")
+        if q.ratio is not None and (spec.lossless is None or spec.lossless.entropy != "ans"):
+            raise ConfigError(  # whole-byte codes could not reach the ratio
+                'codec.quantize.ratio (rate control) needs lossless = { entropy = "ans" }'
+            )
         return
     if q.scale == "component":
         if spec.project is None:
-            raise ConfigError(
-                "codec.quantize.scale = 'component' needs a project stage (the basis's components)"
-            )
+            raise ConfigError("codec.quantize.scale = 'component' needs a project stage (its components)")
         if q.bits is not None or q.step is not None or q.ratio is None:
             raise ConfigError(
                 "codec.quantize.scale = 'component' takes ratio (fixed rate) only: unset bits and step"

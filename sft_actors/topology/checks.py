@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 from sft_actors.codec.spec import CodecPolicy
 from sft_actors.errors import ConfigError, DatasetCorrupt, DatasetNotFound, ModelSpecError
 from sft_actors.model.config import LLAMA_ATTENTION, LlamaConfig, ModelConfig
+from sft_actors.topology.codec_checks import check_codec_shapes, codec_warnings
 from sft_actors.topology.data_checks import check_instructions
 from sft_actors.topology.report import Reporter
 from sft_actors.topology.schema import AUTO_ADDRESS, CODED_MODES, ROLES, Topology
@@ -68,6 +69,7 @@ def check_environment(
     """
     check_dtype(r, topo)
     check_model(r, topo, config)
+    check_codec_shapes(r, topo, config)
     if {"device", "server"} & set(roles):
         check_codec_packages(r, topo)
     return check_data(r, topo, config, present="device" in roles)
@@ -289,6 +291,8 @@ def topology_warnings(topo: Topology) -> tuple[str, ...]:
     if mode == "fedlora" and topo.servers:
         names = ", ".join(repr(s.name) for s in topo.servers)
         out.append(r.message("[[actors]]", "role", f"mode 'fedlora' uses no server; {names} will sit idle"))
+    if mode in CODED_MODES:
+        out.extend(codec_warnings(r, topo))
     out.extend(_security_warnings(r, topo))
     out.extend(topo.data_warnings)
     return tuple(out)
