@@ -30,14 +30,9 @@ The uncompressed reference is the ``raw`` chain (identity codec), always run fir
     python bench/compression.py                        # every chain, SmolLM2-135M
     python bench/compression.py --quick                # ≤ 10 minutes on 2 cores (3 chains)
     python bench/compression.py --chains raw,topk0.2-b8 --default topk0.2-b8
-    python bench/compression.py --model llama-tiny --rounds 2 --steps 2   # smoke test
+    python bench/compression.py --model llama-tiny --cut 2 --rounds 2 --steps 2   # smoke test
 
-Measured on a shared 2-core machine (commit 86b8b1b), ``--quick --chains raw,topk0.2-b8``:
-3 min 52 s in all (per chain ≈ 100–130 s: set-up 1–12 s, training 45–58 s, the rest the 13
-held-out evaluations); raw ppl 88.93, topk0.2-b8 ratio_total 16.15, ppl_gap +20.5 %
-(ppl_gap_raw +0.7 %), target not reached in 40 steps. The default settings (batch 4 × seq 64)
-take ≈ 5 min per chain there. The transform chains (center-r24, klt-r24) were run on
-llama-tiny only so far.
+Results, wall times and the settings they were measured with: BENCHMARKS.md "Compression".
 
 Output: a header line, one table row per chain, and as the last line one JSON object: the
 default chain's fields at the top level, ``uncompressed`` (the ``raw`` run), ``chains`` (every

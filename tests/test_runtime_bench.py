@@ -177,10 +177,10 @@ def test_compression_bench_smoke() -> None:
     """bench/compression.py: uncompressed vs the paper's chain vs transform coding through the
     runtime, tiny model."""
     r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8,transform-12/32",
-                  "--default", "transform-12/32", "--rounds", "2", "--steps", "2", "--eval-batches", "2",
-                  "--calibration-batches", "2", "--max-documents", "60")  # fmt: skip
+                  "--default", "transform-12/32", "--cut", "2", "--rounds", "2", "--steps", "2",
+                  "--eval-batches", "2", "--calibration-batches", "2", "--max-documents", "60")  # fmt: skip
     settings = (r["default"], r["model"], r["steps_per_device"], r["cut"])
-    assert settings == ("transform-12/32", "llama-tiny", 4, 4)
+    assert settings == ("transform-12/32", "llama-tiny", 4, 2)
     chains = r["chains"]
     assert set(chains) == {"raw", "topk0.2-b8", "transform-12/32"} and r["uncompressed"] == chains["raw"]
     raw, topk, center = chains["raw"], chains["topk0.2-b8"], chains["transform-12/32"]
