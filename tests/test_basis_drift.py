@@ -23,6 +23,7 @@ from sft_actors.wire import BasisUpload, DevicePlan, RoundDone, WireLimits, deco
 from sft_actors.wire.basis import basis_from_upload, basis_upload, upload_bytes
 from sft_actors.wire.coded import pack_tensor, unpack_tensor
 from sft_actors.wire.tensors import WireTensor
+from tests.test_device_session import tiny_doc
 from tests.test_sft_run import write_topology
 
 PROJECT_UP = {
@@ -31,22 +32,7 @@ PROJECT_UP = {
 }
 
 
-def _doc(codec: dict) -> dict:
-    return {
-        "run": {
-            "name": "t",
-            "model": "llama-tiny",
-            "train": {"steps_per_round": 3, "batch_size": 2, "seq_len": 16, "max_inflight": 2},
-            "data": {"options": {"max_documents": 30}},
-            "lora": {"rank": 4},
-            "codec": codec,
-        },
-        "actors": [
-            {"name": "c", "role": "coordinator", "port": 0},
-            {"name": "s", "role": "server", "port": 0},
-            {"name": "dev0", "role": "device", "cut": 2},
-        ],
-    }
+_doc = tiny_doc
 
 
 def _plan(refit: dict) -> DevicePlan:

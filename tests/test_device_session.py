@@ -18,8 +18,9 @@ from sft_actors.wire import DevicePlan
 from sft_actors.wire.coded import pack_tensor, unpack_tensor
 
 
-def plan(**codec: dict) -> DevicePlan:
-    doc = {
+def tiny_doc(codec: dict) -> dict:
+    """A one-device llama-tiny topology (as a dict) with ``codec`` as its [run.codec]."""
+    return {
         "run": {
             "name": "t",
             "model": "llama-tiny",
@@ -34,6 +35,10 @@ def plan(**codec: dict) -> DevicePlan:
             {"name": "dev0", "role": "device", "cut": 2},
         ],
     }
+
+
+def plan(**codec: dict) -> DevicePlan:
+    doc = tiny_doc(codec)
     return device_plans(parse_topology(doc))[0]
 
 

@@ -19,6 +19,7 @@ from sft_actors.plan import build_menu, fit_accuracy_curve, load_accuracy_curve
 from sft_actors.plan.accuracy import ACCURACY_CURVE_PATH, AccuracyCurve, AccuracyPoint
 from sft_actors.plan.refit import main as refit_main
 from sft_actors.plan.refit import points_from_bench
+from tests.test_plan_cli import TOPOLOGY as CLI_TOPOLOGY
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (4.0, 6.0, 8.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0)
@@ -156,36 +157,8 @@ def test_refit_accuracy_from_bench_replaces_the_measured_families(tmp_path: Path
 
 
 # --- output ----------------------------------------------------------------------------------
-TOPOLOGY = """
-[run]
-name = "plan-transform"
-model = "smollm2-135m"
-
-[run.train]
-rounds = 20
-steps_per_round = 2
-batch_size = 4
-seq_len = 128
-
-[run.codec.up]
-[run.codec.down]
-
-[[actors]]
-name = "coordinator"
-role = "coordinator"
-port = 47950
-
-[[actors]]
-name = "server"
-role = "server"
-port = 47951
-
-[[actors]]
-name = "phone"
-role = "device"
-cut = 2
-profile = { memory_mb = 600, flops = 2e10, distance_m = 200.0, tx_power_dbm = 20.0 }
-"""
+# The plan CLI's one-device topology, under its own name.
+TOPOLOGY = CLI_TOPOLOGY.replace('name = "plan-test"', 'name = "plan-transform"')
 
 
 def test_sft_plan_prints_the_transform_chain_to_paste(tmp_path: Path) -> None:
