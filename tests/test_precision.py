@@ -209,8 +209,8 @@ async def test_bf16_runs_complete_with_finite_losses_and_bf16_activations_on_the
     sent: list[str] = []
     real = device_actor.pack_tensor
 
-    def spy(t: torch.Tensor, codec: Codec | None, *, seed: int) -> Any:
-        wt, report = real(t, codec, seed=seed)
+    def spy(t: torch.Tensor, codec: Codec | None, *, seed: int, **kw: Any) -> Any:
+        wt, report = real(t, codec, seed=seed, **kw)
         sent.append(wt.desc.dtype)
         return wt, report
 
