@@ -128,12 +128,14 @@ def test_memory_cap_grows_with_memory_and_plans_respect_it() -> None:
 # --- accuracy and codec data -----------------------------------------------------------------
 def test_packaged_accuracy_curve_reproduces_the_measured_points() -> None:
     curve = load_accuracy_curve()
-    assert curve.loss("topk", 15.7, "trained") == pytest.approx(0.25, rel=1e-6)
+    # Least squares in log space through the measured points: within their scatter.
+    assert curve.loss("topk", 17.6, "trained") == pytest.approx(0.1645, rel=0.6)
     assert curve.loss("topk", 25.0, "untrained") == pytest.approx(1.28, rel=1e-6)
-    # Rate-controlled transform: three points (up 24, 24, 32) fitted by least squares in log space.
-    assert curve.loss("transform", 24.0, "trained") == pytest.approx((0.047 * 0.051) ** 0.5, rel=1e-6)
-    assert curve.loss("transform", 32.0, "trained") == pytest.approx(0.5, rel=1e-6)
-    assert curve.loss("transform", 15.9, "untrained") == pytest.approx(0.02, rel=1e-6)
+    # Rate-controlled transform, trained: up 11 -> +0.6 %, 12 -> +1.5..2.3 %, 16 -> +8 %, 24 -> +17 %.
+    assert 0.003 < curve.loss("transform", 11.0, "trained") < 0.025
+    assert curve.loss("transform", 16.0, "trained") == pytest.approx(0.08, rel=0.5)
+    assert curve.loss("transform", 24.0, "trained") == pytest.approx(0.168, rel=0.5)
+    assert curve.loss("transform", 15.86, "untrained") == pytest.approx(0.0216, rel=0.3)
     assert curve.loss("identity", 1.0) == 0.0
     assert curve.loss("topk", 1.0) == 0.0
 

@@ -176,14 +176,14 @@ def test_precision_bench_smoke() -> None:
 def test_compression_bench_smoke() -> None:
     """bench/compression.py: uncompressed vs the paper's chain vs transform coding through the
     runtime, tiny model."""
-    r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8,transform-12/32",
-                  "--default", "transform-12/32", "--cut", "2", "--rounds", "2", "--steps", "2",
+    r = run_bench("compression.py", "--model", "llama-tiny", "--chains", "raw,topk0.2-b8,transform-11/32",
+                  "--default", "transform-11/32", "--cut", "2", "--rounds", "2", "--steps", "2",
                   "--eval-batches", "2", "--calibration-batches", "2", "--max-documents", "60")  # fmt: skip
     settings = (r["default"], r["model"], r["steps_per_device"], r["cut"])
-    assert settings == ("transform-12/32", "llama-tiny", 4, 2)
+    assert settings == ("transform-11/32", "llama-tiny", 4, 2)
     chains = r["chains"]
-    assert set(chains) == {"raw", "topk0.2-b8", "transform-12/32"} and r["uncompressed"] == chains["raw"]
-    raw, topk, center = chains["raw"], chains["topk0.2-b8"], chains["transform-12/32"]
+    assert set(chains) == {"raw", "topk0.2-b8", "transform-11/32"} and r["uncompressed"] == chains["raw"]
+    raw, topk, center = chains["raw"], chains["topk0.2-b8"], chains["transform-11/32"]
     assert raw["ratio_up"] == raw["ratio_down"] == raw["ratio_total"] == 1.0
     assert raw["ppl_gap"] == raw["ppl_gap_raw"] == 0.0 and raw["basis_bytes"] == topk["basis_bytes"] == 0
     assert r["target_loss"] == pytest.approx(raw["loss"] * 1.02, rel=1e-9)

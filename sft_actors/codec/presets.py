@@ -13,7 +13,7 @@ keys that differ from the stage defaults, so it pastes into a TOML file and pars
   ``codec/rate.py``), nearest rounding, rANS with per-column contexts. Gradients (``down``):
   one common step at ``ratio_down`` (±3 %), unbiased stochastic rounding, rANS. Ratios are raw
   bytes ÷ coded bytes of a frame (dimensionless), in rate control's range [1, 1000]. Measured
-  on SmolLM2-135M cut at block 4 (``bench/compression.py``, chain ``transform-12/32``).
+  on SmolLM2-135M cut at block 4 (``bench/compression.py``, chain ``transform-11/32``).
 - **paper_topk** (the SFT paper's chain, arXiv 2501.09237; the main job's chain until
   transform coding replaced it): Top-K 20 % by magnitude over the tensor, unbiased 8-bit
   stochastic rounding with one scale per token, positions as a bitmap, zstd level 3; the same
@@ -29,7 +29,7 @@ from sft_actors.codec.spec import MAX_RATIO, CodecPolicy, Transform
 #: (up, down) ratios of the default chain: the highest measured rates at which a 40-step
 #: SmolLM2-135M fine-tune stays within 2 % held-out perplexity of the uncompressed one
 #: (BENCHMARKS.md "Compression"); gradients tolerate far more compression than activations.
-DEFAULT_RATIOS: tuple[float, float] = (12.0, 32.0)
+DEFAULT_RATIOS: tuple[float, float] = (11.0, 32.0)
 
 #: Basis key the transform preset's ``project`` stage uses (the device fits it, the server gets it).
 TRANSFORM_BASIS = "pca"
@@ -43,7 +43,7 @@ _PAPER_TOPK_CHAIN: dict[str, dict[str, Any]] = {
 
 def transform_down_ratio(ratio_up: float) -> float:
     """The gradient ratio that goes with activations at ``ratio_up``: the default's proportion
-    (32 / 12), at least the default's 32, at most rate control's 1000 — gradients tolerate far
+    (32 / 11), at least the default's 32, at most rate control's 1000 — gradients tolerate far
     more compression than activations (BENCHMARKS.md "Compression")."""
     up, down = DEFAULT_RATIOS
     return float(min(MAX_RATIO, max(down, round(ratio_up * down / up, 1))))

@@ -20,7 +20,7 @@ fine-tune through the chain), its family read off its up chain (``project``: ``t
 ``ratio_up`` (the planner's ρ; see ``accuracy``). ``--replace`` first drops the points file's
 points of the families and basis the bench measured (e.g. the preliminary ones)::
 
-    python bench/compression.py --chains raw,transform-12/32 > bench.txt
+    python bench/compression.py --chains raw,transform-11/32 > bench.txt
     python -m sft_actors.plan.refit accuracy --from-bench bench.txt --replace
 
 Both write to the packaged file unless ``--out`` says otherwise.
