@@ -2,12 +2,13 @@
 
 With entropy coding, one uniform quantization step over all coefficients is what minimises the
 mean squared error at a given rate (at high rate, every coefficient's error is step²/12
-whatever its variance: the reverse water-filling solution; Gersho & Gray, *Vector
-Quantization and Signal Compression*, §9.9). **Rate control** picks that step per frame so the
-whole frame costs ``raw bytes ÷ ratio`` (±3 %): a secant search on log(step) against the
-actually coded bytes (the rANS stream of ``entropy``), bracketed, at most
-:data:`MAX_ITERATIONS` trial encodes; each trial re-seeds the rounding noise, so the chosen
-frame is exactly the one a trial produced.
+whatever its variance: uniform quantization followed by entropy coding is asymptotically
+optimal, Gish & Pierce, IEEE Trans. IT 1968; equal step sizes across transform coefficients,
+Goyal, "Theoretical foundations of transform coding", IEEE SPM 2001). **Rate control** picks
+that step per frame so the whole frame costs ``raw bytes ÷ ratio`` (±3 %): a secant search on
+log(step) against the actually coded bytes (the rANS stream of ``entropy``), bracketed, at
+most :data:`MAX_ITERATIONS` trial encodes; each trial re-seeds the rounding noise, so the
+chosen frame is exactly the one a trial produced.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ class CommonCodes:
     table: U8  # zigzag varints of the context table — or empty
     table_len: int  # integers in the context table
     single: bytes | None  # one-histogram ANS stream (None: stored as integers)
-
-    side: int = 0  # stored bytes of the context sections (groups and table), once known
+    side: int = 0  # stored bytes of the side sections (or of zstd'd integer codes), once known
 
     @property
     def nbytes(self) -> int:
